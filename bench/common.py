@@ -1,0 +1,62 @@
+"""What every benchmark shares: timing, peak memory, a printed table and a JSON record."""
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+
+
+def measure(fn, warmup: int = 2, iters: int = 10, device: str = "cpu") -> dict:
+    """Median wall time of ``fn()`` in seconds and the peak memory it allocated (CUDA only)."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
+    return {"time_s": statistics.median(times), "peak_mem_bytes": peak}
+
+
+def environment() -> dict:
+    """Date, device and versions, stored beside every result."""
+    env = {"date": date.today().isoformat(), "python": sys.version.split()[0],
+           "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return env
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print ``rows`` as an aligned text table with the given columns."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def save_json(path: str, name: str, rows: list[dict]) -> None:
+    """Write ``rows`` with the environment to ``path`` for the record."""
+    with open(path, "w") as f:
+        json.dump({"benchmark": name, "environment": environment(), "rows": rows}, f, indent=1)
+    print(f"saved {path}")
