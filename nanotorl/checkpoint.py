@@ -1,0 +1,180 @@
+"""Hugging Face Qwen2 checkpoints in and out, without ``transformers``.
+
+A checkpoint directory holds ``config.json``, the weights as ``model.safetensors`` or as shards listed in
+``model.safetensors.index.json``, and the tokenizer files. :func:`load_model` checks every tensor name and shape
+against the model before reading any weight (so a bad checkpoint fails whole, with nothing half-loaded), then
+reads one tensor at a time into a model built on the meta device: peak memory is the model plus one tensor.
+:func:`save_model` writes the same format, so a trained checkpoint opens in ``transformers`` and vLLM unchanged.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanotorl.model import Qwen2, Qwen2Config
+
+ARCHITECTURES = ("Qwen2ForCausalLM",)
+MODEL_TYPES = ("qwen2",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "vocab.json", "merges.txt", "special_tokens_map.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports wrote; we recompute them
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> Hugging Face's (``model.`` prefix on everything but the LM head)."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def load_config(path) -> Qwen2Config:
+    """Read ``config.json`` of a Qwen2/Qwen2.5 checkpoint; refuse any other architecture."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
+                                f"(Hugging Face Qwen2 format)")
+    raw = json.loads(file.read_text())
+    archs, model_type = raw.get("architectures") or [], raw.get("model_type")
+    if model_type not in MODEL_TYPES or (archs and not set(archs) & set(ARCHITECTURES)):
+        raise ValueError(f"{file}: expected a Qwen2/Qwen2.5 model (model_type 'qwen2', architectures "
+                         f"{list(ARCHITECTURES)}), found model_type={model_type!r}, architectures={archs}")
+    rope = raw.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or (raw.get("rope_scaling") or {}).get("type") not in (None, "default"):
+        raise ValueError(f"{file}: rope scaling {rope or raw.get('rope_scaling')} is not supported")
+    fields = {k: raw[k] for k in Qwen2Config.__dataclass_fields__ if k in raw}
+    if "rope_theta" not in fields and "rope_theta" in rope:
+        fields["rope_theta"] = rope["rope_theta"]
+    return Qwen2Config(**fields)
+
+
+def checkpoint_dtype(path) -> torch.dtype | None:
+    """The dtype a checkpoint declares in config.json (``torch_dtype`` or ``dtype``), if any."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    return DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def _listing(names, limit=10) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
+    """Build a :class:`Qwen2` from a Hugging Face checkpoint directory.
+
+    ``dtype`` defaults to the checkpoint's own. Raises ``FileNotFoundError`` for missing files and ``ValueError``
+    naming the offending tensors for missing, unexpected or wrongly shaped weights.
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    dtype = dtype or checkpoint_dtype(path) or torch.float32
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    expected = {hf_name(n): (n, tuple(p.shape)) for n, p in model.named_parameters()}
+
+    files, found = _weight_files(path), {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if not key.endswith(IGNORED_SUFFIXES):
+                    found[key] = (file, tuple(f.get_slice(key).get_shape()))
+    if cfg.tie_word_embeddings:
+        found.pop("lm_head.weight", None)  # tied: the head is the embedding, as transformers does
+    missing, unexpected = expected.keys() - found.keys(), found.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config: missing tensors [{_listing(missing)}]; "
+                         f"unexpected tensors [{_listing(unexpected)}]")
+    for key, (_, shape) in expected.items():
+        if found[key][1] != shape:
+            raise ValueError(f"checkpoint {path}: tensor {key} has shape {list(found[key][1])}, "
+                             f"the config implies {list(shape)}")
+
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key in expected:
+                    name = expected[key][0]
+                    module, _, attr = name.rpartition(".")
+                    tensor = f.get_tensor(key).to(device=device, dtype=dtype)
+                    model.get_submodule(module)._parameters[attr] = nn.Parameter(tensor)
+    return model
+
+
+def config_to_hf(cfg: Qwen2Config, dtype: torch.dtype) -> dict:
+    """``config.json`` content that transformers (v4 and v5) and vLLM read as Qwen2."""
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    raw = {"architectures": list(ARCHITECTURES), "model_type": "qwen2", "hidden_act": "silu",
+           "torch_dtype": name, "dtype": name, "use_sliding_window": False, "attention_dropout": 0.0,
+           "rope_scaling": None}
+    raw.update({k: getattr(cfg, k) for k in Qwen2Config.__dataclass_fields__})
+    return raw
+
+
+def _atomic_write(file: Path, write) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, file)
+
+
+def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None,
+                    shard_bytes: int = 4 << 30, extra_config: dict | None = None) -> None:
+    """Write our ``state_dict`` (model names) as a Hugging Face checkpoint in ``path``.
+
+    Tensors are grouped into shards of at most ``shard_bytes`` (one ``model.safetensors`` when it all fits).
+    Each file is written to a temporary name and renamed, so a crash never leaves a torn file behind.
+    ``extra_config`` adds keys such as ``eos_token_id`` to config.json.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {hf_name(n): t.detach().to("cpu").contiguous() for n, t in state_dict.items()}
+    dtype = next(iter(tensors.values())).dtype
+    shards, size = [{}], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        (path / stale).unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic_write(path / "model.safetensors", lambda f: save_file(shards[0], f, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(path / name, lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(path / "model.safetensors.index.json", lambda f: f.write_text(json.dumps(index, indent=2)))
+    raw = config_to_hf(cfg, dtype) | (extra_config or {})
+    _atomic_write(path / "config.json", lambda f: f.write_text(json.dumps(raw, indent=2)))
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != path.resolve():
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, path / name)
+
+
+def save_model(model: Qwen2, path, tokenizer_dir=None, **kwargs) -> None:
+    """Save a (non-sharded) model; see :func:`save_state_dict`."""
+    save_state_dict(model.state_dict(), model.cfg, path, tokenizer_dir=tokenizer_dir, **kwargs)

@@ -1,0 +1,240 @@
+"""Qwen2 / Qwen2.5 written from scratch in plain PyTorch.
+
+One forward serves every use:
+  * training: full sequences ``[B, T]``, padded or packed; ``seq_ids [B, T]`` says which sequence each token
+    belongs to (attention stays inside a sequence, causal), ``positions`` restart at 0 for every sequence;
+  * generation: new tokens of some cache slots are written into a preallocated :class:`KVCache` at their
+    positions and attend to everything their slot holds, so the generator can pause and resume any slot.
+
+The model returns final hidden states ``h [B, T, D]``; :meth:`Qwen2.logits` applies the LM head. The trainer
+never needs the ``[N, V]`` logits (the fused log-prob kernel takes ``h`` and the head weight), the generator
+only needs them for the last token of each row.
+
+Block (pre-norm):  x = x + o_proj(attn(rope(q), rope(k), v))  with q/k/v projections biased, o not;
+                   x = x + down(silu(gate(rms(x))) * up(rms(x))).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Qwen2Config:
+    """Hyper-parameters of a Qwen2 model; field names follow Hugging Face's ``config.json``."""
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+
+class KVCache(nn.Module):
+    """Keys and values of every layer for a fixed number of slots, preallocated at full length.
+
+    k, v: [layers, slots, max_len, Hkv, d]. A slot holds one sequence; position p of that sequence lives at
+    index p. Nothing else is stored: which slot is live and how long it is belongs to the generator.
+    """
+
+    def __init__(self, cfg: Qwen2Config, slots: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (as HF does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, "rotate half" convention. x: [B, T, H, d]; positions: [B, T].
+
+    The angle of pair (i, i + d/2) at position p is p * theta^(-2i/d); cos and sin are computed in fp32 and
+    cast to x's dtype before the rotation, exactly as Hugging Face's Qwen2 does.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.int64).float() / d)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, d]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def sequence_mask(seq_ids):
+    """Boolean attention mask [B, 1, T, T] for packed or padded rows: token i sees token j <= i of its sequence."""
+    T = seq_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
+    return ((seq_ids[:, :, None] == seq_ids[:, None, :]) & causal)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer: int):
+        super().__init__()
+        self.layer, self.theta = layer, cfg.rope_theta
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, positions, seq_ids=None, cache=None, slots=None):
+        B, T, _ = x.shape
+        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), positions, self.theta)
+        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), positions, self.theta)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if cache is None:
+            out = self._attend(q, k, v, sequence_mask(seq_ids) if seq_ids is not None else None)
+        else:
+            out = self._attend_cached(q, k, v, positions, cache, slots)
+        return self.o_proj(out.reshape(B, T, -1))
+
+    @staticmethod
+    def _attend(q, k, v, mask):
+        """q: [B, T, Hq, d], k/v: [B, S, Hkv, d], mask: [B, 1, T, S] bool or None (plain causal)."""
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def _attend_cached(self, q, k, v, positions, cache, slots):
+        """Write the new k/v of each row into its slot at its positions, then attend to the slot's prefix."""
+        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [slots, S, Hkv, d]
+        k_cache[slots[:, None], positions] = k.to(k_cache.dtype)
+        v_cache[slots[:, None], positions] = v.to(v_cache.dtype)
+        if q.shape[1] == 1:  # decode: one query per slot, the seam for the Triton decode kernel
+            from kernels.decode_attention import decode_attention
+            return decode_attention(q[:, 0], k_cache, v_cache, slots, positions[:, 0] + 1)[:, None]
+        S = int(positions.max()) + 1
+        keys, values = k_cache[slots, :S].to(q.dtype), v_cache[slots, :S].to(q.dtype)  # [B, S, Hkv, d]
+        mask = torch.arange(S, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        return self._attend(q, keys, values, mask[:, None])
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, seq_ids=None, cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, seq_ids, cache, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    """The decoder. Parameter names are Hugging Face's ``Qwen2ForCausalLM`` names without the ``model.`` prefix
+    (``lm_head.weight`` keeps its name); :mod:`nanotorl.checkpoint` maps between the two."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """LM-head weight [V, D] (the embedding matrix when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h):
+        """h: [..., D] -> logits [..., V]."""
+        return h @ self.head_weight.T
+
+    def forward(self, input_ids, positions=None, seq_ids=None, cache: KVCache | None = None, slots=None):
+        """input_ids: [B, T] -> final hidden states [B, T, D].
+
+        Training: ``positions`` default to 0..T-1 and attention is plainly causal; with ``seq_ids [B, T]`` several
+        sequences share a row (packing) or pads (any id of their own, e.g. -1) are kept apart, and ``positions``,
+        if not given, count from 0 within each sequence.
+        Generation: ``cache`` and ``slots [B]`` (the cache row of each batch row); ``positions [B, T]`` are where
+        the new tokens go in their slot. They attend to slot positions 0..p, so earlier tokens must be there.
+        """
+        if positions is None:
+            positions = self._default_positions(input_ids, seq_ids)
+        if cache is not None:
+            if slots is None:
+                raise ValueError("a cached forward needs `slots` [B]: the cache row of each batch row")
+            if int(positions.max()) >= cache.max_len:
+                raise ValueError(f"position {int(positions.max())} does not fit a cache of length {cache.max_len}")
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, positions, seq_ids, cache, slots, use_reentrant=False)
+            else:
+                x = layer(x, positions, seq_ids, cache, slots)
+        return self.norm(x)
+
+    @staticmethod
+    def _default_positions(input_ids, seq_ids):
+        B, T = input_ids.shape
+        if seq_ids is None:
+            return torch.arange(T, device=input_ids.device).expand(B, T)
+        # position = number of earlier tokens of the same sequence in the row
+        same = sequence_mask(seq_ids)[:, 0]  # [B, T, T]
+        return same.sum(-1) - 1
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random initialisation for models trained from scratch (the demo): normal(0, std) weights,
+        zero biases, unit norms; output projections scaled by 1/sqrt(2 * layers) as in GPT-2."""
+        scaled = ("o_proj.weight", "down_proj.weight")
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    s = std / math.sqrt(2 * self.cfg.num_hidden_layers) if name.endswith(scaled) else std
+                    p.normal_(0.0, s, generator=generator)
+        return self
