@@ -1,0 +1,171 @@
+"""Rewards: boxed extraction, answers found only in policy tokens, equivalence of tricky pairs, hard deadlines."""
+
+import json
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from nanotorl.reward import Verifier, _fast_equivalent, _Worker, is_equivalent, last_boxed, policy_segments, score
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    v = Verifier(workers=1)
+    yield v
+    v.close()
+
+
+# ------------------------------------------------------------------------------------------------- last_boxed
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{2}} and later \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),
+    ("\\boxed{\\left(\\frac{3}{5},\\frac{8}{3}\\right]}", "\\left(\\frac{3}{5},\\frac{8}{3}\\right]"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces are text, not grouping
+    ("\\fbox{7}", "7"),
+    ("$\\boxed 5$ done", "5"),
+    ("\\boxed {12}", "12"),
+    ("\\boxed{\\boxed{7}}", "7"),
+    ("\\boxed{3} then \\boxed{4", None),  # the last one is unclosed (truncated response)
+    ("no answer here", None),
+    ("\\boxedanswer{3}", None),  # another command, not \boxed
+])
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+# ------------------------------------------------------------------------------------ policy tokens vs tool output
+
+
+def fake_tokens(parts: list[tuple[str, int]]):
+    """Character-level 'tokenizer': (text, mask) parts -> ids [T], mask [T]; decode inverts it."""
+    ids = [ord(ch) for text, _ in parts for ch in text]
+    mask = [m for text, m in parts for _ in text]
+    return ids, mask
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(map(chr, ids))
+
+
+CODE = "Let me compute.\n```python\nx = 6 * 7\nprint(f'\\\\boxed{{{x}}}')\n```\n"  # only the output holds 42
+TOOL = "```output\n\\boxed{42}\n```\n"
+
+
+def test_answer_only_in_tool_output_scores_minus_one():
+    ids, mask = fake_tokens([(CODE, 1), (TOOL, 0), ("The program printed it.", 1)])
+    segments = policy_segments(ids, mask, decode)
+    assert segments == [CODE, "The program printed it."]
+    assert score(segments, "42") == -1.0
+    # the same tokens decoded as one text (the leak this design prevents) would have scored +1
+    assert score([decode(ids)], "42") == 1.0
+
+
+def test_wrong_policy_answer_is_not_rescued_by_tool_output():
+    ids, mask = fake_tokens([(CODE, 1), (TOOL, 0), ("So it is \\boxed{41}.", 1)])
+    assert score(policy_segments(ids, mask, decode), "42") == -1.0
+
+
+def test_policy_answer_after_tool_output_scores_plus_one():
+    ids, mask = fake_tokens([(CODE, 1), (TOOL, 0), ("So the answer is $\\boxed{42}$.", 1)])
+    ids, mask = np.array(ids), np.array(mask)  # arrays and tensors (anything with .tolist()) work too
+    assert score(policy_segments(ids, mask, decode), "42") == 1.0
+
+
+def test_policy_segments_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="must match"):
+        policy_segments([1, 2, 3], [1, 1], decode)
+
+
+def test_score_code_penalty_and_missing_answer():
+    assert score(["\\boxed{5}"], "5", failed_code=True, code_penalty=0.5) == 0.5
+    assert score(["\\boxed{6}"], "5", failed_code=True, code_penalty=0.5) == -1.5
+    assert score(["\\boxed{5}"], "5", failed_code=False, code_penalty=0.5) == 1.0
+    assert score(["no box", ""], "5") == -1.0
+    assert score([], "5") == -1.0
+
+
+# ------------------------------------------------------------------------------------------------- equivalence
+
+TRICKY = [
+    ("0.5", "\\frac{1}{2}", True),
+    ("\\frac12", "\\frac{1}{2}", True),
+    ("\\dfrac{17}{50}", "0.34", True),
+    ("0.333333", "\\frac{1}{3}", True),  # math-verify rounds to 6 places
+    ("0.33", "\\frac{1}{3}", False),
+    ("2\\sqrt{2}", "\\sqrt{8}", True),
+    ("\\sqrt{2}", "\\sqrt{3}", False),
+    ("(3,4]", "(3, 4]", True),
+    ("[3,4]", "(3,4]", False),
+    ("(-\\infty,2)\\cup(3,\\infty)", "(-\\infty, 2) \\cup (3, \\infty)", True),
+    ("\\left(\\frac35,\\frac83\\right]", "\\left(\\frac{3}{5},\\frac{8}{3}\\right]", True),
+    ("C", "\\text{(C)}", True),
+    ("(C)", "\\text{(C)}", True),
+    ("B", "\\text{(C)}", False),
+    ("5", "5\\text{ cm}", True),
+    ("5.4", "5.4 \\text{ cents}", True),
+    ("30", "30^\\circ", True),
+    ("30^{\\circ}", "30^\\circ", True),
+    ("31", "30^\\circ", False),
+    ("32348", "\\$32,\\!348", True),
+    ("1,000", "1000", True),
+    ("1,001", "1000", False),
+    ("18.9", "\\$18.90", True),
+    ("\\frac{9}{5}", "1\\frac{4}{5}", True),
+    ("-2,1", "1,-2", True),
+    ("1", "1,-2", False),
+    ("6-5i", "6 - 5i", True),
+    ("q-p", "p - q", False),
+    ("x=5", "5", True),
+    ("204", "205", False),
+    ("", "5", False),
+]
+
+
+@pytest.mark.parametrize("pred,truth,expected", TRICKY)
+def test_tricky_pairs(pred, truth, expected, verifier):
+    assert is_equivalent(pred, truth, verifier=verifier) is expected
+
+
+def test_fast_path_agrees_with_math_verify(verifier):
+    """Wherever the exact fast path decides, math-verify alone (the reference) must say the same."""
+    decided = [(p, t, _fast_equivalent(p, t)) for p, t, _ in TRICKY if p]
+    decided = [(p, t, fast) for p, t, fast in decided if fast is not None]
+    assert len(decided) >= 8
+    for pred, truth, fast in decided:
+        assert verifier.check(pred, truth) is fast, (pred, truth)
+
+
+def test_hanging_check_is_cut_by_deadline_from_a_worker_thread(verifier):
+    # sympy never finishes comparing 10^(10^10) with 5; math-verify's own SIGALRM timeout cannot run off the main thread
+    result = {}
+
+    def run():
+        result["hang"] = is_equivalent("10^{10^{10}}", "5", timeout=1.0, verifier=verifier)
+        result["after"] = is_equivalent("2\\sqrt{2}", "\\sqrt{8}", verifier=verifier)  # a fresh worker answers
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=120)  # a liveness bound, far above the 1 s deadline: without the deadline this never ends
+    assert not thread.is_alive(), "the hanging math-verify call was not cut by its deadline"
+    assert result == {"hang": False, "after": True}
+
+
+def test_dead_worker_is_replaced(verifier):
+    verifier.check("1", "1")  # make sure a worker is running
+    worker = verifier._workers[0]
+    worker.proc.kill()
+    worker.proc.wait()
+    assert verifier.check("\\sqrt{4}", "2") is True
+
+
+def test_orphaned_hanging_worker_stops_itself():
+    # if the trainer dies mid-check nobody kills the worker: its own CPU limit (timeout + 2 s) must end it
+    worker = _Worker()
+    worker.check("1", "1", timeout=30.0)  # start it
+    worker.proc.stdin.write((json.dumps(["10^{10^{10}}", "5", 1.0]) + "\n").encode())
+    assert worker.proc.wait(timeout=120) == -signal.SIGXCPU
+    worker.stop()
