@@ -305,14 +305,19 @@ def is_equivalent(pred: str, truth: str, timeout: float = 5.0, *, verifier: Veri
     return (verifier or default_verifier()).check(pred, truth, timeout)
 
 
+def final_answer(segments: list[str]) -> str | None:
+    """The last `\\boxed{}` answer over the policy's own segments (from `policy_segments`), or None."""
+    for segment in reversed(segments):
+        answer = last_boxed(segment)
+        if answer is not None:
+            return answer
+    return None
+
+
 def score(segments: list[str], truth: str, *, failed_code: bool = False, code_penalty: float = 0.0,
           timeout: float = 5.0, verifier: Verifier | None = None) -> float:
     """+1 if the last `\\boxed{}` over the policy's own `segments` is equivalent to `truth`, else -1;
     minus `code_penalty` if `failed_code`. `segments` come from `policy_segments`: tool output is never in them."""
-    answer = None
-    for segment in reversed(segments):
-        answer = last_boxed(segment)
-        if answer is not None:
-            break
+    answer = final_answer(segments)
     correct = answer is not None and is_equivalent(answer, truth, timeout, verifier=verifier)
     return (1.0 if correct else -1.0) - (code_penalty if failed_code else 0.0)

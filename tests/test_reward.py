@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from nanotorl.reward import Verifier, _fast_equivalent, _Worker, is_equivalent, last_boxed, policy_segments, score
+from nanotorl.reward import (Verifier, _fast_equivalent, _Worker, final_answer, is_equivalent, last_boxed, policy_segments,
+                             score)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def test_answer_only_in_tool_output_scores_minus_one():
     ids, mask = fake_tokens([(CODE, 1), (TOOL, 0), ("The program printed it.", 1)])
     segments = policy_segments(ids, mask, decode)
     assert segments == [CODE, "The program printed it."]
+    assert final_answer(segments) == "{{x}}"  # the policy's own last box is the f-string in its code
     assert score(segments, "42") == -1.0
     # the same tokens decoded as one text (the leak this design prevents) would have scored +1
     assert score([decode(ids)], "42") == 1.0
