@@ -1,0 +1,127 @@
+"""The built-in demo: a tiny Qwen2 "base model" for synthetic arithmetic, made on the spot.
+
+The demo must show ToRL's effect on 2 CPU cores with nothing downloaded, so it makes its own base model:
+a character-level tokenizer (plus a few whole-phrase tokens so the ToRL prompt stays short), and a short
+supervised run on arithmetic traces in the ToRL format. Most traces answer directly (a tiny model guesses
+large products badly); a minority write a ```python block and copy its output into \\boxed{}. GRPO then
+rewards whatever gets the answer right, and the policy learns to call the tool.
+"""
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tqdm import tqdm
+
+from nanotorl.checkpoint import save_model
+from nanotorl.data import TORL_TEMPLATE, Problem, arithmetic_problems
+from nanotorl.grpo import micro_batches
+from nanotorl.model import Qwen2, Qwen2Config
+from nanotorl.tokenizer import Tokenizer
+
+EOS = "<|endoftext|>"
+# Whole-phrase tokens: the two halves of the ToRL template around the problem, and the fences.
+PHRASES = (TORL_TEMPLATE.split("{problem}")[0], TORL_TEMPLATE.split("{problem}")[1],
+           "```python\n", "```output\n", "```\n", "print(", "\\boxed{", "The answer is ")
+
+
+def demo_tokenizer() -> HFTokenizer:
+    """Characters (printable ASCII and newline) as tokens, with :data:`PHRASES` as added whole tokens.
+
+    Digits are single tokens, which a tiny model needs to learn arithmetic; decode(encode(s)) == s.
+    """
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {EOS: 0} | {c: i + 1 for i, c in enumerate(chars)}
+    tk = HFTokenizer(models.WordLevel(vocab, unk_token=EOS))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tk.add_special_tokens([AddedToken(EOS, special=True)])
+    tk.add_tokens([AddedToken(p, normalized=False) for p in PHRASES])
+    return tk
+
+
+def save_demo_tokenizer(path) -> None:
+    """Write tokenizer.json and tokenizer_config.json (eos = pad = <|endoftext|>) into ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    demo_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "pad_token": EOS}))
+
+
+def demo_config(vocab_size: int) -> Qwen2Config:
+    """The demo's tiny Qwen2: about 0.8M parameters, the same code path as the 7B."""
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def trace(problem: Problem, use_tool: bool) -> tuple[str, str]:
+    """A response in the ToRL format: (policy text before the tool output, the rest). The direct form has no
+    tool part. The answer in the trace is always right: the tiny model's own errors on large numbers are what
+    the tool fixes."""
+    expr = problem.problem.removeprefix("What is ").removesuffix("?")
+    if not use_tool:
+        return f"The answer is \\boxed{{{problem.answer}}}", ""
+    return (f"```python\nprint({expr})\n```\n", f"```output\n{problem.answer}\n```\n"
+            f"The answer is \\boxed{{{problem.answer}}}")
+
+
+def sft_sequences(tok: Tokenizer, problems: list[Problem], tool_fraction: float, seed: int) -> list[dict]:
+    """Training sequences (prompt + trace + eos) for :func:`nanotorl.grpo.micro_batches`; the loss covers the response
+    but not the tool output, exactly as in RL."""
+    rng = random.Random(seed)
+    seqs = []
+    for p in problems:
+        before, after = trace(p, rng.random() < tool_fraction)
+        prompt = tok.prompt_ids(p.problem)
+        head, rest = tok.encode(before), []
+        weights = [1.0] * len(head)
+        if after:
+            output, tail = after.split("```\nThe", 1)
+            out_ids, tail_ids = tok.encode(output + "```\n"), tok.encode("The" + tail)
+            rest, weights = out_ids + tail_ids, weights + [0.0] * len(out_ids) + [1.0] * len(tail_ids)
+        response = head + rest + [tok.eos_id]
+        weights += [1.0]
+        ids = prompt + response
+        seqs.append({"input_ids": ids, "targets": ids[1:] + [-100],
+                     "weight": [0.0] * (len(prompt) - 1) + weights + [0.0]})
+    return seqs
+
+
+def build_base_model(path, steps: int = 600, batch_tokens: int = 4096, lr: float = 3e-3,
+                     tool_fraction: float = 0.2, n_problems: int = 20000, seed: int = 1234, log=print) -> Path:
+    """Make the demo's "base model" by a short supervised run and save it as a Hugging Face checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_demo_tokenizer(tmp)
+    tok = Tokenizer(tmp)
+    torch.manual_seed(seed)
+    model = Qwen2(demo_config(tok.vocab_size)).init_weights()
+    problems = arithmetic_problems(n_problems, seed, "train")
+    batches = micro_batches(sft_sequences(tok, problems, tool_fraction, seed), batch_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    bar = tqdm(range(steps), desc="demo base model (supervised)", leave=False)
+    for s in bar:
+        mb = batches[s % len(batches)]
+        logp = model.token_logprobs(mb["input_ids"], mb["targets"])
+        loss = -(logp * mb["weight"]).sum() / mb["weight"].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    log(f"demo base model: {steps} supervised steps, final loss {loss.item():.3f}")
+    save_model(model, tmp, tokenizer_dir=tmp, extra_config={"eos_token_id": tok.eos_id})
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

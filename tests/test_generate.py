@@ -1,0 +1,249 @@
+"""The generator against naive full-recompute loops, itself one request at a time, and scripted tool scenarios."""
+import contextlib
+import io
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import shared_path
+from nanotorl.demo import save_demo_tokenizer
+from nanotorl.generate import Generator, Request, SamplingParams, format_observation
+from nanotorl.model import Qwen2, Qwen2Config
+from nanotorl.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    save_demo_tokenizer(path)
+    return Tokenizer(path)
+
+
+def tiny_model(vocab, seed=0):
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return Qwen2(cfg).init_weights(std=0.3, generator=torch.Generator().manual_seed(seed)).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok.vocab_size)
+
+
+class Forced(torch.nn.Module):
+    """Wraps a model: at position p the logit of ``script[p + 1]`` gets ``bias`` added (the script is the whole
+    expected sequence, prompt + response). With a large bias the model writes the script; inserted tool tokens
+    sit in the script too but are never sampled. ``model=None`` gives a model that is all bias."""
+
+    def __init__(self, script, vocab, bias=1e4, model=None):
+        super().__init__()
+        self.model = model or tiny_model(vocab)
+        self.cfg, self.script, self.bias, self.vocab = self.model.cfg, script, bias, vocab
+        self.use_model = model is not None
+
+    def forward(self, ids, positions=None, seq_ids=None, cache=None, slots=None):
+        h = self.model(ids, positions, seq_ids, cache, slots)
+        if not self.use_model:
+            h = torch.zeros_like(h)
+        if positions is None:
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+        script = torch.tensor(self.script + [-1])
+        target = script[(positions + 1).clamp(max=len(self.script))]
+        bias = torch.zeros(*ids.shape, self.vocab)
+        bias[target >= 0] = torch.nn.functional.one_hot(target[target >= 0], self.vocab).float() * self.bias
+        return torch.cat([h, bias], -1)
+
+    def logits(self, x):
+        return self.model.logits(x[..., :self.cfg.hidden_size]) + x[..., self.cfg.hidden_size:]
+
+
+class FakeSandbox:
+    """Runs code with exec in a thread after ``delay`` seconds; ``fail`` makes every run raise."""
+
+    def __init__(self, delay=0.0, fail=False):
+        self.calls, self.delay, self.fail = [], delay, fail
+        self.pool = ThreadPoolExecutor(4)
+
+    def _run(self, code):
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("sandbox server died")
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(code, {})
+            return SimpleNamespace(status="ok", stdout=out.getvalue(), error_line=None, wall_time=self.delay)
+        except Exception as e:
+            return SimpleNamespace(status="error", stdout=out.getvalue(), wall_time=self.delay,
+                                   error_line=f"{type(e).__name__}: {e}")
+
+    def submit(self, code):
+        self.calls.append(code)
+        return self.pool.submit(self._run, code)
+
+
+def naive_greedy(model, prompt, max_new, eos):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model.logits(model(torch.tensor([ids]))[0, -1]).argmax())
+            ids.append(nxt)
+            if nxt == eos:
+                break
+    return ids[len(prompt):]
+
+
+def prompts(tok, n):
+    return [tok.encode(f"What is {i * 37 % 101} + {i}?") for i in range(n)]
+
+
+def test_greedy_equals_naive_full_recompute(model, tok):
+    reqs = [Request(p, max_new_tokens=12, sampling=SamplingParams(temperature=0.0)) for p in prompts(tok, 5)]
+    outs = Generator(model, tok, slots=3, max_len=64, prefill_chunk=4).generate(reqs)
+    for r, o in zip(reqs, outs):
+        assert o.response_ids == naive_greedy(model, r.prompt_ids, 12, tok.eos_id)
+        assert o.prompt_ids == r.prompt_ids and o.loss_mask == [1] * len(o.response_ids)
+
+
+def test_batched_sampling_equals_one_at_a_time(model, tok):
+    reqs = [Request(p, max_new_tokens=10, seed=7 + i, sampling=SamplingParams(temperature=1.0, top_k=20))
+            for i, p in enumerate(prompts(tok, 6))]
+    batched = Generator(model, tok, slots=4, max_len=64).generate(reqs)
+    alone = [Generator(model, tok, slots=1, max_len=64).generate([r])[0] for r in reqs]
+    assert [o.response_ids for o in batched] == [o.response_ids for o in alone]
+    assert len({tuple(o.response_ids) for o in batched}) > 1  # really sampling
+
+
+def test_more_requests_than_slots_each_returned_once(model, tok):
+    reqs = [Request(p, max_new_tokens=3 + i % 4, seed=i) for i, p in enumerate(prompts(tok, 13))]
+    done = []
+    outs = Generator(model, tok, slots=3, max_len=64).generate(reqs, progress=done.append)
+    assert sum(done) == 13
+    assert [o.prompt_ids for o in outs] == [r.prompt_ids for r in reqs]
+    assert all(len(o.response_ids) == r.max_new_tokens or o.finish_reason == "eos" for o, r in zip(outs, reqs))
+
+
+def scripted(tok, before, after, code_output, trigger="fence"):
+    """Expected (prompt, full token script, observation ids) for a response that calls the tool once."""
+    prompt = tok.encode("Compute 6 * 7.")
+    obs_text = ("" if trigger == "output" else "```output\n") + f"{code_output}\n```\n"
+    first, obs, second = tok.encode(before), tok.encode(obs_text), tok.encode(after) + [tok.eos_id]
+    return prompt, prompt + first + obs + second, obs, len(first), len(second)
+
+
+def test_code_block_is_run_observation_inserted_masked_and_generation_resumes(tok):
+    before, after = "Let me compute.\n```python\nprint(6 * 7)\n```\n", "The answer is \\boxed{42}"
+    prompt, script, obs, n1, n2 = scripted(tok, before, after, "42")
+    box = FakeSandbox(delay=0.05)
+    out = Generator(Forced(script, tok.vocab_size), tok, box, slots=2, max_len=128).generate(
+        [Request(prompt, max_new_tokens=100, sampling=SamplingParams(temperature=0.0))])[0]
+    assert box.calls == ["print(6 * 7)\n"]
+    assert out.response_ids == script[len(prompt):]
+    assert out.loss_mask == [1] * n1 + [0] * len(obs) + [1] * n2
+    assert [c.observation for c in out.tool_calls] == ["42"] and out.tool_calls[0].status == "ok"
+    assert out.finish_reason == "eos"
+    # the prompt once, then on resume only the observation and the fence token sampled before the pause
+    assert out.prefill_tokens == len(prompt) + len(obs) + 1
+
+
+def test_sampled_logprobs_match_full_recompute_across_a_tool_call(tok):
+    before, after = "x\n```python\nprint(5)\n```\n", "so \\boxed{5}"
+    prompt, script, obs, _, _ = scripted(tok, before, after, "5")
+    model = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3))
+    out = Generator(model, tok, FakeSandbox(), slots=2, max_len=128).generate(
+        [Request(prompt, max_new_tokens=60, seed=11, sampling=SamplingParams(temperature=1.0))])[0]
+    assert len(out.tool_calls) == 1
+    full = torch.tensor([prompt + out.response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(model(full))[0].float(), -1)
+    n = len(prompt)
+    ref = [float(logp[n + i - 1, t]) for i, t in enumerate(out.response_ids)]
+    mask = torch.tensor(out.loss_mask, dtype=torch.bool)
+    assert mask.sum() > 10 and (~mask).sum() == len(obs)
+    torch.testing.assert_close(torch.tensor(out.logprobs)[mask], torch.tensor(ref)[mask], atol=1e-4, rtol=0)
+
+
+def test_tool_budget_leaves_further_blocks_as_text(tok):
+    block = "```python\nprint(1)\n```\n"
+    prompt, script, _, _, _ = scripted(tok, block, block + "done", "1")
+    box = FakeSandbox()
+    out = Generator(Forced(script, tok.vocab_size), tok, box, max_len=128).generate(
+        [Request(prompt, max_new_tokens=100, max_tool_calls=1, sampling=SamplingParams(temperature=0.0))])[0]
+    assert len(box.calls) == 1 and len(out.tool_calls) == 1
+    assert tok.decode(out.response_ids).endswith(block + "done<|endoftext|>")
+
+
+def test_torl_output_trigger_runs_when_the_model_writes_output_fence(tok):
+    before = "```python\nprint(2 + 3)\n```\n```output\n"
+    prompt, script, obs, _, _ = scripted(tok, before, "\\boxed{5}", "5", trigger="output")
+    out = Generator(Forced(script, tok.vocab_size), tok, FakeSandbox(), max_len=128, trigger="output").generate(
+        [Request(prompt, max_new_tokens=100, sampling=SamplingParams(temperature=0.0))])[0]
+    assert tok.decode(out.response_ids) == before + "5\n```\n\\boxed{5}<|endoftext|>"
+    assert out.loss_mask.count(0) == len(obs)
+
+
+def test_sandbox_failure_and_empty_code_become_error_observations(tok):
+    prompt, script, _, _, _ = scripted(tok, "```python\nprint(1)\n```\n", "ok", "SandboxError: sandbox server died")
+    out = Generator(Forced(script, tok.vocab_size), tok, FakeSandbox(fail=True), max_len=128).generate(
+        [Request(prompt, max_new_tokens=100, sampling=SamplingParams(temperature=0.0))])[0]
+    assert out.tool_calls[0].status == "error" and out.finish_reason == "eos"
+    assert out.tool_calls[0].observation == "SandboxError: sandbox server died"
+
+    prompt, script, _, _, _ = scripted(tok, "```python\n  \n```\n", "ok", "SyntaxError: empty code block")
+    box = FakeSandbox()
+    out = Generator(Forced(script, tok.vocab_size), tok, box, max_len=128).generate(
+        [Request(prompt, max_new_tokens=100, sampling=SamplingParams(temperature=0.0))])[0]
+    assert box.calls == [] and out.tool_calls[0].observation == "SyntaxError: empty code block"
+    assert out.response_ids == script[len(prompt):]
+
+
+def test_unclosed_block_is_not_run(tok):
+    prompt = tok.encode("Q")
+    script = prompt + tok.encode("```python\nprint(1)\n")
+    box = FakeSandbox()
+    out = Generator(Forced(script, tok.vocab_size), tok, box, max_len=64).generate(
+        [Request(prompt, max_new_tokens=len(script) - len(prompt), sampling=SamplingParams(temperature=0.0))])[0]
+    assert box.calls == [] and out.finish_reason == "length"
+
+
+def test_observation_that_fills_the_budget_finishes_with_length(tok):
+    prompt, script, obs, n1, _ = scripted(tok, "```python\nprint(6 * 7)\n```\n", "more", "42")
+    out = Generator(Forced(script, tok.vocab_size), tok, FakeSandbox(), max_len=128).generate(
+        [Request(prompt, max_new_tokens=n1 + 3, sampling=SamplingParams(temperature=0.0))])[0]
+    assert out.finish_reason == "length" and len(out.response_ids) == n1 + 3
+    assert out.loss_mask == [1] * n1 + [0] * 3
+
+
+def test_bad_input_gets_clear_errors(model, tok):
+    gen = Generator(model, tok, max_len=16)
+    with pytest.raises(ValueError, match="prompt of 20 tokens does not fit the context of 16"):
+        gen.generate([Request([1] * 20)])
+    with pytest.raises(ValueError, match="empty prompt"):
+        gen.generate([Request([])])
+    gen.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        gen.generate([Request([1, 2])])
+
+
+def test_format_observation_follows_torl():
+    assert format_observation("42\n", None, ok=True) == "42"
+    assert format_observation("partial\n", "NameError: name 'x' is not defined", ok=False) == \
+        "NameError: name 'x' is not defined"
+    assert format_observation("", None, ok=False).startswith("TimeoutError")
+    long = "".join(chr(65 + i % 26) for i in range(300))
+    assert format_observation(long, None, ok=True) == long[:128] + "..." + long[-128:]
+    assert format_observation(long[:255], None, ok=True) == long[:255]
+
+
+def test_fence_split_across_qwen_tokens_is_detected():
+    qwen = Tokenizer(shared_path("tokenizers", "qwen2.5"))
+    before = "Compute.\n```python\nprint(6*7)\n```\n"
+    assert qwen.encode(before)[-2:] == [13874, 3989]  # "``" + "`\n", see ../shared/tokenizers/qwen2.5/README.md
+    prompt, script, obs, _, _ = scripted(qwen, before, "\\boxed{42}", "42")
+    box = FakeSandbox()
+    out = Generator(Forced(script, qwen.vocab_size), qwen, box, max_len=128).generate(
+        [Request(prompt, max_new_tokens=60, sampling=SamplingParams(temperature=0.0))])[0]
+    assert box.calls == ["print(6*7)\n"] and out.response_ids == script[len(prompt):]
