@@ -1,0 +1,348 @@
+"""Sampling one token per row from logits with temperature, top-k, top-p and min-p, without a sort.
+
+Math. Row b holds logits ``l: [V]``. With temperature ``T > 0`` the scaled logits are ``s = l / T``.
+The filters then run in this order, each keeping the tokens whose scaled logit reaches a threshold:
+
+1. top-k  (k > 0):   tau_k = the k-th largest s (ties with it are kept, so a tie may keep more than k).
+2. top-p  (p < 1):   among the top-k survivors, tau_p = the largest value v with  sum_{s_i >= v} e^{s_i} >= p * Z_k
+                     (Z_k = the survivors' mass): the smallest set of top tokens holding mass p, ties kept.
+3. min-p  (q > 0):   tau_m = max(s) + log(q), i.e. keep p_i >= q * p_max (relative to the max prob, which
+                     every filter keeps, so it does not depend on the renormalisation before it).
+
+The token is drawn from ``p'_i = e^{s_i} / Z_S`` over the survivors ``S = {i : s_i >= max(tau_k, tau_p, tau_m)}``,
+and ``logprob = s_tok - log Z_S`` is its log-prob under that distribution. ``T = 0`` is greedy: the first
+argmax of ``l``, with ``logprob = log_softmax(l)[tok]``.
+
+Drawing: Gumbel-max, ``argmax_i (s_i + g_i)`` with ``g_i = -log(-log u_i)`` is distributed as ``p'``. It runs in
+two levels over fixed vocabulary blocks of ``RNG_BLOCK`` tokens: pick block c by Gumbel-max over the block
+log-masses ``log Z_c + G_c``, then the token within block c by Gumbel-max over its survivors. Because
+``P(i) = Z_c / Z_S * e^{s_i} / Z_c`` this is exact, and it needs noise only for the blocks and one block's
+tokens. Every uniform ``u`` is a hash of (seeds[b], offsets[b], index): a row draws the same token whatever
+batch it is in, and the reference and the Triton kernel draw the same token from the same logits (up to
+float rounding in near ties). ``u`` carries 23 random bits, so ``g`` lies in [-2.8, 16.6]: a token (block)
+more than 19.4 below the top of its block (the top block) is never drawn, a probability below 1e-5 in all.
+
+Thresholds without a sort (Triton): a search over values keeps ``lo <= tau <= hi`` with lo and hi data
+values. Each pass over the row counts (top-k) or sums the mass (top-p) of the tokens at or above
+``NPIV`` pivots spread over [lo, hi], and records the smallest token at or above and the largest token
+below each pivot; the bracket shrinks to the data inside the pivot interval holding tau, until lo == hi.
+Tokens more than ``FLOOR`` below the max (probability under e^-80) are left out of the search.
+
+Kernels: ``_prepare_kernel`` (a program per row: the thresholds, nothing read for unfiltered rows, and the
+row's key), ``_block_kernel`` (a program per row and block: the one read of the logits) and
+``_finish_kernel`` (a program per row: the block draw, then one block re-read for the token draw).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+
+RNG_BLOCK = 2048   # tokens per block of the two-level Gumbel-max; part of what a (seed, offset) means
+FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR
+NPIV = 16          # pivots per search pass
+_SEARCH_BLOCK = 256
+_M32 = 0xFFFFFFFF
+_MIX = (0x7FEB352D, 0x846CA68B)   # lowbias32 multipliers (C. Wellons' integer hash)
+_STREAM_TOKEN, _STREAM_BLOCK = 0, 1
+
+
+# ----------------------------------------------------------------------------------------- reference
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without overflowing int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MIX[1])
+    return x ^ (x >> 16)
+
+
+def _hash32(*words: torch.Tensor) -> torch.Tensor:
+    """Absorb 32-bit words into a hash: h = mix(h ^ word) for each word, from h = 0."""
+    h = torch.zeros_like(words[0])
+    for w in words:
+        h = _mix32(h ^ w)
+    return h
+
+
+def _row_key(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per row from its 64-bit seed and offset: [B] int64 in [0, 2^32)."""
+    return _hash32(seeds & _M32, (seeds >> 32) & _M32, offsets & _M32, (offsets >> 32) & _M32)
+
+
+def _gumbel(key: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """Gumbel noise for ``index`` ([B, n] int64) in the rows keyed by ``key`` ([B]): [B, n] float32."""
+    h = _hash32(index * 2 + stream, key[:, None].expand_as(index))
+    u = ((h >> 9) * 2 + 1).float() * 2.0 ** -24   # in (0, 1), exact in float32
+    return -torch.log(-torch.log(u))
+
+
+def _thresholds_ref(s: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
+    """tau: [B], the smallest kept scaled logit of each row (-inf keeps all); s: [B, V] float32."""
+    B, V = s.shape
+    inf = torch.full((B,), -math.inf, device=s.device)
+    m = s.amax(-1)
+    use_k = (top_k > 0) & (top_k < V)
+    tau_k = inf
+    if bool(use_k.any()):
+        kmax = int(top_k[use_k].max())
+        kth = torch.topk(s, kmax, dim=-1).values.gather(1, (top_k.clamp(1, kmax) - 1)[:, None])[:, 0]
+        tau_k = torch.where(use_k, kth, inf)
+    tau_p = inf
+    use_p = top_p < 1
+    if bool(use_p.any()):
+        # Sorted mass from the top; a top-k of growing size stands in for a full sort while it can.
+        kept = s.masked_fill(s < tau_k[:, None], -math.inf)
+        e = torch.exp(kept - m[:, None])
+        target = top_p * e.sum(-1)                                   # p * Z_k: [B]
+        n = min(V, 1024)
+        while True:
+            top = torch.topk(kept, n, dim=-1).values                 # [B, n] descending
+            et = torch.exp(top - m[:, None])
+            excl = et.cumsum(-1) - et                                # mass strictly above each rank
+            keep = excl < target[:, None]
+            keep[:, 0] = True
+            if n == V or not bool(keep[:, -1][use_p].any()):
+                break
+            n = min(V, 8 * n)
+        last = keep.sum(-1) - 1                                      # keep is a prefix of the ranks
+        tau_p = torch.where(use_p, top.gather(1, last[:, None])[:, 0], inf)
+    tau_m = torch.where(min_p > 0, m + torch.log(min_p.float()), inf)
+    return torch.maximum(torch.maximum(tau_k, tau_p), tau_m)
+
+
+def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
+    """PyTorch reference: the definition above, vectorised over rows. Returns (tokens [B] int64, logprobs [B] float32)."""
+    _check(logits, temperature, top_k, top_p, min_p, seeds, offsets)
+    B, V = logits.shape
+    dev = logits.device
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    W = min(V, RNG_BLOCK)                                             # block width (one short block if V is small)
+    nb = triton.cdiv(V, W)
+    sp = torch.full((B, nb * W), -math.inf, device=dev)              # s padded to whole blocks
+    s = sp[:, :V]
+    torch.div(logits.float(), t[:, None], out=s)
+    tau = _thresholds_ref(s, top_k, top_p.float(), min_p)
+    s.masked_fill_((s < tau[:, None]) & ~greedy[:, None], -math.inf)  # only survivors stay finite
+    blocks = sp.view(B, nb, W)
+    lse_c = torch.logsumexp(blocks, -1)                               # log Z_c: [B, nb]
+    key = _row_key(seeds, offsets)
+    bidx = torch.arange(nb, device=dev).expand(B, nb)
+    score = torch.where(greedy[:, None], blocks.amax(-1), lse_c + _gumbel(key, bidx, _STREAM_BLOCK))
+    c = score.argmax(-1)                                              # chosen block: [B]
+    rows = torch.arange(B, device=dev)
+    cand = blocks[rows, c]                                            # [B, W]
+    tidx = c[:, None] * W + torch.arange(W, device=dev)
+    pick = torch.where(greedy[:, None], cand, cand + _gumbel(key, tidx, _STREAM_TOKEN)).argmax(-1)
+    tokens = c * W + pick
+    logprobs = cand[rows, pick] - torch.logsumexp(lse_c, -1)
+    return tokens, logprobs
+
+
+def _check(logits, temperature, top_k, top_p, min_p, seeds, offsets):
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"sample: logits must be a float [B, V] tensor, got {tuple(logits.shape)} {logits.dtype}")
+    B = logits.shape[0]
+    for name, x in [("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                    ("seeds", seeds), ("offsets", offsets)]:
+        if x.shape != (B,) or x.device != logits.device:
+            raise ValueError(f"sample: {name} must have shape [{B}] on {logits.device} like the logits rows, "
+                             f"got {tuple(x.shape)} on {x.device}; build one value per row")
+    for name, x in [("top_k", top_k), ("seeds", seeds), ("offsets", offsets)]:
+        if x.dtype != torch.int64:
+            raise ValueError(f"sample: {name} must be int64, got {x.dtype}")
+
+
+# ------------------------------------------------------------------------------------------- Triton
+
+@triton.jit
+def _row_key_tl(seed_ptr, off_ptr, row):
+    """_row_key for one row: absorb the 32-bit words of seed and offset into the lowbias32 hash."""
+    seed = tl.load(seed_ptr + row)
+    off = tl.load(off_ptr + row)
+    key = tl.zeros([], dtype=tl.uint32)
+    for w in tl.static_range(4):
+        if w < 2:
+            word = (seed >> (32 * w)) & 0xFFFFFFFF
+        else:
+            word = (off >> (32 * (w - 2))) & 0xFFFFFFFF
+        key ^= word.to(tl.uint32)
+        key ^= key >> 16
+        key *= 0x7FEB352D
+        key ^= key >> 15
+        key *= 0x846CA68B
+        key ^= key >> 16
+    return key
+
+
+@triton.jit
+def _gumbel_tl(key, index, stream: tl.constexpr):
+    """_gumbel: hash (2 * index + stream, key) into u in (0, 1), return -log(-log u)."""
+    h = (index * 2 + stream).to(tl.uint32)
+    for r in tl.static_range(2):
+        if r == 1:
+            h ^= key
+        h ^= h >> 16
+        h *= 0x7FEB352D
+        h ^= h >> 15
+        h *= 0x846CA68B
+        h ^= h >> 16
+    u = ((h >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08   # 2^-24
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _search_tl(row_ptr, V, t, m, lo, hi, target, frac, MASS: tl.constexpr,
+               NPIV: tl.constexpr, BLOCK: tl.constexpr):
+    """tau = the largest scaled logit v with F(v) >= target, F = count (or mass if MASS) of s >= v.
+
+    Needs F(lo) >= target (for the first pass only if frac == 0; with MASS and frac > 0 the target
+    is frac * F(lo), read in the first pass) and F(x) < target for all x > hi. Returns -inf if F(lo) < target.
+    """
+    j = tl.arange(0, NPIV)
+    passes = tl.zeros([], dtype=tl.int32)
+    while lo < hi:
+        piv = tl.minimum(lo + (hi - lo) * (j.to(tl.float32) / (NPIV - 1)), hi)
+        piv = tl.where(j == 0, lo, tl.where(j == NPIV - 1, hi, piv))          # [NPIV]
+        f = tl.zeros([NPIV], dtype=tl.float32)
+        above_min = tl.full([NPIV], float("inf"), dtype=tl.float32)
+        below_max = tl.full([NPIV], float("-inf"), dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            s = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32) / t   # [BLOCK]
+            if MASS:
+                w = tl.exp(s - m)
+            else:
+                w = tl.where(idx < V, 1.0, 0.0)
+            ge = s[None, :] >= piv[:, None]                                        # [NPIV, BLOCK]
+            f += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
+            above_min = tl.minimum(above_min, tl.min(tl.where(ge, s[None, :], float("inf")), axis=1))
+            below_max = tl.maximum(below_max, tl.max(tl.where(ge, float("-inf"), s[None, :]), axis=1))
+        f_lo = tl.sum(tl.where(j == 0, f, 0.0))
+        target = tl.where((passes == 0) & (frac > 0), frac * f_lo, target)
+        passes += 1
+        jstar = tl.max(tl.where(f >= target, j, -1))                   # last pivot that keeps enough
+        new_lo = tl.min(tl.where(j == jstar, above_min, float("inf")))
+        new_hi = tl.max(tl.where(j == jstar + 1, below_max, float("-inf")))
+        lo = tl.where(jstar < 0, float("-inf"), tl.where(jstar == NPIV - 1, hi, new_lo))
+        hi = tl.where(jstar < 0, float("-inf"), tl.where(jstar == NPIV - 1, hi, new_hi))
+    return lo
+
+
+@triton.jit
+def _prepare_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, off_ptr, tau_ptr,
+                    key_ptr, V, FLOOR: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: tau, the smallest kept scaled logit (-inf keeps all), and the row's random key."""
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride
+    t = tl.load(temp_ptr + row).to(tl.float32)
+    k = tl.load(topk_ptr + row)
+    p = tl.load(topp_ptr + row).to(tl.float32)
+    q = tl.load(minp_ptr + row).to(tl.float32)
+    use_k = (k > 0) & (k < V)
+    use_p = p < 1.0
+    use_q = q > 0.0
+    tau = tl.full([], float("-inf"), tl.float32)
+    if (t > 0) & (use_k | use_p | use_q):
+        m = tl.full([], float("-inf"), tl.float32)
+        mn = tl.full([], float("inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            s = tl.load(row_ptr + idx, mask=idx < V, other=0.0).to(tl.float32) / t          # [BLOCK]
+            m = tl.maximum(m, tl.max(tl.where(idx < V, s, float("-inf"))))
+            mn = tl.minimum(mn, tl.min(tl.where(idx < V, s, float("inf"))))
+        lo = tl.maximum(mn, m - FLOOR)
+        zero = 0.0 * p
+        if use_k:
+            tau = _search_tl(row_ptr, V, t, m, lo, m, k.to(tl.float32), zero, False, NPIV, BLOCK)
+        if use_p:
+            tau = _search_tl(row_ptr, V, t, m, tl.maximum(lo, tau), m, zero, tl.maximum(p, 1e-30),
+                             True, NPIV, BLOCK)
+        if use_q:
+            tau = tl.maximum(tau, m + tl.log(q))
+    tl.store(tau_ptr + row, tau)
+    tl.store(key_ptr + row, _row_key_tl(seed_ptr, off_ptr, row).to(tl.int64))
+
+
+@triton.jit
+def _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, idx, V):
+    """s = l / T over the survivors (-inf elsewhere) at ``idx`` of ``row``; T = 1 for greedy rows."""
+    t = tl.load(temp_ptr + row).to(tl.float32)
+    greedy = t <= 0
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + idx, mask=idx < V, other=float("-inf"))
+    s = x.to(tl.float32) / tl.where(greedy, 1.0, t)
+    return tl.where(s >= tl.load(tau_ptr + row), s, float("-inf")), greedy
+
+
+@triton.jit
+def _block_kernel(logits_ptr, stride, temp_ptr, tau_ptr, key_ptr, score_ptr, lse_ptr, V, NB,
+                  RB: tl.constexpr):
+    """Per (row, block c): log Z_c of the survivors and the block's score log Z_c + G_c (its max if greedy)."""
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
+    s, greedy = _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, blk * RB + tl.arange(0, RB), V)
+    mx = tl.max(s)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    z = tl.sum(tl.exp(s - safe))                                                    # >= 1 unless empty
+    lse = tl.where(z > 0, safe + tl.log(tl.maximum(z, 1.0)), float("-inf"))
+    g = _gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), blk, 1)
+    tl.store(score_ptr + row * NB + blk, tl.where(greedy, mx, lse + g))
+    tl.store(lse_ptr + row * NB + blk, lse)
+
+
+@triton.jit
+def _finish_kernel(logits_ptr, stride, temp_ptr, tau_ptr, key_ptr, score_ptr, lse_ptr, tok_ptr, lp_ptr, V, NB,
+                   NB_P2: tl.constexpr, RB: tl.constexpr):
+    """Per row: pick the block by its score, then the token inside it; logprob = s_tok - log Z_S."""
+    row = tl.program_id(0)
+    b = tl.arange(0, NB_P2)
+    c = tl.argmax(tl.load(score_ptr + row * NB + b, mask=b < NB, other=float("-inf")), axis=0,
+                  tie_break_left=True)
+    lse = tl.load(lse_ptr + row * NB + b, mask=b < NB, other=float("-inf"))          # [NB_P2]
+    lmax = tl.max(lse)
+    log_z = lmax + tl.log(tl.sum(tl.exp(lse - lmax)))                                # log Z_S
+    idx = c * RB + tl.arange(0, RB)
+    s, greedy = _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, idx, V)    # [RB]
+    g = _gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), idx, 0)
+    pick = tl.argmax(tl.where(greedy, s, s + g), axis=0, tie_break_left=True)
+    s_tok = tl.max(tl.where(tl.arange(0, RB) == pick, s, float("-inf")))
+    tl.store(tok_ptr + row, (c * RB + pick).to(tl.int64))
+    tl.store(lp_ptr + row, s_tok - log_z)
+
+
+def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets):
+    """Triton path: thresholds and keys (a program per row), block scores (per row and block), then the draw."""
+    _check(logits, temperature, top_k, top_p, min_p, seeds, offsets)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    B, V = logits.shape
+    nb = triton.cdiv(V, RNG_BLOCK)
+    dev = logits.device
+    tau = torch.empty(B, device=dev, dtype=torch.float32)
+    key = torch.empty(B, device=dev, dtype=torch.int64)
+    score = torch.empty(B, nb, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, nb, device=dev, dtype=torch.float32)
+    tokens = torch.empty(B, device=dev, dtype=torch.int64)
+    logprobs = torch.empty(B, device=dev, dtype=torch.float32)
+    temp, top_k, top_p, min_p, seeds, offsets = (x.contiguous() for x in (temperature, top_k, top_p, min_p,
+                                                                          seeds, offsets))
+    _prepare_kernel[(B,)](logits, logits.stride(0), temp, top_k, top_p, min_p, seeds, offsets, tau, key, V,
+                          FLOOR=FLOOR, NPIV=NPIV, BLOCK=_SEARCH_BLOCK, num_warps=4)
+    _block_kernel[(B, nb)](logits, logits.stride(0), temp, tau, key, score, lse, V, nb, RB=RNG_BLOCK, num_warps=8)
+    _finish_kernel[(B,)](logits, logits.stride(0), temp, tau, key, score, lse, tokens, logprobs, V, nb,
+                         NB_P2=triton.next_power_of_2(nb), RB=RNG_BLOCK, num_warps=8)
+    return tokens, logprobs
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seeds, offsets):
+    """Draw one token per row: the Triton kernel on CUDA, the PyTorch reference elsewhere (see ``kernels.use_triton``)."""
+    fn = sample_triton if kernels.use_triton(logits) else sample_ref
+    return fn(logits, temperature, top_k, top_p, min_p, seeds, offsets)
