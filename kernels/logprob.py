@@ -260,9 +260,18 @@ def _logits_bwd_kernel(x_ptr, dx_ptr, tgt_ptr, lse_ptr, coef_ptr, N, V, stride_n
 
 # ----------------------------------------------------------------------------- launchers
 
-def _blocks(t):
-    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps) of the matmul kernels; tiny tiles for the CPU interpreter."""
-    return (128, 128, 64, 8) if t.is_cuda else (16, 32, 16, 1)
+def _config(t, backward):
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) of the matmul kernels for inputs like ``t``.
+
+    16-bit on GPU: 128 x 128 tiles, pipelined wgmma on sm_90 without register spills (checked by
+    compiling for sm_90, see tests). fp32 (exact products, CUDA cores) is the correctness path: smaller
+    tiles so that it does not spill either. The CPU interpreter gets the smallest tiles tl.dot takes.
+    """
+    if not t.is_cuda:
+        return 16, 32, 16, 1, 1
+    if t.dtype == torch.float32:
+        return 64, 64, (16 if backward else 32), 8, 2
+    return 128, 128, 64, 8, (2 if backward else 3)
 
 
 def _splits(n_row_blocks, n_tiles, t):
@@ -301,14 +310,14 @@ def _precision(t):
 def _fused_forward(h, weight, bias, targets, inv_t, return_entropy):
     N, D = h.shape
     V = weight.shape[0]
-    bn, bv, bd, warps = _blocks(h)
+    bn, bv, bd, warps, stages = _config(h, backward=False)
     n_row_blocks = triton.cdiv(N, bn)
     splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(V, bv), h)
     stats = torch.empty(4, splits, N, device=h.device, dtype=torch.float32)
     _fused_fwd_kernel[(splits, n_row_blocks)](  # h stands in for a missing bias: never read then
         h, weight, h if bias is None else bias, targets, stats, N, V, D, tiles_per_split, inv_t,
         HAS_BIAS=bias is not None, RETURN_ENTROPY=return_entropy, PRECISION=_precision(h), UPCAST=not h.is_cuda,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=3 if h.is_cuda else 1)
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     return _combine(stats, targets, return_entropy)
 
 
@@ -316,7 +325,7 @@ def _fused_backward(h, weight, bias, targets, lse, coef, inv_t, need):
     """Gradients (dh, dW, db) for the rows' coefficients coef = g / T; ``need`` = (dh?, dW?, db?)."""
     N, D = h.shape
     V = weight.shape[0]
-    bn, bv, bd, warps = _blocks(h)
+    bn, bv, bd, warps, stages = _config(h, backward=True)
     dh32 = torch.zeros(N, D, device=h.device, dtype=torch.float32) if need[0] else None
     dW = torch.empty_like(weight) if need[1] else None
     db32 = torch.zeros(V, device=h.device, dtype=torch.float32) if bias is not None else None
@@ -336,7 +345,7 @@ def _fused_backward(h, weight, bias, targets, lse, coef, inv_t, need):
             h if dh32 is None else dh32, h if dw_buf is None else dw_buf, h if db32 is None else db32,
             N, D, v0, v1, inv_t, HAS_BIAS=bias is not None, NEED_DH=need[0], NEED_DW=need[1],
             PRECISION=_precision(h), UPCAST=not h.is_cuda, GROUP=8, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
-            num_warps=warps, num_stages=2 if h.is_cuda else 1)
+            num_warps=warps, num_stages=stages)
         if scratch is not None:
             dW[v0:v1] = dw_buf
     dh = dh32.to(h.dtype) if need[0] else None

@@ -6,7 +6,11 @@ kernels are defined (``triton.jit`` reads it at import), so this module sets it 
 With a CUDA device nothing is set: the compiled kernels run in ``TestOnGPU``.
 """
 import importlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,6 +193,55 @@ def test_bad_inputs_raise_clear_errors():
         lp.fused_logprob(h, W.detach().bfloat16(), targets)
     with pytest.raises(ValueError, match="temperature"):
         lp.logprob_ref(h, W, targets, temperature=0.0)
+
+
+# ------------------------------------------------------------------- sm_90 compilation, no GPU needed
+
+SM90_SCRIPT = """
+import json, re, subprocess, sys, tempfile, types, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.logprob as lp
+
+BIN = sys.argv[1]
+out = {}
+for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    probe = types.SimpleNamespace(is_cuda=True, dtype=dtype)  # all that _config and _precision read
+    for name, kernel, backward in (("fwd", lp._fused_fwd_kernel, False), ("bwd", lp._fused_bwd_kernel, True)):
+        bn, bv, bd, warps, stages = lp._config(probe, backward)
+        consts = dict(HAS_BIAS=True, RETURN_ENTROPY=True, NEED_DH=True, NEED_DW=True, GROUP=8, UPCAST=False,
+                      PRECISION=lp._precision(probe), BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
+        names = kernel.arg_names
+        ptrs = {n: ("*i64" if n == "tgt_ptr" else f"*{ty}" if n in ("h_ptr", "w_ptr", "b_ptr") else "*fp32")
+                for n in names if n.endswith("_ptr")}
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "inv_t" else "i32") for n in names}
+        # the JIT specialises 16-aligned pointers and D % 16 == 0 the same way at run time
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n == "D"}
+        k = triton.compile(ASTSource(kernel, sig, {n: v for n, v in consts.items() if n in names}, attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([BIN, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out[f"{name} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)), "shared": k.metadata.shared}
+print(json.dumps(out))
+"""
+
+
+def test_matmul_kernels_compile_for_h100_without_spills():
+    """Compile both matmul kernels for sm_90 with the launcher's GPU blocks (no GPU needed): they must fit
+    in shared memory (227 KiB) and keep everything in registers (no local-memory stack)."""
+    nvidia = importlib.util.find_spec("triton.backends.nvidia")
+    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT, cuobjdump], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
 
 
 # ------------------------------------------------------------------- CUDA, compiled kernels
