@@ -1,8 +1,12 @@
 """kernels/logprob.py: the Triton log-prob kernels against the PyTorch reference.
 
-On CPU the kernels run under the Triton interpreter. TRITON_INTERPRET must be set before the
-kernels are defined (``triton.jit`` reads it at import), so this module sets it first and, if
-``kernels.logprob`` was already imported without it by an earlier test module, reloads it.
+On CPU the kernels run under the Triton interpreter, which Triton only enables for the kernels and
+its own library functions defined while TRITON_INTERPRET=1: it must be set before the first
+``import triton`` of the process. This module sets it while importing (reloading kernels.logprob if
+a module under test imported it before), puts the variable back afterwards so other test modules
+keep their reference paths, and sets it again around each of its tests (``interpret_on_cpu``) for
+``kernels.use_triton``. If Triton itself was first imported without it, the CPU tests are skipped
+with that reason: import triton once with the variable set in tests/conftest.py.
 With a CUDA device nothing is set: the compiled kernels run in ``TestOnGPU``.
 """
 import importlib
@@ -15,15 +19,33 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+ON_GPU = torch.cuda.is_available()
+_saved = os.environ.get("TRITON_INTERPRET")
+if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kernels.logprob as lp  # noqa: E402
 
-if not torch.cuda.is_available() and not isinstance(lp._fused_fwd_kernel, InterpretedFunction):
-    importlib.reload(lp)
+if not ON_GPU and not isinstance(lp._dot, InterpretedFunction):
+    importlib.reload(lp)  # imported earlier by a module under test, without the interpreter
+if _saved is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved
+if not ON_GPU and not isinstance(tl.zeros, InterpretedFunction):
+    pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU "
+                "here: import triton once with it set in tests/conftest.py, or run this file alone",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def interpret_on_cpu(monkeypatch):
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 # Stated tolerances. fp32: products and sums in fp32 on both sides. bf16: the forward multiplies
 # bf16 values exactly in fp32 as the reference does; the backward rounds dz = g (onehot - p) / T
@@ -247,8 +269,13 @@ def test_matmul_kernels_compile_for_h100_without_spills():
 # ------------------------------------------------------------------- CUDA, compiled kernels
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the compiled kernels")
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device for the compiled kernels")
 class TestOnGPU:
+    @pytest.fixture(autouse=True)
+    def exact_fp32_reference(self, monkeypatch):
+        """The reference's fp32 matmul must not use TF32, whatever another module switched on."""
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("N,D,V", [(1, 64, 1000), (333, 200, 5003), (1024, 256, 32000)])
     @pytest.mark.parametrize("bias,T", [(False, 1.0), (True, 0.7)])
