@@ -113,7 +113,7 @@ def build_base_model(path, steps: int = 600, batch_tokens: int = 4096, lr: float
     for s in bar:
         mb = batches[s % len(batches)]
         logp = model.token_logprobs(mb["input_ids"], mb["targets"])
-        loss = -(logp * mb["weight"]).sum() / mb["weight"].sum()
+        loss = -(logp * mb["weight"].flatten()).sum() / mb["weight"].sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

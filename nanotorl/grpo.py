@@ -73,3 +73,47 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, normalizer: f
         per_token = per_token + cfg.kl_coef * kl
         stats["kl"] = float((kl.detach() * (mask > 0)).sum())
     return (per_token * mask).sum() / normalizer, stats
+
+
+def micro_batches(sequences: list[dict], max_tokens: int) -> list[dict]:
+    """Group sequences into right-padded micro-batches [B, T] of at most ``max_tokens`` (B * T) tokens.
+
+    Each sequence is a dict of equal-length per-token lists; ``input_ids`` and ``targets`` (-100: no loss)
+    are required, pads get id 0, target -100 and 0 elsewhere. Sequences are sorted by length first so rows
+    of a micro-batch are alike and padding stays small. Right padding keeps plain causal attention exact
+    for the real tokens (they never look ahead at pads). A sequence longer than ``max_tokens`` gets a
+    micro-batch of its own.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    groups, current = [], []
+    for i in order:
+        longest = len(sequences[i]["input_ids"])  # sorted: the newcomer is the longest
+        if current and (len(current) + 1) * longest > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(sequences[i])
+    if current:
+        groups.append(current)
+    out = []
+    for group in groups:
+        T = len(group[-1]["input_ids"])
+        pad = {k: (-100 if k == "targets" else 0) for k in group[0]}
+        out.append({k: torch.tensor([s[k] + [pad[k]] * (T - len(s[k])) for s in group]) for k in group[0]})
+    return out
+
+
+def policy_sequence(prompt_ids, response_ids, loss_mask, old_logprobs, advantage: float,
+                    aggregation: str = "token") -> dict:
+    """One response as per-token training lists, aligned so that position t predicts token t + 1.
+
+    ``weight`` is the loss mask of the predicted token (0 on the prompt and on tool output); with sequence
+    aggregation it is divided by the number of policy tokens, so every sequence weighs the same.
+    """
+    ids = list(prompt_ids) + list(response_ids)
+    P, n = len(prompt_ids), max(sum(loss_mask), 1)
+    scale = 1.0 / n if aggregation == "sequence" else 1.0
+    pad = [0.0] * (P - 1)
+    return {"input_ids": ids, "targets": ids[1:] + [-100],
+            "weight": pad + [m * scale for m in loss_mask] + [0.0],
+            "old_logp": pad + list(old_logprobs) + [0.0],
+            "advantage": [advantage] * len(ids)}

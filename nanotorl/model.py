@@ -215,6 +215,16 @@ class Qwen2(nn.Module):
                 x = layer(x, positions, seq_ids, cache, slots)
         return self.norm(x)
 
+    def token_logprobs(self, input_ids, targets, positions=None, seq_ids=None, temperature: float = 1.0,
+                       return_entropy: bool = False):
+        """log p(targets[b, t] | input_ids[b, :t+1]) for every token, flattened to [B * T] fp32 (and the entropy
+        of each next-token distribution), through the fused log-prob: the [B*T, V] logits are never
+        materialised. ``targets`` of -100 are ignored (log-prob 0, no gradient)."""
+        from kernels.logprob import logprob
+        h = self.forward(input_ids, positions, seq_ids)  # [B, T, D]
+        return logprob(h.flatten(0, 1), self.head_weight, targets.flatten(), temperature=temperature,
+                       return_entropy=return_entropy)
+
     @staticmethod
     def _default_positions(input_ids, seq_ids):
         B, T = input_ids.shape

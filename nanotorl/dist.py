@@ -1,0 +1,143 @@
+"""Everything distributed, in one place, on PyTorch's own engine: torchrun, torch.distributed, FSDP2.
+
+* :func:`setup` joins the process group torchrun describes (gloo on CPU, NCCL on GPU); a plain ``python`` run on
+  CPU is a world of one with no process group, and on GPU a world of one over an in-memory store, so FSDP2 and
+  its mixed precision serve single-GPU runs too.
+* :func:`shard` applies FSDP2 (``fully_shard``) to every decoder block and then to the whole model.
+* :func:`gathered` unshards every block for generation, so the same model that trains also generates (no second
+  copy of the weights) and each rank can run as many decode steps as its own sequences need.
+* :func:`full_state_dict` / :func:`optimizer_state` gather full states on rank 0 for checkpoints, and
+  :func:`load_optimizer_state` spreads one back.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process, joining the process group if there is one."""
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" in os.environ:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return dist.get_rank(), dist.get_world_size(), device
+    if cuda:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        return 0, 1, torch.device("cuda", 0)
+    return 0, 1, torch.device("cpu")
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def teardown():
+    if distributed():
+        dist.destroy_process_group()
+
+
+def shard(model, param_dtype: torch.dtype | None = None, cpu_offload: bool = False):
+    """FSDP2 over ``model`` (each block, then the root) when a process group exists; a no-op otherwise.
+
+    ``param_dtype`` sets FSDP2's mixed precision (compute in bf16, keep fp32 master weights and reduce in
+    fp32). ``token_logprobs`` is registered as a forward method so the LM head is gathered for it too.
+    """
+    if not distributed():
+        return model
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
+    kw = {}
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    register_fsdp_forward_method(model, "token_logprobs")
+    return model
+
+
+def _fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered(model):
+    """Every parameter unsharded for the duration (generation); resharded afterwards."""
+    modules = _fsdp_modules(model) if distributed() else []
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's state dict on CPU, on rank 0 (empty elsewhere)."""
+    if not distributed():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's full state on rank 0 (empty elsewhere)."""
+    if not distributed():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load a full optimizer state read on rank 0 (others pass ``{}``) into the sharded optimizer."""
+    if not distributed():
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def all_sum(values: dict, device) -> dict:
+    """Sum each number of ``values`` over the ranks."""
+    if not distributed():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_max(value: float, device) -> float:
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier():
+    if distributed():
+        dist.barrier()

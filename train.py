@@ -1,0 +1,303 @@
+"""ToRL training: GRPO with a Python tool, started with torchrun.
+
+    torchrun --nproc_per_node=2 train.py                       # the built-in CPU demo (default preset)
+    torchrun --nproc_per_node=8 train.py --preset torl-1.5b --model Qwen2.5-Math-1.5B --data train.parquet
+
+One step, top to bottom (each line a call into one module):
+    problems  -> rollout (nanotorl.generate + sandbox)  -> rewards (nanotorl.reward)
+              -> advantages (nanotorl.grpo.group_advantages) -> loss (nanotorl.grpo.policy_loss) -> AdamW step
+Every rank generates for its share of the step's problems with the model that trains (FSDP2, unsharded while
+generating), checkpoints are Hugging Face directories plus the optimizer, and a restarted run resumes from
+the newest complete checkpoint in ``out_dir``.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanotorl import dist
+from nanotorl.checkpoint import load_model, save_state_dict
+from nanotorl.config import PRESETS, TrainConfig, parse_args
+from nanotorl.data import arithmetic_problems, load_problems
+from nanotorl.generate import Generator, SamplingParams
+from nanotorl.grpo import GRPOConfig, group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
+from nanotorl.metrics import pass_at_k
+from nanotorl.rollout import finish_stats, rollout, rollout_stats
+from nanotorl.tokenizer import Tokenizer
+from sandbox import SandboxPool
+
+
+def load_data(cfg: TrainConfig):
+    """(train problems, held-out problems): the demo's synthetic arithmetic, or files."""
+    if not cfg.data:
+        return (arithmetic_problems(cfg.demo_train_problems, cfg.seed, "train"),
+                arithmetic_problems(cfg.eval_problems, cfg.seed, "heldout"))
+    train = load_problems(cfg.data, skip_bad=cfg.skip_bad_rows)
+    heldout = load_problems(cfg.eval_data, skip_bad=cfg.skip_bad_rows)[:cfg.eval_problems] if cfg.eval_data else []
+    return train, heldout
+
+
+def step_problems(problems, step: int, per_step: int, seed: int):
+    """The problems of ``step``: a fresh seeded permutation every epoch, so a resumed run sees the same ones."""
+    out, start = [], step * per_step
+    for k in range(start, start + per_step):
+        epoch, i = divmod(k, len(problems))
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(problems[int(order[i])])
+    return out, start
+
+
+def shard_of(items: list, rank: int, world: int, group: int = 1) -> tuple[list, int]:
+    """This rank's contiguous share of ``items`` (in whole groups) and the index where it starts."""
+    groups = len(items) // group
+    lo, hi = groups * rank // world, groups * (rank + 1) // world
+    return items[lo * group:hi * group], lo * group
+
+
+def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, device, world: int) -> dict:
+    """One optimizer step on this rank's samples (groups complete on every rank); returns summed statistics."""
+    rewards = torch.tensor([s.reward for s in samples])
+    adv = group_advantages(rewards, cfg.group_size, grpo.std_normalize)
+    keep = ~uniform_groups(rewards, cfg.group_size) if grpo.skip_uniform_groups else torch.ones(len(samples), dtype=bool)
+    seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
+                            s.completion.logprobs, float(a), grpo.aggregation)
+            for s, a, k in zip(samples, adv.tolist(), keep.tolist()) if k]
+    local = {"tokens": sum(sum(m > 0 for m in s["weight"]) for s in seqs), "sequences": len(seqs)}
+    total = dist.all_sum(local, device)
+    normalizer = total["tokens"] if grpo.aggregation == "token" else total["sequences"]
+    batches = micro_batches(seqs, cfg.micro_batch_tokens)
+    n_batches = int(dist.all_max(len(batches), device))  # FSDP needs the same number of passes on every rank
+    stats = {"clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
+    gap_max = 0.0
+    model.train()
+    for i in range(n_batches):
+        if i < len(batches):
+            mb = {k: v.to(device) for k, v in batches[i].items()}
+        else:  # this rank has run out: a pass with zero weight keeps the collectives in step
+            mb = {k: v.to(device) for k, v in micro_batches([policy_sequence([0], [0], [0], [0.0], 0.0)], 1)[0].items()}
+        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], temperature=cfg.temperature,
+                                             return_entropy=True)
+        old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
+        loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, grpo, max(normalizer, 1.0))
+        (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
+        on = weight > 0
+        gap = (logp.detach() - old).abs()[on]
+        stats["clipped"] += st["clipped"]
+        stats["kl"] += st.get("kl", 0.0)
+        stats["entropy"] += float(entropy.detach()[on].sum())
+        stats["gap_sum"] += float(gap.sum())
+        stats["loss"] += float(loss.detach())
+        gap_max = max(gap_max, float(gap.max()) if gap.numel() else 0.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = dist.all_sum(stats | {"tokens": local["tokens"]}, device)
+    n = max(stats["tokens"], 1)
+    return {"entropy": stats["entropy"] / n, "clip_fraction": stats["clipped"] / n,
+            "kl": stats["kl"] / n, "loss": stats["loss"], "grad_norm": float(grad_norm),
+            "logprob_gap_mean": stats["gap_sum"] / n, "logprob_gap_max": dist.all_max(gap_max, device),
+            "trained_tokens": int(stats["tokens"])}
+
+
+def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -> dict:
+    """Greedy accuracy and unbiased pass@k on this rank's share of the held-out set, summed over ranks."""
+    mine, first = shard_of(heldout, rank, world)
+    with dist.gathered(model), torch.no_grad():
+        model.eval()
+        greedy = rollout(generator, mine, group_size=1, sampling=SamplingParams(temperature=0.0),
+                         max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls, seed=cfg.seed,
+                         first_index=first) if mine else []
+        sampled = rollout(generator, mine, group_size=cfg.eval_k,
+                          sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
+                          max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls,
+                          seed=cfg.seed + 1, first_index=first) if mine and cfg.eval_k > 1 else []
+    sums = {"n": len(greedy), "correct": sum(s.correct for s in greedy),
+            "with_tool": sum(bool(s.completion.tool_calls) for s in greedy)}
+    for k in range(1, cfg.eval_k + 1) if sampled else []:
+        sums[f"pass@{k}"] = sum(pass_at_k(cfg.eval_k, sum(s.correct for s in sampled[i:i + cfg.eval_k]), k)
+                                for i in range(0, len(sampled), cfg.eval_k))
+    sums = dist.all_sum(sums, device)
+    n = max(sums.pop("n"), 1)
+    out = {"eval_accuracy": sums.pop("correct") / n, "eval_tool_fraction": sums.pop("with_tool") / n}
+    return out | {f"eval_{k}": v / n for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint (directories are renamed into place only once fully written)."""
+    root = Path(out_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "trainer.pt").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(model, optimizer, cfg: TrainConfig, step: int, rank: int, world: int, tok: Tokenizer):
+    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp`` then renamed."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tok.path, extra_config={"eos_token_id": tok.eos_id})
+        torch.save({"optimizer": opt_state, "step": step, "world": world, "config": asdict(cfg)}, tmp / "trainer.pt")
+    dist.barrier()
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
+    """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step."""
+    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    if state["world"] != world:
+        raise ValueError(f"{ckpt} was written by {state['world']} process(es), this run has {world}: resume with "
+                         f"--nproc_per_node={state['world']}, or start a new --out-dir from its weights (--model {ckpt})")
+    dist.load_optimizer_state(model, optimizer, state["optimizer"] if rank == 0 else {})
+    rng = ckpt / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng)["torch"])
+    return state["step"]
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+class Log:
+    """Rank 0 writes: a console line and a tqdm bar per step, metrics.jsonl, and optionally TensorBoard/wandb."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, start: int):
+        self.on = rank == 0
+        self.file = Path(cfg.out_dir) / "metrics.jsonl"
+        self.tb = self.wandb = self.bar = None
+        if not self.on:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        if self.file.exists():  # drop what a crashed run logged after its last checkpoint
+            keep = [line for line in self.file.read_text().splitlines() if json.loads(line)["step"] <= start]
+            self.file.write_text("".join(line + "\n" for line in keep))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(Path(cfg.out_dir) / "tensorboard")
+        if cfg.wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), resume="allow")
+        self.bar = tqdm(total=cfg.steps, initial=start, desc="ToRL", dynamic_ncols=True)
+
+    def __call__(self, record: dict):
+        if not self.on:
+            return
+        with self.file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
+                "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
+        line = " ".join(f"{k}={record[k]:.3g}" for k in keys if k in record)
+        if self.bar is not None and record["step"] > 0:
+            self.bar.update(record["step"] - self.bar.n)
+        tqdm.write(f"step {record['step']:4d} | {line}")
+        for k, v in record.items():
+            if self.tb is not None and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = dist.setup()
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
+    torch.manual_seed(cfg.seed + rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world)) if device.type == "cpu" else None
+    ckpt = latest_checkpoint(cfg.out_dir)
+    if ckpt is None and not cfg.model:
+        if rank == 0 and not (Path(cfg.demo_base_dir) / "config.json").is_file():
+            from nanotorl.demo import build_base_model
+            build_base_model(cfg.demo_base_dir, log=tqdm.write)
+        dist.barrier()
+    model_dir = ckpt or Path(cfg.model or cfg.demo_base_dir)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, cfg.dtype)
+    model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model = dist.shard(model, param_dtype=dtype if cuda else None, cpu_offload=cfg.cpu_offload)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    start = resume(model, optimizer, ckpt, rank, world) if ckpt else 0
+    if rank == 0:
+        tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
+                   f"on {device.type} | out_dir {cfg.out_dir}")
+
+    tok = Tokenizer(model_dir)
+    train, heldout = load_data(cfg)
+    fits = [p for p in train if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
+    if rank == 0 and len(fits) < len(train):
+        tqdm.write(f"dropped {len(train) - len(fits)} training problems longer than {cfg.max_prompt_tokens} tokens")
+    if not fits:
+        raise ValueError(f"no training problem fits max_prompt_tokens={cfg.max_prompt_tokens}")
+    heldout = [p for p in heldout if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
+    grpo = GRPOConfig(cfg.clip_low, cfg.clip_high, cfg.std_normalize, cfg.aggregation, cfg.kl_coef,
+                      cfg.skip_uniform_groups)
+    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
+    log = Log(cfg, rank, start)
+    with SandboxPool(workers=cfg.sandbox_workers, wall_time=cfg.sandbox_timeout, cpu_time=cfg.sandbox_timeout) as box:
+        gen = Generator(model, tok, box, slots=cfg.gen_slots, max_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+                        trigger=cfg.trigger)
+        if start == 0 and heldout and cfg.eval_every:
+            log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
+        for step in range(start, cfg.steps):
+            t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
+            problems, first = step_problems(fits, step, cfg.prompts_per_step, cfg.seed)
+            mine, offset = shard_of(problems, rank, world)
+            with dist.gathered(model), torch.no_grad():
+                model.eval()
+                samples = rollout(gen, mine, group_size=cfg.group_size, sampling=sampling,
+                                  max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls,
+                                  seed=cfg.seed, first_index=first + offset, code_penalty=cfg.code_penalty)
+            t1 = time.perf_counter()
+            record = {"step": step + 1} | train_on(model, optimizer, samples, cfg, grpo, device, world)
+            t2 = time.perf_counter()
+            sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
+            record |= finish_stats(sums)
+            record |= {"time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
+                       "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
+            if cfg.eval_every and heldout and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                record |= evaluate(model, gen, heldout, cfg, rank, world, device)
+            log(record)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(model, optimizer, cfg, step + 1, rank, world, tok)
+    log.close()
+    if rank == 0:
+        from nanotorl.plot import plot_metrics
+        png = plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "curves.png")
+        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.out_dir)}")
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main()
