@@ -30,8 +30,8 @@ an fp32 dW scratch for one slice of the vocabulary at a time (``_DW_SCRATCH_BYTE
 
 Rows whose target is ``IGNORE_INDEX`` (-100) get logp 0 and no gradient. The entropy is a detached
 diagnostic (no gradient flows through it, in the reference and in the kernel alike).
-``logprob_from_logits`` is the same reduction for logits that already exist: one read of them,
-nothing of size N x V written in the forward.
+``logprob_from_logits`` runs the same forward kernel on logits that already exist (FROM_LOGITS): one
+read of them, nothing of size N x V written; its backward writes dlogits = dz.
 """
 import torch
 import triton
@@ -57,6 +57,7 @@ def _check(h, weight, targets, bias, temperature):
 
 
 def _check_targets(targets, row_shape, V, temperature):
+    """Targets [...] int in [0, V) or IGNORE_INDEX, and T > 0. The range check costs one host sync."""
     if targets.shape != row_shape or targets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"expected integer targets of shape {tuple(row_shape)}, got {targets.dtype} "
                          f"{tuple(targets.shape)}")
@@ -78,10 +79,11 @@ def logprob_ref(h, weight, targets, bias=None, temperature=1.0, return_entropy=F
     """
     _check(h, weight, targets, bias, temperature)
     logits = torch.nn.functional.linear(h.float(), weight.float(), None if bias is None else bias.float())
-    return _from_logits_ref(logits, targets, temperature, return_entropy)
+    return logprob_from_logits_ref(logits, targets, temperature, return_entropy)
 
 
-def _from_logits_ref(logits, targets, temperature, return_entropy):
+def logprob_from_logits_ref(logits, targets, temperature=1.0, return_entropy=False):
+    """Plain PyTorch definition on given logits [..., V] (any float dtype): as ``logprob_ref``."""
     logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)   # [..., V]
     ignored = targets == IGNORE_INDEX
     logp = logp_all.gather(-1, targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
@@ -156,10 +158,12 @@ def _store_partials(stats_ptr, m, l, a, zt, split, rows, row_ok, N):
 
 
 @triton.jit
-def _fused_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, stats_ptr, N, V, D, tiles_per_split, inv_t,
-                      HAS_BIAS: tl.constexpr, RETURN_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (vocabulary splits, row blocks): partial statistics of h @ W.T over one split."""
+def _fwd_kernel(src_ptr, w_ptr, b_ptr, tgt_ptr, stats_ptr, N, V, D, stride_n, tiles_per_split, inv_t,
+                FROM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (vocabulary splits, row blocks): the partial (m, l, a, z_t) of one split of each row's logits,
+    made from src = h [N, D] and W, or read from src = logits [N, V] with row stride stride_n (FROM_LOGITS)."""
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -170,8 +174,13 @@ def _fused_fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, stats_ptr, N, V, D, tiles_pe
         cols = (split * tiles_per_split + t) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         cols = cols.to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, inv_t,
-                         HAS_BIAS, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+        if FROM_LOGITS:
+            ok = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(src_ptr + rows[:, None] * stride_n + cols[None, :], mask=ok, other=0.0)
+            z = tl.where(ok, x.to(tl.float32) * inv_t, float("-inf"))
+        else:
+            z = _logits_tile(src_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, inv_t,
+                             HAS_BIAS, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         m, l, a, zt = _online_update(m, l, a, zt, z, cols, tgt, RETURN_ENTROPY)
     _store_partials(stats_ptr, m, l, a, zt, split, rows, row_ok, N)
 
@@ -218,26 +227,6 @@ def _fused_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, coef_ptr, dh_ptr, d
             hb = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=row_mask, other=0.0)
             tl.atomic_add(dw_ptr + (cols - v_start)[:, None] * D + d[None, :],
                           _dot(tl.trans(dz_in), hb, None, PRECISION, UPCAST), mask=col_mask)
-
-
-@triton.jit
-def _logits_fwd_kernel(x_ptr, tgt_ptr, stats_ptr, N, V, stride_n, tiles_per_split, inv_t,
-                       RETURN_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Grid (vocabulary splits, row blocks): partial statistics of given logits x [N, V]."""
-    split = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=_IGNORE)
-    m, l, a, zt = _empty_stats(BLOCK_N)
-    for t in range(tiles_per_split):
-        cols = (split * tiles_per_split + t) * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        x = tl.load(x_ptr + rows[:, None] * stride_n + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        z = tl.where(col_ok[None, :], x.to(tl.float32) * inv_t, float("-inf"))
-        m, l, a, zt = _online_update(m, l, a, zt, z, cols, tgt, RETURN_ENTROPY)
-    _store_partials(stats_ptr, m, l, a, zt, split, rows, row_ok, N)
 
 
 @triton.jit
@@ -314,9 +303,9 @@ def _fused_forward(h, weight, bias, targets, inv_t, return_entropy):
     n_row_blocks = triton.cdiv(N, bn)
     splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(V, bv), h)
     stats = torch.empty(4, splits, N, device=h.device, dtype=torch.float32)
-    _fused_fwd_kernel[(splits, n_row_blocks)](  # h stands in for a missing bias: never read then
-        h, weight, h if bias is None else bias, targets, stats, N, V, D, tiles_per_split, inv_t,
-        HAS_BIAS=bias is not None, RETURN_ENTROPY=return_entropy, PRECISION=_precision(h), UPCAST=not h.is_cuda,
+    _fwd_kernel[(splits, n_row_blocks)](  # h stands in for a missing bias: never read then
+        h, weight, h if bias is None else bias, targets, stats, N, V, D, D, tiles_per_split, inv_t,
+        FROM_LOGITS=False, HAS_BIAS=bias is not None, RETURN_ENTROPY=return_entropy, PRECISION=_precision(h), UPCAST=not h.is_cuda,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     return _combine(stats, targets, return_entropy)
 
@@ -406,9 +395,10 @@ class _LogitsLogprob(torch.autograd.Function):
         n_row_blocks = triton.cdiv(N, bn)
         splits, tiles_per_split = _splits(n_row_blocks, triton.cdiv(V, bv), x)
         stats = torch.empty(4, splits, N, device=x.device, dtype=torch.float32)
-        _logits_fwd_kernel[(splits, n_row_blocks)](x, targets, stats, N, V, x.stride(0), tiles_per_split,
-                                                   1.0 / temperature, RETURN_ENTROPY=return_entropy,
-                                                   BLOCK_N=bn, BLOCK_V=bv)
+        _fwd_kernel[(splits, n_row_blocks)](  # x stands in for the unused W and b
+            x, x, x, targets, stats, N, V, 0, x.stride(0), tiles_per_split, 1.0 / temperature,
+            FROM_LOGITS=True, HAS_BIAS=False, RETURN_ENTROPY=return_entropy, PRECISION="ieee", UPCAST=False,
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=16)
         logp, lse, entropy = _combine(stats, targets, return_entropy)
         ctx.save_for_backward(x, targets, lse)
         ctx.temperature = temperature
@@ -434,7 +424,7 @@ def logprob_from_logits(logits, targets, temperature=1.0, return_entropy=False):
     """
     _check_targets(targets, logits.shape[:-1], logits.shape[-1], temperature)
     if not kernels.use_triton(logits):
-        return _from_logits_ref(logits, targets, temperature, return_entropy)
+        return logprob_from_logits_ref(logits, targets, temperature, return_entropy)
     lead, V = logits.shape[:-1], logits.shape[-1]
     x = logits.reshape(-1, V)
     if x.stride(-1) != 1:

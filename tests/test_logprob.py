@@ -106,7 +106,7 @@ def check_from_logits(N, V, dtype, device, T):
     for ref in (False, True):
         x = logits.clone().requires_grad_()
         if ref:
-            logp, ent = lp._from_logits_ref(x, targets, T, return_entropy=True)
+            logp, ent = lp.logprob_from_logits_ref(x, targets, T, return_entropy=True)
         else:
             logp, ent = lp.logprob_from_logits(x, targets, T, return_entropy=True)
         (logp * upstream).sum().backward()
@@ -188,7 +188,7 @@ def test_from_logits_matches_reference(N, V, dtype, T):
 def test_from_logits_reads_strided_rows_and_columns():
     logits = torch.randn(50, 9)  # stored [V, N]: the [N, V] view has column stride N
     targets = torch.randint(0, 50, (9,))
-    want = lp._from_logits_ref(logits.T, targets, 1.0, return_entropy=False)
+    want = lp.logprob_from_logits_ref(logits.T, targets, 1.0, return_entropy=False)
     torch.testing.assert_close(lp.logprob_from_logits(logits.T, targets), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(lp.logprob_from_logits(logits.T[::2], targets[::2]), want[::2], atol=1e-5, rtol=0)
 
@@ -229,12 +229,12 @@ BIN = sys.argv[1]
 out = {}
 for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
     probe = types.SimpleNamespace(is_cuda=True, dtype=dtype)  # all that _config and _precision read
-    for name, kernel, backward in (("fwd", lp._fused_fwd_kernel, False), ("bwd", lp._fused_bwd_kernel, True)):
+    for name, kernel, backward in (("fwd", lp._fwd_kernel, False), ("bwd", lp._fused_bwd_kernel, True)):
         bn, bv, bd, warps, stages = lp._config(probe, backward)
-        consts = dict(HAS_BIAS=True, RETURN_ENTROPY=True, NEED_DH=True, NEED_DW=True, GROUP=8, UPCAST=False,
+        consts = dict(FROM_LOGITS=False, HAS_BIAS=True, RETURN_ENTROPY=True, NEED_DH=True, NEED_DW=True, GROUP=8, UPCAST=False,
                       PRECISION=lp._precision(probe), BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
         names = kernel.arg_names
-        ptrs = {n: ("*i64" if n == "tgt_ptr" else f"*{ty}" if n in ("h_ptr", "w_ptr", "b_ptr") else "*fp32")
+        ptrs = {n: ("*i64" if n == "tgt_ptr" else f"*{ty}" if n in ("src_ptr", "h_ptr", "w_ptr", "b_ptr") else "*fp32")
                 for n in names if n.endswith("_ptr")}
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "inv_t" else "i32") for n in names}
         # the JIT specialises 16-aligned pointers and D % 16 == 0 the same way at run time
