@@ -7,7 +7,7 @@ written included). Query head h uses KV head ``h // G`` with ``G = Hq / Hkv`` (g
 
 Flash-decoding (Triton). A single query row leaves one program per (sequence, KV head) with too little
 work for a long context, so the keys of each sequence are cut into ``num_splits`` chunks of equal size
-(``ceil(len / num_splits)``, rounded up to BLOCK_N). Program (b, kv head, split) loads each K/V tile once
+(``ceil(len / num_splits)``, rounded up to a tile of BLOCK_N keys). Program (b, kv head, split) loads each K/V tile once
 for all G query heads of its group (``tl.dot`` on a [BLOCK_G, d] block of queries, padded to 16 rows)
 and keeps the online-softmax state per head:
 
@@ -25,8 +25,13 @@ import triton.language as tl
 
 import kernels
 
-BLOCK_N = 64   # keys per tile
 _LOG2E = 1.4426950408889634
+
+
+def _config(dtype):
+    """(BLOCK_N keys per tile, num_warps): 16-bit tiles feed the tensor cores; fp32 (exact products on
+    CUDA cores) takes narrower tiles so that it does not spill (both checked by compiling for sm_90)."""
+    return (16, 4) if dtype == torch.float32 else (64, 4)
 
 
 def _check(q, k_cache, v_cache, slots, lengths):
@@ -137,10 +142,10 @@ def _reduce_kernel(o_ptr, lse_ptr, out_ptr, so_b, so_h, NSPLIT, D,
     tl.store(out_ptr + b.to(tl.int64) * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def _num_splits(B, Hkv, S, device):
+def _num_splits(B, Hkv, S, block_n, device):
     """Enough programs to fill the device (about 4 per SM) without chunks shorter than 4 tiles."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(4 * sms, B * Hkv), triton.cdiv(S, 4 * BLOCK_N)))
+    return max(1, min(triton.cdiv(4 * sms, B * Hkv), triton.cdiv(S, 4 * block_n)))
 
 
 def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None, num_splits=None):
@@ -151,7 +156,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None, num
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("decode_attention: the head dimension of q, k_cache and v_cache must be contiguous")
     scale = d ** -0.5 if scale is None else scale
-    nsplit = num_splits or _num_splits(B, Hkv, S, q.device)
+    block_n, warps = _config(q.dtype)
+    nsplit = num_splits or _num_splits(B, Hkv, S, block_n, q.device)
     block_d = triton.next_power_of_2(d)
     o_part = torch.empty(B, Hq, nsplit, block_d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, Hq, nsplit, device=q.device, dtype=torch.float32)
@@ -161,8 +167,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None, num
         q, k_cache, v_cache, slots, lengths, o_part, lse_part,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], scale * _LOG2E,
         Hq // Hkv, Hq, nsplit, d,
-        BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        UPCAST=not q.is_cuda, num_warps=4)
+        BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_D=block_d, BLOCK_N=block_n,
+        UPCAST=not q.is_cuda, num_warps=warps)
     _reduce_kernel[(B, Hq)](o_part, lse_part, out, out.stride(0), out.stride(1), nsplit, d,
                             BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, num_warps=4)
     return out

@@ -26,7 +26,10 @@ Thresholds without a sort (Triton): a search over values keeps ``lo <= tau <= hi
 values. Each pass over the row counts (top-k) or sums the mass (top-p) of the tokens at or above
 ``NPIV`` pivots spread over [lo, hi], and records the smallest token at or above and the largest token
 below each pivot; the bracket shrinks to the data inside the pivot interval holding tau, until lo == hi.
-Tokens more than ``FLOOR`` below the max (probability under e^-80) are left out of the search.
+Once the bracket holds at most ``SEARCH_CAP`` tokens they are copied to a per-row scratch buffer and the
+remaining passes read only those (plus the count or mass above the bracket), so a search costs about
+two or three reads of the row. Tokens more than ``FLOOR`` below the max (probability under e^-80) are
+left out of the search.
 
 Kernels: ``_prepare_kernel`` (a program per row: the thresholds, nothing read for unfiltered rows, and the
 row's key), ``_block_kernel`` (a program per row and block: the one read of the logits) and
@@ -43,6 +46,7 @@ import kernels
 RNG_BLOCK = 2048   # tokens per block of the two-level Gumbel-max; part of what a (seed, offset) means
 FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR
 NPIV = 16          # pivots per search pass
+SEARCH_CAP = 16384  # the search moves to a per-row scratch copy once its bracket holds this few tokens
 _SEARCH_BLOCK = 256
 _M32 = 0xFFFFFFFF
 _MIX = (0x7FEB352D, 0x846CA68B)   # lowbias32 multipliers (C. Wellons' integer hash)
@@ -200,49 +204,88 @@ def _gumbel_tl(key, index, stream: tl.constexpr):
 
 
 @triton.jit
-def _search_tl(row_ptr, V, t, m, lo, hi, target, frac, MASS: tl.constexpr,
+def _pivot_pass(src, n, t, m, lo, hi, f_above, MASS: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over s = src[:n] / t with NPIV pivots spread over [lo, hi] (the first is lo, the last hi).
+
+    Per pivot: F = f_above + the count (mass e^{s - m} if MASS) of the s at or above it, how many s are at
+    or above it, the smallest s at or above it and the largest s below it.
+    """
+    j = tl.arange(0, NPIV)
+    piv = tl.minimum(lo + (hi - lo) * (j.to(tl.float32) / (NPIV - 1)), hi)
+    piv = tl.where(j == 0, lo, tl.where(j == NPIV - 1, hi, piv))                  # [NPIV]
+    f = tl.zeros([NPIV], dtype=tl.float32)
+    cnt = tl.zeros([NPIV], dtype=tl.int32)
+    above_min = tl.full([NPIV], float("inf"), dtype=tl.float32)
+    below_max = tl.full([NPIV], float("-inf"), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        s = tl.load(src + idx, mask=idx < n, other=float("-inf")).to(tl.float32) / t          # [BLOCK]
+        ge = s[None, :] >= piv[:, None]                                                 # [NPIV, BLOCK]
+        cnt += tl.sum(ge.to(tl.int32), axis=1)
+        if MASS:
+            f += tl.sum(tl.where(ge, tl.exp(s - m)[None, :], 0.0), axis=1)
+        above_min = tl.minimum(above_min, tl.min(tl.where(ge, s[None, :], float("inf")), axis=1))
+        below_max = tl.maximum(below_max, tl.max(tl.where(ge, float("-inf"), s[None, :]), axis=1))
+    if not MASS:
+        f = cnt.to(tl.float32)
+    return f + f_above, cnt, above_min, below_max
+
+
+@triton.jit
+def _narrow(f, cnt, above_min, below_max, target, hi, NPIV: tl.constexpr):
+    """The pivot interval that holds tau: its data bounds (lo, hi), F just above it and its token count."""
+    j = tl.arange(0, NPIV)
+    jstar = tl.max(tl.where(f >= target, j, -1))                      # the last pivot that keeps enough
+    done = jstar == NPIV - 1                                          # tau is the old hi
+    new_lo = tl.min(tl.where(j == jstar, above_min, float("inf")))
+    new_hi = tl.max(tl.where(j == jstar + 1, below_max, float("-inf")))
+    f_up = tl.sum(tl.where(j == jstar + 1, f, 0.0))
+    inside = tl.sum(tl.where(j == jstar, cnt, 0)) - tl.sum(tl.where(j == jstar + 1, cnt, 0))
+    lo = tl.where(jstar < 0, float("-inf"), tl.where(done, hi, new_lo))
+    hi = tl.where(jstar < 0, float("-inf"), tl.where(done, hi, new_hi))
+    return lo, hi, f_up, inside
+
+
+@triton.jit
+def _search_tl(row_ptr, scratch_ptr, V, t, m, lo, hi, target, frac, MASS: tl.constexpr, CAP: tl.constexpr,
                NPIV: tl.constexpr, BLOCK: tl.constexpr):
     """tau = the largest scaled logit v with F(v) >= target, F = count (or mass if MASS) of s >= v.
 
-    Needs F(lo) >= target (for the first pass only if frac == 0; with MASS and frac > 0 the target
-    is frac * F(lo), read in the first pass) and F(x) < target for all x > hi. Returns -inf if F(lo) < target.
+    Needs F(x) < target for all x > hi, and F(lo) >= target (else returns -inf); with frac > 0 the
+    target is frac * F(lo), read in the first pass. Passes run over the whole row until the bracket
+    holds at most CAP tokens; those are copied to the row's scratch and the search ends there.
     """
-    j = tl.arange(0, NPIV)
+    inside = tl.full([], CAP + 1, dtype=tl.int32)
+    f_above = 0.0 * m
     passes = tl.zeros([], dtype=tl.int32)
-    while lo < hi:
-        piv = tl.minimum(lo + (hi - lo) * (j.to(tl.float32) / (NPIV - 1)), hi)
-        piv = tl.where(j == 0, lo, tl.where(j == NPIV - 1, hi, piv))          # [NPIV]
-        f = tl.zeros([NPIV], dtype=tl.float32)
-        above_min = tl.full([NPIV], float("inf"), dtype=tl.float32)
-        below_max = tl.full([NPIV], float("-inf"), dtype=tl.float32)
+    while (lo < hi) & (inside > CAP):
+        f, cnt, above_min, below_max = _pivot_pass(row_ptr, V, t, m, lo, hi, 0.0 * m, MASS, NPIV, BLOCK)
+        target = tl.where((passes == 0) & (frac > 0), frac * tl.max(f), target)   # f[0] = F(lo) is the largest
+        passes += 1
+        lo, hi, f_above, inside = _narrow(f, cnt, above_min, below_max, target, hi, NPIV)
+    if lo < hi:
+        n = tl.zeros([], dtype=tl.int32)
         for start in range(0, V, BLOCK):
             idx = start + tl.arange(0, BLOCK)
-            s = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32) / t   # [BLOCK]
-            if MASS:
-                w = tl.exp(s - m)
-            else:
-                w = tl.where(idx < V, 1.0, 0.0)
-            ge = s[None, :] >= piv[:, None]                                        # [NPIV, BLOCK]
-            f += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
-            above_min = tl.minimum(above_min, tl.min(tl.where(ge, s[None, :], float("inf")), axis=1))
-            below_max = tl.maximum(below_max, tl.max(tl.where(ge, float("-inf"), s[None, :]), axis=1))
-        f_lo = tl.sum(tl.where(j == 0, f, 0.0))
-        target = tl.where((passes == 0) & (frac > 0), frac * f_lo, target)
-        passes += 1
-        jstar = tl.max(tl.where(f >= target, j, -1))                   # last pivot that keeps enough
-        new_lo = tl.min(tl.where(j == jstar, above_min, float("inf")))
-        new_hi = tl.max(tl.where(j == jstar + 1, below_max, float("-inf")))
-        lo = tl.where(jstar < 0, float("-inf"), tl.where(jstar == NPIV - 1, hi, new_lo))
-        hi = tl.where(jstar < 0, float("-inf"), tl.where(jstar == NPIV - 1, hi, new_hi))
+            s = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32) / t
+            keep = (s >= lo) & (s <= hi)
+            tl.store(scratch_ptr + n + tl.cumsum(keep.to(tl.int32), axis=0) - 1, s, mask=keep)
+            n += tl.sum(keep.to(tl.int32))
+        while lo < hi:   # the scratch holds every token of [lo, hi]; f_above counts those above it
+            f, cnt, above_min, below_max = _pivot_pass(scratch_ptr, n, 1.0 + 0.0 * m, m, lo, hi, f_above, MASS,
+                                                       NPIV, BLOCK)
+            lo, hi, _, inside = _narrow(f, cnt, above_min, below_max, target, hi, NPIV)
     return lo
 
 
 @triton.jit
 def _prepare_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, off_ptr, tau_ptr,
-                    key_ptr, V, FLOOR: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
+                    key_ptr, scratch_ptr, V, FLOOR: tl.constexpr, CAP: tl.constexpr, NPIV: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """Per row: tau, the smallest kept scaled logit (-inf keeps all), and the row's random key."""
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride
+    scratch = scratch_ptr + row.to(tl.int64) * CAP
     t = tl.load(temp_ptr + row).to(tl.float32)
     k = tl.load(topk_ptr + row)
     p = tl.load(topp_ptr + row).to(tl.float32)
@@ -262,10 +305,10 @@ def _prepare_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, 
         lo = tl.maximum(mn, m - FLOOR)
         zero = 0.0 * p
         if use_k:
-            tau = _search_tl(row_ptr, V, t, m, lo, m, k.to(tl.float32), zero, False, NPIV, BLOCK)
+            tau = _search_tl(row_ptr, scratch, V, t, m, lo, m, k.to(tl.float32), zero, False, CAP, NPIV, BLOCK)
         if use_p:
-            tau = _search_tl(row_ptr, V, t, m, tl.maximum(lo, tau), m, zero, tl.maximum(p, 1e-30),
-                             True, NPIV, BLOCK)
+            tau = _search_tl(row_ptr, scratch, V, t, m, tl.maximum(lo, tau), m, zero, tl.maximum(p, 1e-30),
+                             True, CAP, NPIV, BLOCK)
         if use_q:
             tau = tl.maximum(tau, m + tl.log(q))
     tl.store(tau_ptr + row, tau)
@@ -334,8 +377,9 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     logprobs = torch.empty(B, device=dev, dtype=torch.float32)
     temp, top_k, top_p, min_p, seeds, offsets = (x.contiguous() for x in (temperature, top_k, top_p, min_p,
                                                                           seeds, offsets))
-    _prepare_kernel[(B,)](logits, logits.stride(0), temp, top_k, top_p, min_p, seeds, offsets, tau, key, V,
-                          FLOOR=FLOOR, NPIV=NPIV, BLOCK=_SEARCH_BLOCK, num_warps=4)
+    scratch = torch.empty(B, SEARCH_CAP, device=dev, dtype=torch.float32)
+    _prepare_kernel[(B,)](logits, logits.stride(0), temp, top_k, top_p, min_p, seeds, offsets, tau, key, scratch, V,
+                          FLOOR=FLOOR, CAP=SEARCH_CAP, NPIV=NPIV, BLOCK=_SEARCH_BLOCK, num_warps=4)
     _block_kernel[(B, nb)](logits, logits.stride(0), temp, tau, key, score, lse, V, nb, RB=RNG_BLOCK, num_warps=8)
     _finish_kernel[(B,)](logits, logits.stride(0), temp, tau, key, score, lse, tokens, logprobs, V, nb,
                          NB_P2=triton.next_power_of_2(nb), RB=RNG_BLOCK, num_warps=8)

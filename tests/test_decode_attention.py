@@ -10,8 +10,11 @@ and relative on outputs up to about 2.5 (the kernel rounds the softmax weights t
 reference does not, and both round the output to bf16, spaced 2^-8 relative; one bf16 step is observed).
 """
 import importlib
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -130,6 +133,50 @@ def test_bad_inputs_raise_clear_errors():
         DA.decode_attention_ref(q, k, v, slots, lengths.int())
     with pytest.raises(TypeError, match="share a dtype"):
         DA.decode_attention_ref(q.double(), k, v, slots, lengths)
+
+
+SM90_SCRIPT = """
+import json, re, subprocess, sys, tempfile, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.decode_attention as DA
+
+out = {}
+for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    block_n, warps = DA._config(dtype)
+    for kernel, consts in ((DA._split_kernel, dict(BLOCK_G=16, BLOCK_D=128, BLOCK_N=block_n, UPCAST=False)),
+                           (DA._reduce_kernel, dict(BLOCK_S=8, BLOCK_D=128))):
+        names = kernel.arg_names
+        ptrs = {n: ("*i64" if n in ("slots_ptr", "len_ptr") else "*fp32" if n in ("o_ptr", "lse_ptr") else f"*{ty}")
+                for n in names if n.endswith("_ptr")}
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
+        k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 64),
+                           options=dict(num_warps=warps))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out[f"{kernel.__name__} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
+                                          "shared": k.metadata.shared}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_h100_without_spills():
+    """Compile both kernels for sm_90 with the launcher's tiles (no GPU needed): no local-memory stack
+    (register spills) and shared memory within the 227 KiB of an H100 SM."""
+    nvidia = importlib.util.find_spec("triton.backends.nvidia")
+    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT, cuobjdump], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
 
 
 @pytest.mark.gpu

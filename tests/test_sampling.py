@@ -8,8 +8,11 @@ On a CUDA machine the same tests run the compiled kernels on DEV, and ``TestOnGP
 Qwen2.5 vocabulary.
 """
 import importlib
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,17 +131,18 @@ def _threshold_cases():
     return cases
 
 
+@pytest.mark.parametrize("cap", [5, S.SEARCH_CAP])   # 5: several passes over the row before the scratch copy
 @pytest.mark.parametrize("case", range(3))
-def test_thresholds_match_brute_force(case):
+def test_thresholds_match_brute_force(case, cap):
     logits, T, k, p, q = _threshold_cases()[case]
     B, V = logits.shape
     s = logits.float() / T[:, None]
     tau_ref = S._thresholds_ref(s, k, p, q)
     tau_tl = torch.empty(B, device=DEV)
     dev = [x.to(DEV) for x in (logits, T, k, p, q)]
-    S._prepare_kernel[(B,)](dev[0], V, *dev[1:], torch.zeros(B, dtype=torch.int64, device=DEV),
-                            torch.zeros(B, dtype=torch.int64, device=DEV), tau_tl,
-                            torch.empty(B, dtype=torch.int64, device=DEV), V, FLOOR=S.FLOOR, NPIV=S.NPIV,
+    zeros = torch.zeros(B, dtype=torch.int64, device=DEV)
+    S._prepare_kernel[(B,)](dev[0], V, *dev[1:], zeros, zeros, tau_tl, torch.empty_like(zeros),
+                            torch.empty(B, cap, device=DEV), V, FLOOR=S.FLOOR, CAP=cap, NPIV=S.NPIV,
                             BLOCK=S._SEARCH_BLOCK)
     for b in range(B):
         keep, _ = _filtered(logits[b].float(), float(T[b]), int(k[b]), float(p[b]), float(q[b]))
@@ -235,6 +239,52 @@ def test_bad_inputs_raise_clear_errors():
     params[1] = params[1].int()
     with pytest.raises(ValueError, match="top_k must be int64"):
         S.sample_triton(logits, *params)
+
+
+SM90_SCRIPT = """
+import json, re, subprocess, sys, tempfile, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.sampling as S
+
+out = {}
+for ty in ("bf16", "fp32"):
+    for kernel, consts, warps in ((S._prepare_kernel, dict(FLOOR=S.FLOOR, CAP=S.SEARCH_CAP, NPIV=S.NPIV,
+                                                            BLOCK=S._SEARCH_BLOCK), 4),
+                                  (S._block_kernel, dict(RB=S.RNG_BLOCK), 8),
+                                  (S._finish_kernel, dict(NB_P2=128, RB=S.RNG_BLOCK), 8)):
+        names = kernel.arg_names
+        ptrs = {n: (f"*{ty}" if n == "logits_ptr" else "*i64" if n in ("topk_ptr", "seed_ptr", "off_ptr", "key_ptr",
+                                                                        "tok_ptr") else "*fp32")
+                for n in names if n.endswith("_ptr")}
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
+        k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 64),
+                           options=dict(num_warps=warps))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out[f"{kernel.__name__} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
+                                          "shared": k.metadata.shared}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_h100_without_spills():
+    """Compile the three kernels for sm_90 with the launcher's blocks (no GPU needed): no local-memory
+    stack (register spills) and shared memory within the 227 KiB of an H100 SM."""
+    nvidia = importlib.util.find_spec("triton.backends.nvidia")
+    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT, cuobjdump], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
 
 
 @pytest.mark.gpu
