@@ -1,0 +1,144 @@
+"""Sandbox throughput and latency: SandboxPool vs `python -c` per run vs Qwen-Agent's PythonExecutor.
+
+    python -m bench.sandbox                      # trivial and sympy code at 1, 2, 4, 8 workers
+    python -m bench.sandbox --qwen-path DIR      # also Qwen-Agent, installed with
+                                                 #   pip install --target DIR "qwen-agent[python_executor]"
+
+Closed loop: ``w`` caller threads each run code back to back, so runs/s is what ``w`` concurrent
+callers get and p50/p99 is the latency one caller sees. ``cpu ms/run`` adds up every process
+involved (caller, server, runs), so ``2000 / cpu_ms`` is the runs/s two idle cores could sustain,
+a figure that does not depend on what else the machine is doing. Ratios are against the naive
+baseline measured in the same run at the same worker count.
+"""
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from bench.common import environment, print_table, save_json
+from sandbox import SandboxPool
+
+CODES = {"trivial": "print(1 + 1)",
+         "sympy": "import sympy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**6 - 1))"}
+EXPECTED = {"trivial": "2", "sympy": "(x - 1)*(x + 1)*(x**2 - x + 1)*(x**2 + x + 1)"}
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of ``pid`` and of the children it has reaped, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def closed_loop(call, workers: int, runs: int, extra_cpu=lambda: 0.0) -> dict:
+    """``workers`` threads share ``runs`` calls of ``call()``; each call must return the run's stdout."""
+    latencies, outputs, lock = [], [], threading.Lock()
+    todo = iter(range(runs))
+
+    def worker():
+        while True:
+            with lock:
+                if next(todo, None) is None:
+                    return
+            t0 = time.perf_counter()
+            out = call()
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                outputs.append(out)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    cpu0, t0 = own_cpu() + extra_cpu(), time.perf_counter()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    elapsed, cpu = time.perf_counter() - t0, own_cpu() + extra_cpu() - cpu0
+    latencies.sort()
+    return {"runs": runs, "runs_per_s": runs / elapsed, "p50_ms": statistics.median(latencies) * 1e3,
+            "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
+            "cpu_ms_per_run": cpu / runs * 1e3, "outputs": outputs}
+
+
+def bench_sandbox(code: str, workers: int, runs: int) -> dict:
+    with SandboxPool(workers=workers) as pool:
+        server = pool.server_pid
+        zygote = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == server] or [server]
+        pool.run(code)  # warm
+        return closed_loop(lambda: pool.run(code).stdout, workers, runs,
+                           extra_cpu=lambda: process_cpu(zygote[0]))
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def bench_naive(code: str, workers: int, runs: int) -> dict:
+    cmd = [sys.executable, "-c", code]
+    return closed_loop(lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout,
+                       workers, runs)
+
+
+def load_qwen(path: str | None):
+    """Qwen-Agent's PythonExecutor (the executor ToRL's code imports), or None with the reason."""
+    if path:
+        sys.path.append(path)  # last, so the packages of this environment win
+    try:
+        from qwen_agent.tools.python_executor import PythonExecutor
+    except ImportError as e:
+        return None, f"not importable ({e}); pip install --target DIR 'qwen-agent[python_executor]' and pass --qwen-path DIR"
+    return PythonExecutor({"timeout_length": 60}), None
+
+
+def bench_qwen(executor, code: str, workers: int, runs: int) -> dict:
+    return closed_loop(lambda: executor.apply(code)[0], workers, runs)  # apply -> (stdout, report)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", default="1,2,4,8")
+    p.add_argument("--runs", type=int, default=400, help="sandbox runs per row (the baselines run fewer)")
+    p.add_argument("--qwen-path", help="directory where qwen-agent[python_executor] was pip-installed --target")
+    p.add_argument("--json", default=f"bench/results/sandbox_{environment()['date']}.json")
+    args = p.parse_args()
+    qwen, why_not = load_qwen(args.qwen_path)
+    if why_not:
+        print(f"Qwen-Agent PythonExecutor: {why_not}")
+    rows = []
+    for kind, code in CODES.items():
+        for w in (int(x) for x in args.workers.split(",")):
+            naive_runs = max(2 * w, args.runs // (10 if kind == "trivial" else 50))
+            cases = [("sandbox", lambda: bench_sandbox(code, w, args.runs)),
+                     ("python -c", lambda: bench_naive(code, w, naive_runs))]
+            if qwen is not None:
+                cases.append(("qwen-agent", lambda: bench_qwen(qwen, code, w, naive_runs)))
+            base = None
+            for name, fn in cases:
+                r = fn()
+                wrong = [o for o in r.pop("outputs") if o.strip() != EXPECTED[kind]]
+                assert not wrong, f"{name} gave {wrong[0]!r}, expected {EXPECTED[kind]!r}"
+                base = base or (r if name == "python -c" else None)
+                rows.append({"code": kind, "backend": name, "workers": w, **r})
+            for r in rows[-len(cases):]:
+                r["x_naive"] = r["runs_per_s"] / base["runs_per_s"]
+                r["idle_2core_runs_per_s"] = 2000 / r["cpu_ms_per_run"]
+    print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    print_table(rows, ["code", "backend", "workers", "runs", "runs_per_s", "p50_ms", "p99_ms", "x_naive",
+                       "cpu_ms_per_run", "idle_2core_runs_per_s"])
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    save_json(args.json, "sandbox", rows)
+
+
+if __name__ == "__main__":
+    main()

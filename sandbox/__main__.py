@@ -1,0 +1,43 @@
+"""Try code by hand: ``python -m sandbox 'print(2**100)'``, ``python -m sandbox file.py``, ``... | python -m sandbox -``.
+
+Prints the Result as JSON; exits 0 when its status is "ok", 1 otherwise.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from sandbox.pool import DEFAULT_PRELOAD, SandboxPool
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sandbox", description="Run Python code in the nanotorl sandbox.")
+    p.add_argument("code", help="code to run, a path to a .py file, or - to read stdin")
+    p.add_argument("--wall-time", type=float, default=5.0, help="seconds before the run is killed (default 5)")
+    p.add_argument("--cpu-time", type=float, default=5.0, help="CPU seconds allowed (default 5)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address space the run may add (default 1024)")
+    p.add_argument("--max-output", type=int, default=65536, help="bytes kept per stream (default 65536)")
+    p.add_argument("--preload", default=",".join(DEFAULT_PRELOAD),
+                   help="comma-separated modules the server imports once (default: %(default)s)")
+    p.add_argument("--info", action="store_true", help="also print how the runs are confined")
+    args = p.parse_args(argv)
+    if args.code == "-":
+        code = sys.stdin.read()
+    elif os.path.isfile(args.code):
+        with open(args.code) as f:
+            code = f.read()
+    else:
+        code = args.code
+    preload = tuple(m for m in args.preload.split(",") if m)
+    with SandboxPool(workers=1, wall_time=args.wall_time, cpu_time=args.cpu_time, memory_mb=args.memory_mb,
+                     max_output=args.max_output, preload=preload) as pool:
+        result = pool.run(code)
+        if args.info:
+            print(json.dumps(pool.info, indent=1))
+    print(json.dumps(dataclasses.asdict(result), indent=1))
+    return 0 if result.status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""SandboxPool: run untrusted Python in confined children of a warm fork server.
+
+    with SandboxPool(workers=4, wall_time=5.0) as pool:
+        res = pool.run("print(2**100)")          # blocking -> Result
+        fut = pool.submit("import sympy; ...")    # non-blocking -> concurrent.futures.Future[Result]
+
+One server process (sandbox/server.py) per pool; one reader thread per server turns its messages
+into Results and resolves futures. The pool never raises for anything the code does: every outcome
+is a Result. If the server dies (or makes no progress for ``2 * wall_time + 10`` seconds while runs
+are outstanding, in which case we kill it), every outstanding run resolves as ``killed`` and a new
+server is started. ``close()`` (or leaving the ``with`` block, or interpreter exit) ends the server
+and every run; if the trainer dies outright, the server sees EOF on its socket and does the same.
+"""
+import concurrent.futures
+import itertools
+import json
+import marshal
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+
+from sandbox.server import HEADER
+
+DEFAULT_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
+# Run once in the server after the preload imports: sympy imports submodules and fills its caches on
+# first use (a first factor() costs ~20 ms, the next ones ~0.5 ms); done here, every run inherits it.
+SYMPY_WARMUP = """import sympy
+x, y = sympy.symbols("x y")
+sympy.factor(x**6 - 1), sympy.expand((x + y)**5), sympy.simplify(sympy.sin(x)**2 + sympy.cos(x)**2)
+sympy.solve([x + y - 3, x - y - 1], [x, y]), sympy.solve(x**2 - 2, x), sympy.nsimplify(0.5)
+sympy.integrate(x**2 * sympy.sin(x), x), sympy.diff(sympy.exp(x) * x, x), sympy.limit(sympy.sin(x) / x, x, 0)
+sympy.Rational(1, 3) + sympy.sqrt(8), sympy.isprime(97), sympy.factorint(360), sympy.binomial(10, 3)
+sympy.summation(x, (x, 1, 10)), sympy.Matrix([[1, 2], [3, 4]]).det(), sympy.N(sympy.pi, 30)
+"""
+STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed", "denied")
+START_TIMEOUT = 120.0  # seconds for a server to import its preload modules and answer
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one run.
+
+    status: ok (exit 0) | error (non-zero exit: an exception, sys.exit(n)) | timeout (wall or CPU
+    time) | memory (MemoryError at the address-space limit) | output_limit (a stream passed
+    max_output bytes) | killed (a signal we did not send, or the server died) | denied (the sandbox
+    refused an operation: a PermissionError ended the run, or the filter killed it with SIGSYS).
+    stdout/stderr are decoded as UTF-8 with replacement and hold at most max_output bytes each.
+    error_line: the last line of stderr when the run ended with a non-zero exit code, e.g.
+    "NameError: name 'x' is not defined" (what ToRL feeds back to the model), else None.
+    """
+    status: str
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    exit_code: int | None = None
+    signal: int | None = None
+    wall_time: float = 0.0
+    cpu_time: float = 0.0
+    error_line: str | None = None
+
+
+LOST = Result("killed", stderr="sandbox: the server died before this run finished\n")
+
+
+def to_result(msg: dict, cpu_limit: float) -> Result:
+    """Turn a server message into a Result, deciding its status."""
+    stdout, stderr = (msg[k].decode("utf-8", "replace") for k in ("stdout", "stderr"))
+    exit_code, sig, cpu = msg["exit_code"], msg["signal"], msg["cpu_time"]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    error_line = lines[-1].strip() if exit_code and lines else None
+    error_type = (error_line or "").split(":")[0]
+    if msg["reason"]:
+        status = msg["reason"]
+    elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit):
+        status = "timeout"  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
+    elif sig == signal.SIGSYS:
+        status = "denied"
+    elif sig is not None:
+        status = "killed"
+    elif exit_code == 0:
+        status = "ok"
+    elif error_type.endswith("MemoryError"):  # also numpy's _ArrayMemoryError
+        status = "memory"
+    elif error_type == "PermissionError":
+        status = "denied"
+    else:
+        status = "error"
+    return Result(status, stdout, stderr, msg["stdout_truncated"], msg["stderr_truncated"], exit_code, sig,
+                  msg["wall_time"], cpu, error_line)
+
+
+def check_hello(hello: dict) -> dict:
+    """The server's first message: raise if it refused to start, warn loudly if it runs unconfined."""
+    if "error" in hello:
+        raise RuntimeError(hello["error"])
+    info = hello["ready"]
+    if not info["seccomp"]:
+        warnings.warn(f"SandboxPool is running untrusted code WITHOUT seccomp ({info['problem']}): "
+                      "allow_unconfined=True was passed. Do not do this outside a throwaway machine.",
+                      RuntimeWarning, stacklevel=3)
+    return info
+
+
+class _Server:
+    """One server process, its control socket and the futures of the runs sent to it."""
+
+    def __init__(self, cfg: dict, workdir: str):
+        ours, theirs = socket.socketpair()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1",
+               "PYTHONIOENCODING": "utf-8:backslashreplace",
+               "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-c", "from sandbox.server import main; main()",
+                                      json.dumps(dict(cfg, fd=theirs.fileno()))],
+                                     env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+        self.sock = ours
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.last_progress = time.monotonic()
+        self.reader: threading.Thread | None = None
+        try:
+            ready, _, _ = select.select([ours], [], [], START_TIMEOUT)
+            hello = self.recv() if ready else None
+            if hello is None:
+                raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s "
+                                   f"(exit code {self.proc.poll()}); its stderr above says why")
+            self.info = check_hello(hello)
+        except BaseException:
+            self.stop()
+            raise
+
+    def send(self, msg: dict) -> None:
+        body = marshal.dumps(msg)
+        self.sock.sendall(HEADER.pack(len(body)) + body)
+
+    def recv(self) -> dict | None:
+        """One whole message, or None at EOF."""
+        head = self._read(HEADER.size)
+        body = head and self._read(HEADER.unpack(head)[0])
+        return marshal.loads(body) if body is not None else None
+
+    def _read(self, n: int) -> bytes | None:
+        chunks = []
+        while n:
+            data = self.sock.recv(min(n, 1 << 20))
+            if not data:
+                return None
+            chunks.append(data)
+            n -= len(data)
+        return b"".join(chunks)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Close the socket (the server then kills its runs and exits), reap it; SIGKILL if it lingers."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+def _kill_servers(servers: set) -> None:
+    """Last resort at interpreter exit for a pool that was never closed."""
+    for proc in list(servers):
+        proc.kill()
+        proc.wait()
+
+
+class SandboxPool:
+    """A pool of confined Python runs; see the module docstring. Thread-safe."""
+
+    def __init__(self, workers: int = 4, wall_time: float = 5.0, cpu_time: float = 5.0, memory_mb: int = 1024,
+                 max_output: int = 65536, preload: tuple[str, ...] = DEFAULT_PRELOAD, allow_unconfined: bool = False,
+                 warmup: str | None = None):
+        """``warmup``: code the server runs once after the preload imports (None: SYMPY_WARMUP when
+        sympy is preloaded, else nothing)."""
+        for name, value in (("workers", workers), ("wall_time", wall_time), ("cpu_time", cpu_time),
+                            ("memory_mb", memory_mb), ("max_output", max_output)):
+            if not value > 0:
+                raise ValueError(f"SandboxPool: {name} must be positive, got {value!r}")
+        if isinstance(preload, str) or not all(isinstance(m, str) for m in preload):
+            raise TypeError(f"SandboxPool: preload must be a sequence of module names, got {preload!r}")
+        self.cfg = {"workers": int(workers), "wall_time": float(wall_time), "cpu_time": float(cpu_time),
+                    "memory_mb": int(memory_mb), "max_output": int(max_output), "preload": list(preload),
+                    "allow_unconfined": bool(allow_unconfined),
+                    "warmup": (SYMPY_WARMUP if "sympy" in preload else "") if warmup is None else warmup}
+        self.watchdog = 2 * wall_time + 10.0
+        self._workdir = tempfile.mkdtemp(prefix="nanotorl-sandbox-")
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closed = False
+        self._procs: set = set()  # live server processes, for the exit-time finalizer
+        self._finalizer = weakref.finalize(self, _kill_servers, self._procs)
+        try:
+            self._server: _Server | None = self._start()
+        except BaseException:
+            self._closed = True
+            os.rmdir(self._workdir)
+            raise
+
+    # -- public API ----------------------------------------------------------------------------------
+    @property
+    def info(self) -> dict:
+        """What the current server reported: pid, namespaces, seccomp, arch, base_vm_mb."""
+        with self._lock:
+            server = self._ensure_server()
+            return dict(server.info, server_pid=server.proc.pid)
+
+    @property
+    def server_pid(self) -> int:
+        """Pid of the server process this pool started (killing it is how tests simulate a crash)."""
+        return self.info["server_pid"]
+
+    def submit(self, code: str) -> concurrent.futures.Future:
+        """Queue ``code`` for a run; the future resolves to a Result (never to an exception)."""
+        if not isinstance(code, str):
+            raise TypeError(f"SandboxPool.submit: code must be str, got {type(code).__name__}")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+        with self._lock:
+            server = self._ensure_server()
+            rid = next(self._ids)
+            if not server.pending:
+                server.last_progress = time.monotonic()
+            server.pending[rid] = fut
+            try:
+                server.send({"id": rid, "code": code})
+            except OSError:  # the server just died; its reader resolves this future as killed
+                pass
+        return fut
+
+    def run(self, code: str) -> Result:
+        """Run ``code`` and wait for its Result."""
+        return self.submit(code).result()
+
+    def close(self) -> None:
+        """End the server and every run (outstanding futures resolve as killed). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            server, self._server = self._server, None
+        if server is not None:
+            try:
+                server.sock.shutdown(socket.SHUT_RDWR)  # its reader sees EOF, fails what is left, reaps it
+            except OSError:
+                pass
+            if threading.current_thread() is not server.reader:
+                server.reader.join()
+        self._finalizer()
+        os.rmdir(self._workdir)
+
+    def __enter__(self) -> "SandboxPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- servers -------------------------------------------------------------------------------------
+    def _ensure_server(self) -> _Server:
+        """The live server, starting one if the last one died (caller holds the lock)."""
+        if self._closed:
+            raise RuntimeError("SandboxPool is closed: create a new pool (or keep using it inside its with block)")
+        if self._server is None:
+            self._server = self._start()
+        return self._server
+
+    def _start(self) -> _Server:
+        server = _Server(self.cfg, self._workdir)
+        self._procs.add(server.proc)
+        server.reader = threading.Thread(target=self._read_loop, args=(server,), daemon=True,
+                                         name=f"sandbox-reader-{server.proc.pid}")
+        server.reader.start()
+        return server
+
+    def _read_loop(self, server: _Server) -> None:
+        """Resolve futures from server messages until EOF; then fail what is left and restart."""
+        cpu_limit = self.cfg["cpu_time"]
+        while True:
+            ready, _, _ = select.select([server.sock], [], [], 1.0)
+            if not ready:
+                if server.pending and time.monotonic() - server.last_progress > self.watchdog:
+                    server.proc.kill()  # stuck: no result for far longer than any run may take
+                continue
+            try:
+                msg = server.recv()
+            except OSError:
+                msg = None
+            if msg is None:
+                break
+            server.last_progress = time.monotonic()
+            with self._lock:
+                fut = server.pending.pop(msg["id"])
+            fut.set_result(to_result(msg, cpu_limit))
+        with self._lock:
+            lost, server.pending = server.pending, {}
+            if self._server is server:
+                self._server = None
+        server.stop()
+        self._procs.discard(server.proc)
+        for fut in lost.values():
+            fut.set_result(LOST)
+        with self._lock:  # restart now, so the next submit finds a warm server
+            if not self._closed and self._server is None:
+                try:
+                    self._server = self._start()
+                except (RuntimeError, OSError):  # the next submit tries again and reports why
+                    pass

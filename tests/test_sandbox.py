@@ -1,0 +1,468 @@
+"""Tests for sandbox/: every attack of issue 3 (each asserts the safe outcome, then that the pool still
+serves the next run), the seccomp compiler against an independent BPF interpreter, the syscall table
+against libseccomp, the API contract and the CLI."""
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import platform
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sandbox import SandboxPool
+from sandbox.policy import NUMBERS, POLICY, RUN, SELF, SERVER, compile_policy
+from sandbox.pool import check_hello
+
+ARCH = platform.machine()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(workers=4, wall_time=1.0, cpu_time=1.0, memory_mb=256, max_output=4096,
+                     preload=("math", "numpy", "sympy")) as p:
+        yield p
+
+
+def serves_next(pool):
+    res = pool.run("print(6 * 7)")
+    assert (res.status, res.stdout, res.exit_code) == ("ok", "42\n", 0), res
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc, independent of the sandbox's bookkeeping)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+# -- the ordinary contract -------------------------------------------------------------------------------
+
+def test_run_returns_stdout_and_exit_code(pool):
+    res = pool.run("print(2**100)")
+    assert (res.status, res.stdout, res.stderr, res.exit_code, res.signal) == ("ok", f"{2**100}\n", "", 0, None)
+    assert res.error_line is None and not res.stdout_truncated and res.wall_time > 0 and res.cpu_time >= 0
+
+
+def test_error_is_reported_like_python_c(pool):
+    code = "y = 1\nx"
+    ref = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = pool.run(code)
+    assert (res.status, res.exit_code) == ("error", 1)
+    assert res.error_line == "NameError: name 'x' is not defined"
+    assert res.stderr == ref.stderr.replace('"<string>"', '"<code>"')
+
+
+@pytest.mark.parametrize("code, exit_code, status", [("import sys\nsys.exit(3)", 3, "error"),
+                                                     ("import sys\nsys.exit(0)", 0, "ok"),
+                                                     ("raise SystemExit('bye')", 1, "error")])
+def test_sys_exit_behaves_like_python_c(pool, code, exit_code, status):
+    ref = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = pool.run(code)
+    assert (res.status, res.exit_code, res.stderr) == (status, ref.returncode, ref.stderr)
+    assert exit_code == ref.returncode
+    serves_next(pool)
+
+
+def test_syntax_error_and_nul_bytes_are_errors_not_exceptions(pool):
+    assert pool.run("def (:").error_line.startswith("SyntaxError")
+    assert pool.run("print(1)\x00").status == "error"
+    serves_next(pool)
+
+
+def test_input_without_stdin_gets_eof(pool):
+    res = pool.run("input()")
+    assert (res.status, res.error_line) == ("error", "EOFError: EOF when reading a line")
+    serves_next(pool)
+
+
+def test_preloaded_sympy_gives_the_same_answer_as_here(pool):
+    import sympy
+    x = sympy.Symbol("x")
+    res = pool.run("import sympy\nx = sympy.Symbol('x')\nprint(sympy.integrate(x**2 * sympy.sin(x), x))")
+    assert res.status == "ok" and res.stdout == f"{sympy.integrate(x**2 * sympy.sin(x), x)}\n"
+
+
+def test_threads_and_numpy_work(pool):
+    code = ("import threading, numpy as np\nout = []\n"
+            "ts = [threading.Thread(target=lambda: out.append(float(np.ones((64, 64)) @ np.ones(64) @ np.ones(64))))"
+            " for _ in range(4)]\n[t.start() for t in ts]\n[t.join() for t in ts]\nprint(out)")
+    res = pool.run(code)
+    assert (res.status, res.stdout) == ("ok", f"{[64.0 * 64] * 4}\n"), res
+
+
+def test_submit_returns_before_the_run_ends(pool):
+    fut = pool.submit("import time\ntime.sleep(0.3)\nprint('done')")
+    assert not fut.done()
+    assert fut.result(timeout=30).stdout == "done\n"
+
+
+def test_concurrent_callers_get_their_own_results(pool):
+    results = {}
+
+    def caller(t):
+        results[t] = [pool.run(f"print({t} * 100 + {i})").stdout for i in range(10)]
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results == {t: [f"{t * 100 + i}\n" for i in range(10)] for t in range(8)}
+
+
+def test_state_does_not_leak_between_runs(pool):
+    first = pool.run("x = 41\nimport math, os, sys\nmath.pi = 3\nos.environ['LEAK'] = '1'\nsys.modules['evil'] = 1")
+    assert first.status == "ok"
+    res = pool.run("import math, os, sys\nprint(math.pi, os.environ.get('LEAK'), 'evil' in sys.modules)\nprint(x)")
+    assert res.stdout == f"{3.141592653589793} None False\n"
+    assert res.error_line == "NameError: name 'x' is not defined"
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+def test_fork_bomb_is_denied(pool):
+    before = descendants(os.getpid())
+    res = pool.run("import os\nwhile True:\n    os.fork()")
+    assert (res.status, res.error_line) == ("denied", "PermissionError: [Errno 1] Operation not permitted")
+    assert descendants(os.getpid()) == before
+    serves_next(pool)
+
+
+@pytest.mark.parametrize("code", ["import subprocess\nsubprocess.run(['echo', 'pwned'])",
+                                  "import os\nos.execv('/bin/echo', ['echo', 'pwned'])",
+                                  "import os\nos.posix_spawn('/bin/echo', ['echo', 'pwned'], {})"])
+def test_starting_programs_is_denied(pool, code):
+    res = pool.run(code)
+    assert res.status == "denied" and "pwned" not in res.stdout, res
+    serves_next(pool)
+
+
+def test_os_system_runs_nothing(pool):
+    res = pool.run("import os\nprint('rc', os.system('echo pwned'))")
+    assert res.status == "ok" and "pwned" not in res.stdout and res.stdout != "rc 0\n", res
+    serves_next(pool)
+
+
+def test_killing_the_server_is_denied(pool):
+    server = pool.server_pid
+    res = pool.run("import os\nos.kill(os.getppid(), 9)")
+    assert res.status == "denied"
+    assert pool.server_pid == server
+    serves_next(pool)
+
+
+def test_killing_another_process_is_denied(pool):
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        res = pool.run(f"import os\nos.kill({victim.pid}, 9)")
+        assert res.status == "denied" and victim.poll() is None, res
+    finally:
+        victim.kill()
+        victim.wait()
+    serves_next(pool)
+
+
+# -- time ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", ["while True:\n    pass",
+                                  "import time\ntime.sleep(1e9)",
+                                  "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(1e9)",
+                                  "import os, time\ntry:\n    os.setsid()\nexcept OSError:\n    pass\ntime.sleep(1e9)"],
+                         ids=["busy-loop", "sleep", "sigterm-ignored", "setsid-then-sleep"])
+def test_runs_that_never_end_are_killed(pool, code):
+    res = pool.submit(code).result(timeout=60)
+    assert res.status == "timeout" and res.signal in (signal.SIGKILL, signal.SIGXCPU), res
+    assert res.wall_time >= 1.0 or res.cpu_time >= 0.95  # not before a limit (CPU is accounted in ticks)
+    serves_next(pool)
+
+
+# -- memory, output, recursion -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", ["x = bytearray(10**11)",
+                                  "import numpy as np\nxs = []\nwhile True:\n    xs.append(np.empty(10**7))"])
+def test_memory_bombs_hit_the_limit(pool, code):
+    res = pool.run(code)
+    assert res.status == "memory" and res.error_line.split(":")[0].endswith("MemoryError"), res
+    serves_next(pool)
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_gigabyte_of_output_is_capped(pool, stream):
+    res = pool.run(f"import sys\nchunk = 'x' * 10**6\nfor _ in range(1000):\n    sys.{stream}.write(chunk)")
+    assert res.status == "output_limit" and res.signal == signal.SIGKILL
+    assert getattr(res, stream) == "x" * 4096 and getattr(res, f"{stream}_truncated")
+    serves_next(pool)
+
+
+def test_binary_and_invalid_utf8_output(pool):
+    raw = b"\xff\xfe ok \xc3"
+    res = pool.run(f"import sys\nsys.stdout.buffer.write({raw!r})\nsys.stdout.flush()\nprint('\\udc80')")
+    assert (res.status, res.stdout) == ("ok", (raw + b"\\udc80\n").decode("utf-8", "replace"))
+    serves_next(pool)
+
+
+def test_deep_recursion(pool):
+    res = pool.run("def f(n):\n    return f(n + 1)\nf(0)")
+    assert (res.status, res.error_line) == ("error", "RecursionError: maximum recursion depth exceeded")
+    res = pool.run("import sys\nsys.setrecursionlimit(10**9)\ndef f(n):\n    return f(n + 1)\nf(0)")
+    assert res.status in ("error", "memory", "killed", "timeout"), res
+    serves_next(pool)
+
+
+# -- network, environment, files ------------------------------------------------------------------------
+
+def test_network_is_unreachable(pool):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        res = pool.run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\nprint('CONNECTED')")
+        assert res.status == "denied" and "CONNECTED" not in res.stdout, res
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    res = pool.run("import socket\nprint(socket.getaddrinfo('example.com', 80))")
+    assert res.status in ("denied", "error") and res.stdout == "", res
+    serves_next(pool)
+
+
+def test_runs_see_a_minimal_environment(monkeypatch):
+    monkeypatch.setenv("NANOTORL_TEST_SECRET", "hunter2")
+    with SandboxPool(workers=1, preload=()) as small:
+        res = small.run("import os\nprint(sorted(os.environ.items()))")
+    assert res.status == "ok" and "hunter2" not in res.stdout
+    assert {k for k, _ in eval(res.stdout)} <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR",
+                                                "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+
+
+def test_trainer_environ_is_invisible_through_proc(pool):
+    if "proc" not in pool.info["namespaces"]:
+        pytest.skip("no pid namespace on this kernel: a same-uid process can read /proc/<trainer>/environ")
+    res = pool.run(f"print(open('/proc/{os.getpid()}/environ').read())")
+    assert res.status == "error" and res.error_line.startswith("FileNotFoundError"), res
+    serves_next(pool)
+
+
+WRITES = {
+    "open-w": "open(P, 'w').write('pwned')", "open-a": "open(P, 'a').write('pwned')",
+    "remove": "os.remove(P)", "rename": "os.rename(P, P + '.moved')", "chmod": "os.chmod(P, 0o777)",
+    "chown": "os.chown(P, 1, 1)", "utime": "os.utime(P, (0, 0))", "truncate": "os.truncate(P, 0)",
+    "symlink": "os.symlink(P, P + '.link')", "mkdir": "os.mkdir(P + '.dir')", "mkstemp": "tempfile.mkstemp()",
+    "cwd-file": "open('here.txt', 'w')",
+}
+
+
+@pytest.mark.parametrize("op", WRITES)
+def test_writes_fail_everywhere(pool, tmp_path, op):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    before = os.stat(victim)
+    res = pool.run(f"import os, tempfile\nP = {str(victim)!r}\n{WRITES[op]}")
+    assert res.status == ("error" if op == "mkstemp" else "denied"), res  # mkstemp: "no usable temporary directory"
+    after = os.stat(victim)
+    assert victim.read_text() == "original" and os.listdir(tmp_path) == ["victim.txt"]
+    assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (before.st_mode, before.st_uid, before.st_mtime_ns)
+    serves_next(pool)
+
+
+# -- the filter itself ---------------------------------------------------------------------------------
+
+def test_raw_syscalls_through_ctypes_are_denied(pool):
+    nr = {"x86_64": dict(socket=41, clone=56, unshare=272, ptrace=101, seccomp=317),
+          "aarch64": dict(socket=198, clone=220, unshare=97, ptrace=117, seccomp=277)}[ARCH]
+    calls = {"socket": (nr["socket"], 2, 1, 0), "fork via clone(SIGCHLD)": (nr["clone"], 17, 0, 0, 0, 0),
+             "unshare(NEWNET)": (nr["unshare"], 0x40000000), "ptrace(TRACEME)": (nr["ptrace"], 0, 0, 0, 0),
+             "seccomp(STRICT)": (nr["seccomp"], 0, 0, 0)}
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nout = {}\n"
+            f"for name, args in {calls!r}.items():\n"
+            "    out[name] = (libc.syscall(*args), ctypes.get_errno())\n"
+            "for name, args in {'drop filter': (22, 0), 'clear no_new_privs': (38, 0), 'drop pdeathsig': (1, 0)}.items():\n"
+            "    out[name] = (libc.prctl(*args, 0, 0, 0), ctypes.get_errno())\n"
+            "print(out)")
+    res = pool.run(code)
+    assert res.status == "ok", res
+    assert eval(res.stdout) == {name: (-1, errno.EPERM) for name in list(calls) + ["drop filter", "clear no_new_privs",
+                                                                                   "drop pdeathsig"]}
+    serves_next(pool)
+
+
+@pytest.mark.skipif(ARCH != "x86_64", reason="the x32 ABI exists only on x86_64")
+def test_x32_abi_kills_the_run(pool):
+    res = pool.run("import ctypes\nctypes.CDLL(None).syscall(0x40000000 + 39)\nprint('survived')")
+    assert (res.status, res.signal, res.stdout) == ("denied", signal.SIGSYS, ""), res
+    serves_next(pool)
+
+
+# A reference classic-BPF interpreter (opcodes from linux/bpf_common.h), independent of the compiler.
+AUDIT = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+KILL, ALLOW, EPERM, ENOSYS = 0x80000000, 0x7FFF0000, 0x50000 | errno.EPERM, 0x50000 | errno.ENOSYS
+
+
+def bpf(prog, arch_token, nr, *args):
+    data = struct.pack("<iIQ6Q", nr, arch_token, 0, *(list(args) + [0] * (6 - len(args))))
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code == 0x20:                                   # BPF_LD | BPF_W | BPF_ABS
+            acc = struct.unpack_from("<I", data, k)[0]
+        elif code in (0x15, 0x35, 0x45):                   # BPF_JMP | JEQ / JGE / JSET | BPF_K
+            taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[code]
+            pc += jt if taken else jf
+        elif code == 0x05:                                 # BPF_JMP | BPF_JA
+            pc += k
+        elif code == 0x06:                                 # BPF_RET | BPF_K
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {code:#x}")
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_compiled_policy_decides_like_the_table_says(arch):
+    me = 4242
+    server, run = ([(c, jt, jf, me if k == SELF else k) for c, jt, jf, k in compile_policy(s, arch)]
+                   for s in (SERVER, RUN))
+    nr = {name: NUMBERS[name][arch == "aarch64"] for name in NUMBERS}
+    read, i386 = (0, 63)[arch == "aarch64"], 0x40000003
+
+    def verdict(name_or_nr, *args):  # both programs run; the strictest answer wins, like the kernel's stack
+        n = nr[name_or_nr] if isinstance(name_or_nr, str) else name_or_nr
+        answers = [bpf(p, AUDIT[arch], n, *args) for p in (server, run)]
+        return min(answers, key=lambda a: (a & 0xFFFF0000) ^ 0x80000000)
+
+    assert bpf(server, i386, read) == bpf(run, i386, read) == KILL
+    if arch == "x86_64":
+        assert bpf(server, AUDIT[arch], 0x40000000 + read) == KILL
+    assert verdict(read) == ALLOW
+    assert verdict("clone", 0x10000 | 0x100 | 0x800) == ALLOW and verdict("clone", 17) == EPERM
+    assert verdict("clone3") == ENOSYS and verdict("openat2") == ENOSYS
+    assert verdict("kill", me, 9) == verdict("kill", 0, 9) == ALLOW
+    assert verdict("kill", me + 1, 9) == verdict("kill", 2**32 - 1, 9) == EPERM  # another pid; -1 = everyone
+    assert verdict("tgkill", me, me + 1, 9) == ALLOW and verdict("tgkill", 1, 1, 9) == EPERM
+    assert verdict("openat", 0, 0, os.O_RDONLY) == ALLOW
+    assert all(verdict("openat", 0, 0, f) == EPERM for f in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC))
+    assert verdict("prlimit64", 0, 9, 0, 1) == ALLOW
+    assert verdict("prlimit64", 0, 9, 1, 0) == verdict("prlimit64", 0, 9, 1 << 40, 0) == EPERM
+    assert verdict("ioctl", 1, 0x5412) == EPERM and verdict("ioctl", 1, 0x5401) == ALLOW  # TIOCSTI / TCGETS
+    assert verdict("prctl", 15) == ALLOW and verdict("prctl", 22, 2) == EPERM
+    for names, *_ in POLICY:  # every unconditional row denies every one of its calls
+        for name in names.split():
+            if nr[name] is not None and name not in ("clone", "kill", "tgkill", "rt_sigqueueinfo",
+                                                     "rt_tgsigqueueinfo", "open", "openat", "ioctl", "prctl",
+                                                     "prlimit64"):
+                assert verdict(name) in (EPERM, ENOSYS), name
+
+
+def test_syscall_numbers_match_libseccomp():
+    path = ctypes.util.find_library("seccomp")
+    if path is None:
+        pytest.skip("libseccomp is not installed here: nothing independent to compare the table against")
+    lib = ctypes.CDLL(path)
+    lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
+    unknown = []
+    for name, numbers in NUMBERS.items():
+        for arch, ours in zip(("x86_64", "aarch64"), numbers):
+            theirs = lib.seccomp_syscall_resolve_name_arch(AUDIT[arch], name.encode())
+            if theirs == -1:  # __NR_SCMP_ERROR: a syscall newer than this libseccomp
+                unknown.append(name)
+            else:  # other negative numbers are libseccomp's "not on this architecture"
+                assert ours == (theirs if theirs >= 0 else None), (name, arch, ours, theirs)
+    assert set(unknown) <= {"setxattrat", "removexattrat", "open_tree_attr", "file_setattr"}  # Linux 6.13+
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(RuntimeError, match="riscv64"):
+        compile_policy(RUN, "riscv64")
+
+
+def test_a_server_that_cannot_confine_is_refused_or_loudly_unconfined():
+    with pytest.raises(RuntimeError, match="allow_unconfined"):
+        check_hello({"error": "sandbox: cannot confine runs ... pass allow_unconfined=True to do it anyway."})
+    with pytest.warns(RuntimeWarning, match="WITHOUT seccomp"):
+        check_hello({"ready": {"seccomp": False, "problem": "EINVAL"}})
+
+
+# -- lifecycle -------------------------------------------------------------------------------------------
+
+def test_thousand_runs_leak_no_processes_or_descriptors(pool):
+    serves_next(pool)
+    fds, procs = len(os.listdir("/proc/self/fd")), descendants(os.getpid())
+    futures = [pool.submit(f"print({i})") for i in range(1000)]
+    assert [f.result().stdout for f in futures] == [f"{i}\n" for i in range(1000)]
+    assert len(os.listdir("/proc/self/fd")) == fds and descendants(os.getpid()) == procs
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_dead_server_is_restarted_and_its_runs_report_killed():
+    with SandboxPool(workers=2, wall_time=30.0, cpu_time=30.0, preload=()) as small:
+        first = small.server_pid
+        layers = 2 if "pid" in small.info["namespaces"] else 1  # (outer ->) zygote -> run
+        fut = small.submit("import time\ntime.sleep(60)")
+        deadline = time.monotonic() + 30
+        while len(descendants(first)) < layers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        doomed = descendants(first) | {first}
+        os.kill(first, signal.SIGKILL)
+        assert fut.result(timeout=30).status == "killed"
+        serves_next(small)
+        assert small.server_pid != first
+        assert not any(alive(p) for p in doomed)
+
+
+def test_close_ends_everything_and_later_runs_raise():
+    small = SandboxPool(workers=1, wall_time=30.0, preload=())
+    server = small.server_pid
+    fut = small.submit("import time\ntime.sleep(60)")
+    time.sleep(0.2)
+    doomed = descendants(server) | {server}
+    small.close()
+    assert fut.result(timeout=30).status == "killed"
+    assert not any(alive(p) for p in doomed)
+    with pytest.raises(RuntimeError, match="closed"):
+        small.run("print(1)")
+    small.close()  # idempotent
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+
+def cli(*args, stdin=None):
+    out = subprocess.run([sys.executable, "-m", "sandbox", *args], input=stdin, capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_cli_runs_code_files_and_stdin(tmp_path):
+    rc, res = cli("print(2**100)")
+    assert rc == 0 and res["status"] == "ok" and res["stdout"] == f"{2**100}\n"
+    script = tmp_path / "s.py"
+    script.write_text("import math\nprint(math.factorial(20))\n")
+    assert cli(str(script), "--preload", "math")[1]["stdout"] == f"{2432902008176640000}\n"
+    rc, res = cli("-", "--preload", "", stdin="x")
+    assert rc == 1 and res["error_line"] == "NameError: name 'x' is not defined"
