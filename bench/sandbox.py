@@ -11,6 +11,7 @@ a figure that does not depend on what else the machine is doing. Ratios are agai
 baseline measured in the same run at the same worker count.
 """
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -119,13 +120,12 @@ def main():
     for kind, code in CODES.items():
         for w in (int(x) for x in args.workers.split(",")):
             naive_runs = max(2 * w, args.runs // (10 if kind == "trivial" else 50))
-            cases = [("sandbox", lambda: bench_sandbox(code, w, args.runs)),
-                     ("python -c", lambda: bench_naive(code, w, naive_runs))]
+            cases = [("sandbox", bench_sandbox, args.runs), ("python -c", bench_naive, naive_runs)]
             if qwen is not None:
-                cases.append(("qwen-agent", lambda: bench_qwen(qwen, code, w, naive_runs)))
+                cases.append(("qwen-agent", functools.partial(bench_qwen, qwen), naive_runs))
             base = None
-            for name, fn in cases:
-                r = fn()
+            for name, fn, runs in cases:
+                r = fn(code, w, runs)
                 wrong = [o for o in r.pop("outputs") if o.strip() != EXPECTED[kind]]
                 assert not wrong, f"{name} gave {wrong[0]!r}, expected {EXPECTED[kind]!r}"
                 base = base or (r if name == "python -c" else None)
@@ -133,6 +133,8 @@ def main():
             for r in rows[-len(cases):]:
                 r["x_naive"] = r["runs_per_s"] / base["runs_per_s"]
                 r["idle_2core_runs_per_s"] = 2000 / r["cpu_ms_per_run"]
+    if qwen is not None:
+        qwen.pool.terminate()  # the multiprocess pool its constructor starts (apply() never uses it)
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print_table(rows, ["code", "backend", "workers", "runs", "runs_per_s", "p50_ms", "p99_ms", "x_naive",
                        "cpu_ms_per_run", "idle_2core_runs_per_s"])

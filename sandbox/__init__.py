@@ -9,4 +9,4 @@ policy.py (the seccomp table and its BPF compiler). ``python -m sandbox CODE`` t
 """
 from sandbox.pool import DEFAULT_PRELOAD, Result, SandboxPool
 
-__all__ = ["SandboxPool", "Result", "DEFAULT_PRELOAD"]
+__all__ = ["DEFAULT_PRELOAD", "Result", "SandboxPool"]

@@ -1,7 +1,7 @@
 """The life of one run: what a freshly forked child does before and while it runs untrusted code.
 
 Order matters. Everything that needs a privileged or soon-forbidden syscall happens first, the
-seccomp filter is installed last, and only then does the untrusted code start:
+seccomp program is installed last, and only then does the untrusted code start:
 
     own process group      -> the server can SIGKILL the whole run on wall-time expiry
     parent-death signal    -> the run dies with the server, never lingers as an orphan
@@ -9,7 +9,7 @@ seccomp filter is installed last, and only then does the untrusted code start:
     read-only empty working directory
     setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps
     all capabilities dropped (matters when the trainer runs as root)
-    PR_SET_NO_NEW_PRIVS + seccomp filter (sandbox/policy.py)
+    the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py)
     exec(code) in a fresh __main__, then os._exit: no interpreter teardown, no atexit of the server
 """
 import builtins
@@ -105,7 +105,7 @@ def execute(code: str) -> int:
         status = 0
     except SystemExit as e:
         status = _exit_status(e)
-    except BaseException as e:  # noqa: B036 - the child reports everything, like the interpreter would
+    except BaseException as e:  # the child reports everything, like the interpreter would
         e.__traceback__ = e.__traceback__.tb_next  # hide this frame
         sys.__excepthook__(type(e), e, e.__traceback__)  # the interpreter's own report
         status = 1

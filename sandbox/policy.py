@@ -1,37 +1,44 @@
-"""The seccomp policy of a sandboxed run: one table, compiled to a classic-BPF program with ctypes.
+"""The seccomp policy of the sandbox: one table, compiled to classic-BPF programs with ctypes.
 
-Why ctypes and not libseccomp: the filter is ~300 BPF instructions that this file builds and that a
-test reads back with a 20-line interpreter; libseccomp would add a C library (and a Python binding
-that PyPI does not ship as a wheel) to every machine that trains, for no gain in what the filter can
-express. The price is the syscall-number table below for the two architectures we support, which a
-test checks against libseccomp's own table where that library is installed.
+Why ctypes and not libseccomp: the programs are a few hundred BPF instructions that this file
+builds and that tests/test_sandbox.py reads back with a 20-line interpreter; libseccomp would add a
+C library (and a Python binding PyPI does not ship as a wheel) to every training machine, for no
+gain in what the filter can express. The price is the syscall-number table below for the two
+architectures we support, which a test checks against libseccomp's own table where it is installed.
 
-The program (``seccomp_data`` = {int nr; u32 arch; u64 ip; u64 args[6]}, little endian):
+Each program (``seccomp_data`` = {int nr; u32 arch; u64 ip; u64 args[6]}, little endian):
 
     A = arch;  A != native arch          -> KILL_PROCESS   (no i386 / arm32 entry into the kernel)
     A = nr;    A >= 0x40000000 (x86_64)  -> KILL_PROCESS   (no x32 ABI)
-    for each (syscall, allowed_when, errno) in POLICY:
-        A == nr(syscall) -> allowed_when(args) ? ALLOW : ERRNO(errno)
+    for each row (syscalls, allowed_when, errno) of its scope:
+        A in syscalls -> allowed_when(args) ? ALLOW : ERRNO(errno)
     ALLOW
+
+Two programs, because the kernel's cost of installing one grows with its length (~1 us per
+instruction, every run): the SERVER rows (~160 instructions) are installed once in the fork server,
+after start-up and before it forks any run, and every run inherits them; the RUN rows (~75) are
+installed by each run after fork, because the server itself needs those calls (fork, kill, pidfd,
+setrlimit, prctl) or because they name the run's own pid. The kernel evaluates every filter in a
+process's stack and the strictest answer wins, so a run is confined by both.
 
 It is a deny list: Python, numpy and sympy make ~80 different syscalls and an allow list would
 break on the first library upgrade, while everything that reaches outside the run is named here.
-Denied calls fail with EPERM (Python raises PermissionError, the model reads a clear message);
+Denied calls fail with EPERM (Python raises PermissionError, and the model reads a clear message);
 ``clone3`` and ``openat2`` fail with ENOSYS because their flags sit in memory the filter cannot
 read, and libc then falls back to ``clone`` / ``openat``, which the filter can check.
 
-Filesystem policy: every open for writing fails, and so does every call that changes a name, a mode,
-an owner, a time or an attribute. There is no writable scratch directory at all: the child's working
-directory is an empty directory it can only read. This is the simplest rule that holds on every
-kernel (Landlock needs 5.13+, a read-only mount namespace needs user namespaces), it cannot fill a
-disk, and it leaves nothing behind for the next run.
+Filesystem policy: every open for writing fails, and so does every call that changes a name, a
+mode, an owner, a time or an attribute. There is no writable scratch directory at all: a run's
+working directory is an empty directory it can only read. This is the simplest rule that holds on
+every kernel (Landlock needs 5.13+, a read-only mount namespace needs user namespaces), it cannot
+fill a disk, and it leaves nothing behind for the next run.
 """
 import ctypes
 import errno
 import platform
 from dataclasses import dataclass
 
-SELF = "self"  # stands for the child's own pid; filled in after fork by ``Filter.program(pid)``
+SELF = "self"  # stands for the run's own pid; filled in after fork by ``Filter.install(pid)``
 
 CLONE_THREAD = 0x10000
 WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000  # O_WRONLY | O_RDWR | O_CREAT | O_TRUNC (same on both archs)
@@ -67,28 +74,28 @@ POLICY = [
     ("kill",                                            Arg(0, one_of=(SELF, 0)),               errno.EPERM,  RUN),
     ("tgkill rt_sigqueueinfo rt_tgsigqueueinfo",        Arg(0, one_of=(SELF,)),                 errno.EPERM,  RUN),
     ("tkill pidfd_open pidfd_send_signal setpgid",      None,                                   errno.EPERM,  RUN),
-    ("ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd process_madvise process_mrelease "
-     "migrate_pages move_pages setpriority ioprio_set sched_setscheduler sched_setparam sched_setattr "
-     "sched_setaffinity",                               None,                                   errno.EPERM,  SERVER),
+    (("ptrace process_vm_readv process_vm_writev kcmp pidfd_getfd process_madvise process_mrelease "
+      "migrate_pages move_pages setpriority ioprio_set sched_setscheduler sched_setparam sched_setattr "
+      "sched_setaffinity"),                             None,                                   errno.EPERM,  SERVER),
     # no network (the server also runs in an empty network namespace where the kernel allows one)
     ("socket socketpair",                               None,                                   errno.EPERM,  SERVER),
     # a read-only filesystem
     ("open",                                            Arg(1, lacks_bits=WRITE_FLAGS),         errno.EPERM,  SERVER),
     ("openat",                                          Arg(2, lacks_bits=WRITE_FLAGS),         errno.EPERM,  SERVER),
     ("openat2",                                         None,                                   errno.ENOSYS, SERVER),
-    ("creat open_by_handle_at rename renameat renameat2 mkdir mkdirat rmdir unlink unlinkat link linkat "
-     "symlink symlinkat mknod mknodat chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat "
-     "truncate ftruncate fallocate utime utimes futimesat utimensat setxattr lsetxattr fsetxattr "
-     "setxattrat removexattr lremovexattr fremovexattr removexattrat file_setattr", None,       errno.EPERM,  SERVER),
+    (("creat open_by_handle_at rename renameat renameat2 mkdir mkdirat rmdir unlink unlinkat link linkat "
+      "symlink symlinkat mknod mknodat chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat "
+      "truncate ftruncate fallocate utime utimes futimesat utimensat setxattr lsetxattr fsetxattr "
+      "setxattrat removexattr lremovexattr fremovexattr removexattrat file_setattr"), None,     errno.EPERM,  SERVER),
     # nothing that outlives the run or escapes the address-space limit
     ("memfd_create memfd_secret shmget msgget semget mq_open", None,                            errno.EPERM,  SERVER),
     # no mounts, no namespaces
-    ("mount umount2 pivot_root chroot move_mount open_tree open_tree_attr fsopen fsconfig fsmount "
-     "fspick mount_setattr unshare setns",              None,                                   errno.EPERM,  SERVER),
+    (("mount umount2 pivot_root chroot move_mount open_tree open_tree_attr fsopen fsconfig fsmount "
+      "fspick mount_setattr unshare setns"),            None,                                   errno.EPERM,  SERVER),
     # hands off the kernel and the machine
-    ("init_module finit_module delete_module kexec_load kexec_file_load reboot swapon swapoff acct "
-     "quotactl quotactl_fd syslog sethostname setdomainname settimeofday clock_settime clock_adjtime "
-     "adjtimex iopl ioperm modify_ldt vhangup lookup_dcookie uselib personality fanotify_init",
+    (("init_module finit_module delete_module kexec_load kexec_file_load reboot swapon swapoff acct "
+      "quotactl quotactl_fd syslog sethostname setdomainname settimeofday clock_settime clock_adjtime "
+      "adjtimex iopl ioperm modify_ldt vhangup lookup_dcookie uselib personality fanotify_init"),
                                                         None,                                   errno.EPERM,  SERVER),
     ("ioctl",                                           Arg(1, none_of=(TIOCSTI, TIOCLINUX)),   errno.EPERM,  SERVER),
     # the sandbox stays as it is: no filter changes, no limits raised, no kernel-side programs or rings
@@ -96,8 +103,8 @@ POLICY = [
                              PR_CAPBSET_READ, PR_GET_NO_NEW_PRIVS, PR_SET_VMA)),                errno.EPERM,  RUN),
     ("prlimit64",                                       Arg(2, null=True),                      errno.EPERM,  RUN),
     ("setrlimit capset",                                None,                                   errno.EPERM,  RUN),
-    ("seccomp keyctl add_key request_key bpf perf_event_open userfaultfd io_uring_setup io_uring_enter "
-     "io_uring_register",                               None,                                   errno.EPERM,  SERVER),
+    (("seccomp keyctl add_key request_key bpf perf_event_open userfaultfd io_uring_setup io_uring_enter "
+      "io_uring_register"),                             None,                                   errno.EPERM,  SERVER),
 ]
 
 # Syscall numbers (x86_64, aarch64); None where the architecture does not have the call.

@@ -41,7 +41,6 @@ sympy.integrate(x**2 * sympy.sin(x), x), sympy.diff(sympy.exp(x) * x, x), sympy.
 sympy.Rational(1, 3) + sympy.sqrt(8), sympy.isprime(97), sympy.factorint(360), sympy.binomial(10, 3)
 sympy.summation(x, (x, 1, 10)), sympy.Matrix([[1, 2], [3, 4]]).det(), sympy.N(sympy.pi, 30)
 """
-STATUSES = ("ok", "error", "timeout", "memory", "output_limit", "killed", "denied")
 START_TIMEOUT = 120.0  # seconds for a server to import its preload modules and answer
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,8 +131,7 @@ class _Server:
         self.last_progress = time.monotonic()
         self.reader: threading.Thread | None = None
         try:
-            ready, _, _ = select.select([ours], [], [], START_TIMEOUT)
-            hello = self.recv() if ready else None
+            hello = self.recv() if self.readable(START_TIMEOUT) else None
             if hello is None:
                 raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s "
                                    f"(exit code {self.proc.poll()}); its stderr above says why")
@@ -141,6 +139,11 @@ class _Server:
         except BaseException:
             self.stop()
             raise
+
+    def readable(self, timeout: float) -> bool:
+        poller = select.poll()  # not select.select: the trainer may hold more than 1024 descriptors
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
 
     def send(self, msg: dict) -> None:
         body = marshal.dumps(msg)
@@ -176,21 +179,34 @@ class _Server:
         self.sock.close()
 
 
-def _kill_servers(servers: set) -> None:
-    """Last resort at interpreter exit for a pool that was never closed."""
+def _clean_up(servers: set, workdir: str) -> None:
+    """Kill what is left (at interpreter exit, for a pool that was never closed) and remove the workdir."""
     for proc in list(servers):
         proc.kill()
         proc.wait()
+    try:
+        os.rmdir(workdir)
+    except OSError:
+        pass
 
 
 class SandboxPool:
-    """A pool of confined Python runs; see the module docstring. Thread-safe."""
+    """A pool of confined Python runs (see the module docstring). Thread-safe.
+
+    workers: runs executing at once; the others wait in the server's queue.
+    wall_time, cpu_time: seconds; past either one the run is killed (status "timeout").
+    memory_mb: address space a run may add to the warm server's own (RLIMIT_AS).
+    max_output: bytes kept per stream; one more and the run is killed ("output_limit").
+    preload: modules the server imports once, so that runs import them for free.
+    warmup: code the server runs once after those imports (None: SYMPY_WARMUP when sympy is
+        preloaded, else nothing).
+    allow_unconfined: on a kernel that cannot seccomp, run anyway with a loud warning instead of
+        refusing to start. Never the default.
+    """
 
     def __init__(self, workers: int = 4, wall_time: float = 5.0, cpu_time: float = 5.0, memory_mb: int = 1024,
                  max_output: int = 65536, preload: tuple[str, ...] = DEFAULT_PRELOAD, allow_unconfined: bool = False,
                  warmup: str | None = None):
-        """``warmup``: code the server runs once after the preload imports (None: SYMPY_WARMUP when
-        sympy is preloaded, else nothing)."""
         for name, value in (("workers", workers), ("wall_time", wall_time), ("cpu_time", cpu_time),
                             ("memory_mb", memory_mb), ("max_output", max_output)):
             if not value > 0:
@@ -207,12 +223,12 @@ class SandboxPool:
         self._ids = itertools.count()
         self._closed = False
         self._procs: set = set()  # live server processes, for the exit-time finalizer
-        self._finalizer = weakref.finalize(self, _kill_servers, self._procs)
+        self._finalizer = weakref.finalize(self, _clean_up, self._procs, self._workdir)
         try:
             self._server: _Server | None = self._start()
         except BaseException:
             self._closed = True
-            os.rmdir(self._workdir)
+            self._finalizer()
             raise
 
     # -- public API ----------------------------------------------------------------------------------
@@ -265,7 +281,6 @@ class SandboxPool:
             if threading.current_thread() is not server.reader:
                 server.reader.join()
         self._finalizer()
-        os.rmdir(self._workdir)
 
     def __enter__(self) -> "SandboxPool":
         return self
@@ -294,8 +309,7 @@ class SandboxPool:
         """Resolve futures from server messages until EOF; then fail what is left and restart."""
         cpu_limit = self.cfg["cpu_time"]
         while True:
-            ready, _, _ = select.select([server.sock], [], [], 1.0)
-            if not ready:
+            if not server.readable(1.0):
                 if server.pending and time.monotonic() - server.last_progress > self.watchdog:
                     server.proc.kill()  # stuck: no result for far longer than any run may take
                 continue

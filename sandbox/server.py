@@ -1,14 +1,15 @@
 """The warm fork server: imports the heavy modules once, then forks one confined child per run.
 
-``SandboxPool`` starts it as ``python -c "from sandbox.server import main; main()" CONFIG`` in its own session, with a minimal
-environment and an empty working directory. Start-up, once per server:
+``SandboxPool`` starts it as ``python -c "from sandbox.server import main; main()" CONFIG``, in its
+own session, with a minimal environment and an empty working directory. Start-up, once per server:
 
-    unshare(pid, mount, net [, user when not root])   where the kernel allows it (detected, not assumed)
-    fork -> the "zygote" is pid 1 of the new pid namespace and mounts a fresh /proc, so runs see no
-            process outside the sandbox, and when the zygote dies the kernel kills every run with it;
-            the outer process only waits for it (kill the outer and PR_SET_PDEATHSIG kills the zygote)
+    unshare(pid, mount, net [, user when not root])  where the kernel allows it (detected, not assumed)
+    fork -> the "zygote", pid 1 of the new pid namespace, mounts a fresh /proc: runs see no process
+            outside the sandbox, and when the zygote dies the kernel kills every run with it.
+            The outer process only waits (kill it and PR_SET_PDEATHSIG kills the zygote).
     import the preload modules, run the warm-up code, gc.freeze(), huge pages, a minimal os.environ
-    probe: one real run that checks the seccomp filter is active; refuse to serve if it is not,
+    install the SERVER seccomp program (sandbox/policy.py); every run inherits it
+    probe: one real run checks that both seccomp programs hold; refuse to serve if they do not,
            unless the pool was explicitly allowed to run unconfined
 
 Then one single-threaded event loop (epoll) over the control socket and, per running child, its
@@ -21,16 +22,16 @@ every run and ends the server: no orphans, no zombies.
 Protocol, both directions: 4-byte little-endian length + ``marshal`` of a dict.
     pool -> server  {"id": int, "code": str}
     server -> pool  {"ready": info} or {"error": message} once at start, then per run
-                    {"id", "stdout", "stderr" (bytes), "stdout_truncated", "stderr_truncated",
-                     "exit_code", "signal", "wall_time", "cpu_time", "reason" (None|"timeout"|"output_limit")}
+                    {"id", "stdout", "stderr" (bytes), "stdout_truncated", "stderr_truncated", "exit_code",
+                     "signal", "wall_time", "cpu_time", "reason" (None | "timeout" | "output_limit" | "killed")}
 """
+import collections
 import ctypes
 import gc
 import importlib
 import json
 import marshal
 import os
-import collections
 import select
 import signal
 import socket

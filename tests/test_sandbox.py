@@ -288,8 +288,8 @@ def test_writes_fail_everywhere(pool, tmp_path, op):
 # -- the filter itself ---------------------------------------------------------------------------------
 
 def test_raw_syscalls_through_ctypes_are_denied(pool):
-    nr = {"x86_64": dict(socket=41, clone=56, unshare=272, ptrace=101, seccomp=317),
-          "aarch64": dict(socket=198, clone=220, unshare=97, ptrace=117, seccomp=277)}[ARCH]
+    nr = {"x86_64": {"socket": 41, "clone": 56, "unshare": 272, "ptrace": 101, "seccomp": 317},
+          "aarch64": {"socket": 198, "clone": 220, "unshare": 97, "ptrace": 117, "seccomp": 277}}[ARCH]
     calls = {"socket": (nr["socket"], 2, 1, 0), "fork via clone(SIGCHLD)": (nr["clone"], 17, 0, 0, 0, 0),
              "unshare(NEWNET)": (nr["unshare"], 0x40000000), "ptrace(TRACEME)": (nr["ptrace"], 0, 0, 0, 0),
              "seccomp(STRICT)": (nr["seccomp"], 0, 0, 0)}
@@ -381,7 +381,7 @@ def test_syscall_numbers_match_libseccomp():
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
     unknown = []
     for name, numbers in NUMBERS.items():
-        for arch, ours in zip(("x86_64", "aarch64"), numbers):
+        for arch, ours in zip(("x86_64", "aarch64"), numbers, strict=True):
             theirs = lib.seccomp_syscall_resolve_name_arch(AUDIT[arch], name.encode())
             if theirs == -1:  # __NR_SCMP_ERROR: a syscall newer than this libseccomp
                 unknown.append(name)
@@ -448,6 +448,62 @@ def test_close_ends_everything_and_later_runs_raise():
     with pytest.raises(RuntimeError, match="closed"):
         small.run("print(1)")
     small.close()  # idempotent
+
+
+TRAINER = """
+import sys, time
+from sandbox import SandboxPool
+with SandboxPool(workers=1, wall_time=60.0, cpu_time=60.0, preload=()) as pool:
+    fut = pool.submit("import time\\ntime.sleep(60)")
+    print(pool.server_pid, "pid" in pool.info["namespaces"], flush=True)
+    fut.result()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["interrupted", "killed"])
+def test_no_orphans_when_the_trainer_is_interrupted_or_killed(sig):
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    server, pidns = trainer.stdout.readline().split()
+    server, layers = int(server), 2 if pidns == "True" else 1  # (outer ->) zygote -> run
+    deadline = time.monotonic() + 30
+    while len(descendants(server)) < layers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    doomed = descendants(server) | {server}
+    assert len(doomed) == layers + 1
+    trainer.send_signal(sig)
+    trainer.wait(timeout=30)
+    while any(alive(p) for p in doomed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(alive(p) for p in doomed)
+
+
+NO_NAMESPACES = """
+import ctypes, json, platform
+from sandbox import SandboxPool
+from sandbox.policy import SockFilter, SockFprog
+unshare = {"x86_64": 272, "aarch64": 97}[platform.machine()]  # make unshare() fail, as in many containers
+prog = (SockFilter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, unshare), (0x06, 0, 0, 0x50001), (0x06, 0, 0, 0x7FFF0000))
+libc = ctypes.CDLL(None)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(SockFprog(4, prog)), 0, 0) == 0
+with SandboxPool(workers=2, wall_time=1.0, cpu_time=1.0, preload=()) as pool:
+    out = {"namespaces": pool.info["namespaces"]}
+    for name, code in CASES.items():
+        out[name] = pool.run(code).status
+    out["next"] = pool.run("print(6 * 7)").stdout
+print(json.dumps(out))
+"""
+
+
+def test_runs_stay_confined_where_namespaces_are_unavailable(tmp_path):
+    cases = {"connect": "import socket\nsocket.create_connection(('127.0.0.1', 9))",
+             "fork": "import os\nos.fork()", "kill-server": "import os\nos.kill(os.getppid(), 9)",
+             "write": f"open({str(tmp_path / 'x')!r}, 'w')", "sleep": "import time\ntime.sleep(1e9)"}
+    out = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}" + NO_NAMESPACES], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"namespaces": [], "connect": "denied", "fork": "denied",
+                                      "kill-server": "denied", "write": "denied", "sleep": "timeout", "next": "42\n"}
+    assert os.listdir(tmp_path) == []
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
