@@ -48,6 +48,7 @@ FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR
 NPIV = 16          # pivots per search pass
 SEARCH_CAP = 16384  # the search moves to a per-row scratch copy once its bracket holds this few tokens
 _SEARCH_BLOCK = 256
+_BLOCKS_PER_PROGRAM = 4   # the block kernel reads 4 x 2048 logits per program (16-32 KiB in flight)
 _M32 = 0xFFFFFFFF
 _MIX = (0x7FEB352D, 0x846CA68B)   # lowbias32 multipliers (C. Wellons' integer hash)
 _STREAM_TOKEN, _STREAM_BLOCK = 0, 1
@@ -327,18 +328,19 @@ def _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, idx, V):
 
 @triton.jit
 def _block_kernel(logits_ptr, stride, temp_ptr, tau_ptr, key_ptr, score_ptr, lse_ptr, V, NB,
-                  RB: tl.constexpr):
-    """Per (row, block c): log Z_c of the survivors and the block's score log Z_c + G_c (its max if greedy)."""
+                  RB: tl.constexpr, BPP: tl.constexpr):
+    """Per (row, BPP blocks c): log Z_c of the survivors and the score log Z_c + G_c (the block max if greedy)."""
     row = tl.program_id(0)
-    blk = tl.program_id(1)
-    s, greedy = _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, blk * RB + tl.arange(0, RB), V)
-    mx = tl.max(s)
+    blk = tl.program_id(1) * BPP + tl.arange(0, BPP)                                 # [BPP]
+    idx = blk[:, None] * RB + tl.arange(0, RB)[None, :]                               # [BPP, RB]
+    s, greedy = _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, idx, V)
+    mx = tl.max(s, axis=1)
     safe = tl.where(mx == float("-inf"), 0.0, mx)
-    z = tl.sum(tl.exp(s - safe))                                                    # >= 1 unless empty
+    z = tl.sum(tl.exp(s - safe[:, None]), axis=1)                                   # >= 1 unless empty
     lse = tl.where(z > 0, safe + tl.log(tl.maximum(z, 1.0)), float("-inf"))
     g = _gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), blk, 1)
-    tl.store(score_ptr + row * NB + blk, tl.where(greedy, mx, lse + g))
-    tl.store(lse_ptr + row * NB + blk, lse)
+    tl.store(score_ptr + row * NB + blk, tl.where(greedy, mx, lse + g), mask=blk < NB)
+    tl.store(lse_ptr + row * NB + blk, lse, mask=blk < NB)
 
 
 @triton.jit
@@ -380,7 +382,8 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     scratch = torch.empty(B, SEARCH_CAP, device=dev, dtype=torch.float32)
     _prepare_kernel[(B,)](logits, logits.stride(0), temp, top_k, top_p, min_p, seeds, offsets, tau, key, scratch, V,
                           FLOOR=FLOOR, CAP=SEARCH_CAP, NPIV=NPIV, BLOCK=_SEARCH_BLOCK, num_warps=4)
-    _block_kernel[(B, nb)](logits, logits.stride(0), temp, tau, key, score, lse, V, nb, RB=RNG_BLOCK, num_warps=8)
+    _block_kernel[(B, triton.cdiv(nb, _BLOCKS_PER_PROGRAM))](logits, logits.stride(0), temp, tau, key, score, lse,
+                                                            V, nb, RB=RNG_BLOCK, BPP=_BLOCKS_PER_PROGRAM, num_warps=8)
     _finish_kernel[(B,)](logits, logits.stride(0), temp, tau, key, score, lse, tokens, logprobs, V, nb,
                          NB_P2=triton.next_power_of_2(nb), RB=RNG_BLOCK, num_warps=8)
     return tokens, logprobs

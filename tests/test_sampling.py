@@ -251,7 +251,7 @@ out = {}
 for ty in ("bf16", "fp32"):
     for kernel, consts, warps in ((S._prepare_kernel, dict(FLOOR=S.FLOOR, CAP=S.SEARCH_CAP, NPIV=S.NPIV,
                                                             BLOCK=S._SEARCH_BLOCK), 4),
-                                  (S._block_kernel, dict(RB=S.RNG_BLOCK), 8),
+                                  (S._block_kernel, dict(RB=S.RNG_BLOCK, BPP=S._BLOCKS_PER_PROGRAM), 8),
                                   (S._finish_kernel, dict(NB_P2=128, RB=S.RNG_BLOCK), 8)):
         names = kernel.arg_names
         ptrs = {n: (f"*{ty}" if n == "logits_ptr" else "*i64" if n in ("topk_ptr", "seed_ptr", "off_ptr", "key_ptr",
