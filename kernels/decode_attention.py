@@ -7,11 +7,11 @@ written included). Query head h uses KV head ``h // G`` with ``G = Hq / Hkv`` (g
 
 Flash-decoding (Triton). A single query row leaves one program per (sequence, KV head) with too little
 work for a long context, so the keys of each sequence are cut into ``num_splits`` chunks of equal size
-(``ceil(len / num_splits)``, rounded up to a tile of BLOCK_N keys). Program (b, kv head, split) loads each K/V tile once
-for all G query heads of its group (``tl.dot`` on a [BLOCK_G, d] block of queries, padded to 16 rows)
-and keeps the online-softmax state per head:
+(``ceil(len / num_splits)``, rounded up to a tile of BLOCK_N keys). Program (b, kv head, split) loads
+each K/V tile once for all G query heads of its group (``tl.dot`` on a [BLOCK_G, d] block of queries,
+padded to 16 rows) and keeps the online-softmax state per head:
 
-    m' = max(m, max_j x_j)      l' = l e^{m - m'} + sum_j e^{x_j - m'}      acc' = acc e^{m - m'} + sum_j e^{x_j - m'} V[j]
+    m' = max(m, max_j x_j)    l' = l e^{m - m'} + sum_j e^{x_j - m'}    acc' = acc e^{m - m'} + sum_j e^{x_j - m'} V[j]
 
 It writes ``o_s = acc / l`` and ``lse_s = m + log l`` (-inf for an empty chunk). The reduce kernel merges
 the splits: ``out = sum_s e^{lse_s - M} o_s / sum_s e^{lse_s - M}`` with ``M = max_s lse_s``.

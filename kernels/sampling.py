@@ -124,7 +124,10 @@ def _thresholds_ref(s: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 
 
 def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
-    """PyTorch reference: the definition above, vectorised over rows. Returns (tokens [B] int64, logprobs [B] float32)."""
+    """PyTorch reference: the definition above, vectorised over rows.
+
+    Returns tokens [B] int64 and logprobs [B] float32.
+    """
     _check(logits, temperature, top_k, top_p, min_p, seeds, offsets)
     B, V = logits.shape
     dev = logits.device
@@ -390,6 +393,6 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seeds, offsets):
 
 
 def sample(logits, temperature, top_k, top_p, min_p, seeds, offsets):
-    """Draw one token per row: the Triton kernel on CUDA, the PyTorch reference elsewhere (see ``kernels.use_triton``)."""
+    """Draw one token per row: Triton on CUDA, the PyTorch reference elsewhere (see ``kernels.use_triton``)."""
     fn = sample_triton if kernels.use_triton(logits) else sample_ref
     return fn(logits, temperature, top_k, top_p, min_p, seeds, offsets)

@@ -156,7 +156,8 @@ for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True).stdout
         out[f"{kernel.__name__} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
                                           "shared": k.metadata.shared}
 print(json.dumps(out))

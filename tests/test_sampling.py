@@ -264,7 +264,8 @@ for ty in ("bf16", "fp32"):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True).stdout
         out[f"{kernel.__name__} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
                                           "shared": k.metadata.shared}
 print(json.dumps(out))
@@ -296,7 +297,8 @@ class TestOnGPU:
         B, V = 64, 151936
         logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
         params = _params(B, temperature=torch.where(torch.rand(B) < 0.2, 0.0, 1.0),
-                         top_k=torch.where(torch.rand(B) < 0.3, 50, 0), top_p=torch.where(torch.rand(B) < 0.5, 0.95, 1.0),
+                         top_k=torch.where(torch.rand(B) < 0.3, 50, 0),
+                         top_p=torch.where(torch.rand(B) < 0.5, 0.95, 1.0),
                          seed=torch.arange(B) * 7919, offset=123)
         t_ref, lp_ref = S.sample_ref(logits, *params)
         t_tl, lp_tl = S.sample_triton(logits, *params)
