@@ -45,9 +45,10 @@ def drop_capabilities() -> None:
     _check(capset(_CAP_HEADER, _CAP_DATA), "capset")
 
 
-def set_limits(cpu_time: float, address_space: int) -> None:
-    """Hard resource limits; never above what the server itself may use."""
+def resource_limits(cpu_time: float, address_space: int) -> list[tuple[int, tuple[int, int]]]:
+    """(resource, (soft, hard)) for every run, never above what the server itself may use."""
     cpu = math.ceil(cpu_time)
+    limits = []
     for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at soft, SIGKILL at hard
                             (resource.RLIMIT_AS, address_space, address_space),
                             (resource.RLIMIT_FSIZE, 0, 0),
@@ -56,15 +57,15 @@ def set_limits(cpu_time: float, address_space: int) -> None:
         cap = resource.getrlimit(res)[1]
         if cap != resource.RLIM_INFINITY:
             soft, hard = min(soft, cap), min(hard, cap)
-        resource.setrlimit(res, (soft, hard))
+        limits.append((res, (soft, hard)))
+    return limits
 
 
-def confine(stdio: tuple[int, int, int], server_pid: int, workdir: str, cpu_time: float,
-            address_space: int, seccomp) -> None:
+def confine(stdio: tuple[int, int, int], server_pid: int, workdir: str, limits: list, seccomp) -> None:
     """Confine this just-forked child; raise if any step fails (the caller then exits, never runs code).
 
-    ``stdio``: descriptors for fds 0, 1, 2. ``seccomp``: a ``policy.Filter``, or None when the pool
-    was explicitly allowed to run unconfined on a kernel without seccomp.
+    ``stdio``: descriptors for fds 0, 1, 2. ``limits``: from ``resource_limits``. ``seccomp``: the
+    RUN ``policy.Filter``, or None when the pool was explicitly allowed to run unconfined.
     """
     os.setpgid(0, 0)
     _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
@@ -74,7 +75,8 @@ def confine(stdio: tuple[int, int, int], server_pid: int, workdir: str, cpu_time
         os.dup2(fd, target)
     os.closerange(3, MAX_FD)
     os.chdir(workdir)
-    set_limits(cpu_time, address_space)
+    for res, soft_hard in limits:
+        resource.setrlimit(res, soft_hard)
     drop_capabilities()
     if seccomp is not None:
         seccomp.install(os.getpid())

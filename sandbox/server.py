@@ -133,6 +133,10 @@ class Zygote:
     # -- start-up ---------------------------------------------------------------------------------
     def start_up(self) -> dict:
         """Preload, probe the filter; return the ready message (or an error message)."""
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as e:
+            return {"error": f"sandbox: needs pidfd_open (Linux 5.3+), found kernel {os.uname().release} ({e!r})"}
         for name in self.cfg["preload"]:
             try:
                 importlib.import_module(name)
@@ -148,7 +152,7 @@ class Zygote:
         os.environ.clear()
         os.environ.update(CHILD_ENV, HOME=self.workdir, TMPDIR=self.workdir)
         base = self.vm_bytes()
-        self.address_space = base + (self.cfg["memory_mb"] << 20)
+        self.limits = child.resource_limits(self.cfg["cpu_time"], base + (self.cfg["memory_mb"] << 20))
         problem = None
         try:
             Filter(SERVER).install(os.getpid())
@@ -195,8 +199,7 @@ class Zygote:
         if pid == 0:  # the child: never returns into this loop
             status = 125
             try:
-                child.confine((self.devnull, out_w, err_w), server, self.workdir, self.cfg["cpu_time"],
-                              self.address_space, self.seccomp)
+                child.confine((self.devnull, out_w, err_w), server, self.workdir, self.limits, self.seccomp)
                 status = child.execute(code)
             except BaseException as e:  # confinement failed: say so, never run the code
                 try:
