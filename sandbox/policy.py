@@ -87,15 +87,16 @@ POLICY = [
       "symlink symlinkat mknod mknodat chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat "
       "truncate ftruncate fallocate utime utimes futimesat utimensat setxattr lsetxattr fsetxattr "
       "setxattrat removexattr lremovexattr fremovexattr removexattrat file_setattr"), None,     errno.EPERM,  SERVER),
-    # nothing that outlives the run or escapes the address-space limit
-    ("memfd_create memfd_secret shmget msgget semget mq_open", None,                            errno.EPERM,  SERVER),
+    # no memory shared with other processes, nothing that outlives the run or escapes its memory limit
+    (("memfd_create memfd_secret shmget shmat shmctl msgget msgsnd msgrcv msgctl semget semop semctl "
+      "semtimedop mq_open"),                            None,                                   errno.EPERM,  SERVER),
     # no mounts, no namespaces
     (("mount umount2 pivot_root chroot move_mount open_tree open_tree_attr fsopen fsconfig fsmount "
       "fspick mount_setattr unshare setns"),            None,                                   errno.EPERM,  SERVER),
     # hands off the kernel and the machine
     (("init_module finit_module delete_module kexec_load kexec_file_load reboot swapon swapoff acct "
       "quotactl quotactl_fd syslog sethostname setdomainname settimeofday clock_settime clock_adjtime "
-      "adjtimex iopl ioperm modify_ldt vhangup lookup_dcookie uselib personality fanotify_init"),
+      "adjtimex iopl ioperm modify_ldt vhangup lookup_dcookie uselib personality fanotify_init sync syncfs"),
                                                         None,                                   errno.EPERM,  SERVER),
     ("ioctl",                                           Arg(1, none_of=(TIOCSTI, TIOCLINUX)),   errno.EPERM,  SERVER),
     # the sandbox stays as it is: no filter changes, no limits raised, no kernel-side programs or rings
@@ -135,8 +136,9 @@ NUMBERS = {
     "fsetxattr": (190, 7), "setxattrat": (463, 463), "removexattr": (197, 14), "lremovexattr": (198, 15),
     "fremovexattr": (199, 16), "removexattrat": (466, 466), "file_setattr": (469, 469),
     # state that outlives the run
-    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
-    "semget": (64, 190), "mq_open": (240, 180),
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "shmat": (30, 196),
+    "shmctl": (31, 195), "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
+    "semget": (64, 190), "semop": (65, 193), "semctl": (66, 191), "semtimedop": (220, 192), "mq_open": (240, 180),
     # mounts and namespaces
     "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41), "chroot": (161, 51), "move_mount": (429, 429),
     "open_tree": (428, 428), "open_tree_attr": (467, 467), "fsopen": (430, 430), "fsconfig": (431, 431),
@@ -149,7 +151,8 @@ NUMBERS = {
     "sethostname": (170, 161), "setdomainname": (171, 162), "settimeofday": (164, 170), "clock_settime": (227, 112),
     "clock_adjtime": (305, 266), "adjtimex": (159, 171), "iopl": (172, None), "ioperm": (173, None),
     "modify_ldt": (154, None), "vhangup": (153, 58), "lookup_dcookie": (212, 18), "uselib": (134, None),
-    "personality": (135, 92), "fanotify_init": (300, 262), "ioctl": (16, 29),
+    "personality": (135, 92), "fanotify_init": (300, 262), "sync": (162, 81), "syncfs": (306, 267),
+    "ioctl": (16, 29),
     # the sandbox itself
     "seccomp": (317, 277), "prctl": (157, 167), "capset": (126, 91), "keyctl": (250, 219), "add_key": (248, 217),
     "request_key": (249, 218), "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),

@@ -3,11 +3,12 @@
 ``SandboxPool`` starts it as ``python -c "from sandbox.server import main; main()" CONFIG``, in its
 own session, with a minimal environment and an empty working directory. Start-up, once per server:
 
-    unshare(pid, mount, net [, user when not root])  where the kernel allows it (detected, not assumed)
+    unshare(pid, mount, net, ipc [, user when not root])  where the kernel allows it (detected, not assumed)
     fork -> the "zygote", pid 1 of the new pid namespace, mounts a fresh /proc: runs see no process
             outside the sandbox, and when the zygote dies the kernel kills every run with it.
             The outer process only waits (kill it and PR_SET_PDEATHSIG kills the zygote).
-    import the preload modules, run the warm-up code, gc.freeze(), huge pages, a minimal os.environ
+    import the preload modules, run the warm-up code, gc.freeze(), huge pages, not dumpable (no run
+        can read the server's or another run's memory through /proc), a minimal os.environ
     install the SERVER seccomp program (sandbox/policy.py); every run inherits it
     probe: one real run checks that both seccomp programs hold; refuse to serve if they do not,
            unless the pool was explicitly allowed to run unconfined
@@ -43,7 +44,9 @@ from dataclasses import dataclass, field
 from sandbox import child
 from sandbox.policy import RUN, SERVER, Filter
 
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+PR_SET_DUMPABLE = 4
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 MADV_COLLAPSE, HUGE_PAGE = 25, 2 << 20
 PROBE_ID = -1
@@ -64,17 +67,17 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def enter_namespaces() -> list[str]:
-    """unshare() into fresh pid, mount and network namespaces (plus a user namespace when not root).
+    """unshare() into fresh pid, mount, network and IPC namespaces (plus a user namespace when not root).
 
     Returns the namespaces entered; [] where the kernel or a container forbids it."""
     uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | (CLONE_NEWUSER if uid else 0)) != 0:
+    if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | (CLONE_NEWUSER if uid else 0)) != 0:
         return []
     if uid:  # map our own ids into the user namespace, so files keep their owners
         for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
-    return ["user"] * bool(uid) + ["pid", "mount", "net"]
+    return ["user"] * bool(uid) + ["pid", "mount", "net", "ipc"]
 
 
 def mount_fresh_proc() -> bool:
@@ -149,6 +152,7 @@ class Zygote:
             return {"error": f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"}
         gc.freeze()  # children never touch the preloaded objects' GC headers: fewer copy-on-write faults
         use_huge_pages()
+        child.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # runs (which inherit this) cannot read our memory or each other's
         os.environ.clear()
         os.environ.update(CHILD_ENV, HOME=self.workdir, TMPDIR=self.workdir)
         base = self.vm_bytes()

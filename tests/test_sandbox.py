@@ -256,10 +256,17 @@ def test_runs_see_a_minimal_environment(monkeypatch):
 
 
 def test_trainer_environ_is_invisible_through_proc(pool):
-    if "proc" not in pool.info["namespaces"]:
-        pytest.skip("no pid namespace on this kernel: a same-uid process can read /proc/<trainer>/environ")
-    res = pool.run(f"print(open('/proc/{os.getpid()}/environ').read())")
-    assert res.status == "error" and res.error_line.startswith("FileNotFoundError"), res
+    if "proc" not in pool.info["namespaces"] and os.getuid() != 0:
+        pytest.skip("no pid namespace and not root: a same-uid run can read /proc/<trainer>/environ here")
+    res = pool.run(f"print(open('/proc/{os.getpid()}/environ').read())")  # hidden (pid ns) or denied (caps)
+    assert res.status in ("error", "denied") and res.stdout == "", res
+    serves_next(pool)
+
+
+@pytest.mark.parametrize("path", ["environ", "mem"])
+def test_server_memory_and_environment_are_unreadable(pool, path):
+    res = pool.run(f"import os\nprint(open(f'/proc/{{os.getppid()}}/{path}', 'rb').read(64))")
+    assert (res.status, res.stdout) == ("denied", ""), res
     serves_next(pool)
 
 
