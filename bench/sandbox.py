@@ -1,7 +1,7 @@
 """Sandbox throughput and latency: SandboxPool vs `python -c` per run vs Qwen-Agent's PythonExecutor.
 
-    python -m bench.sandbox                      # trivial and sympy code at 1, 2, 4, 8 workers
-    python -m bench.sandbox --qwen-path DIR      # also Qwen-Agent, installed with
+    python bench/sandbox.py                      # trivial and sympy code at 1, 2, 4, 8 workers
+    python bench/sandbox.py --qwen-path DIR      # also Qwen-Agent, installed with
                                                  #   pip install --target DIR "qwen-agent[python_executor]"
 
 Closed loop: ``w`` caller threads each run code back to back, so runs/s is what ``w`` concurrent
@@ -20,8 +20,11 @@ import sys
 import threading
 import time
 
-from bench.common import environment, print_table, save_json
-from sandbox import SandboxPool
+if not __package__:  # run as `python bench/sandbox.py`: put the repo root first, or this file shadows the package
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from bench.common import environment, print_table, save_json  # noqa: E402
+from sandbox import SandboxPool  # noqa: E402
 
 CODES = {"trivial": "print(1 + 1)",
          "sympy": "import sympy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**6 - 1))"}

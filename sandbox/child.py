@@ -5,11 +5,12 @@ seccomp program is installed last, and only then does the untrusted code start:
 
     own process group      -> the server can SIGKILL the whole run on wall-time expiry
     parent-death signal    -> the run dies with the server, never lingers as an orphan
-    stdio = /dev/null + two capped pipes, every other descriptor closed
+    stdio = the pipe the code arrives on (EOF once read) + two capped pipes; every other fd closed
     read-only empty working directory
     setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps
     all capabilities dropped (matters when the trainer runs as root)
     the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py)
+    -- the child is now a spare: it waits here until the server writes its code to stdin --
     exec(code) in a fresh __main__, then os._exit: no interpreter teardown, no atexit of the server
 """
 import builtins
@@ -82,6 +83,15 @@ def confine(stdio: tuple[int, int, int], server_pid: int, workdir: str, limits: 
         seccomp.install(os.getpid())
 
 
+def read_code() -> str:
+    """The run's code: everything the server writes to stdin before closing it (so input() then
+    meets EOF, as with no stdin at all)."""
+    chunks = []
+    while chunk := os.read(0, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "surrogatepass")
+
+
 def _exit_status(e: SystemExit) -> int:
     """What ``python -c`` returns for ``sys.exit(e.code)``."""
     if e.code is None:
@@ -95,7 +105,7 @@ def _exit_status(e: SystemExit) -> int:
 def execute(code: str) -> int:
     """Run ``code`` like ``python -c`` would, in a fresh ``__main__``; return the exit status.
 
-    sys.stdin/stdout/stderr are the server's own stream objects, now writing to the run's fds 0-2
+    sys.stdin/stdout/stderr are the server's own stream objects, now bound to the run's fds 0-2
     (the server never writes to them, so their buffers are empty; PYTHONIOENCODING made them
     UTF-8 with backslashreplace)."""
     sys.argv = ["-c"]

@@ -13,12 +13,14 @@ own session, with a minimal environment and an empty working directory. Start-up
     probe: one real run checks that both seccomp programs hold; refuse to serve if they do not,
            unless the pool was explicitly allowed to run unconfined
 
-Then one single-threaded event loop (epoll) over the control socket and, per running child, its
-stdout pipe, its stderr pipe and its pidfd (readable when it exits; signals through it cannot hit a
-recycled pid). At most ``workers`` children run at once; the rest wait in a queue. A child that
-passes its wall-time deadline or writes more than ``max_output`` bytes on a stream is SIGKILLed with
-its process group at once. EOF on the control socket (the pool closed, or its process died) kills
-every run and ends the server: no orphans, no zombies.
+Then one single-threaded event loop (epoll) over the control socket and the running children. The
+server keeps ``workers`` spare children, forked and confined ahead of time and blocked reading their
+code from stdin, so a run starts with one write (fork and confinement stay off its latency). A run
+is watched through its stdout pipe, its stderr pipe and its pidfd (readable when it exits; signals
+through it cannot hit a recycled pid). At most ``workers`` run at once; the rest wait in a queue.
+A run that passes its wall-time deadline or writes more than ``max_output`` bytes on a stream is
+SIGKILLed with its process group at once. EOF on the control socket (the pool closed, or its process
+died) kills every child and ends the server: no orphans, no zombies.
 
 Protocol, both directions: 4-byte little-endian length + ``marshal`` of a dict.
     pool -> server  {"id": int, "code": str}
@@ -103,12 +105,14 @@ def use_huge_pages() -> None:
 
 @dataclass
 class Run:
-    id: int
+    """One child: spawned (confined, waiting for its code on stdin), then dispatched (running)."""
     pid: int
     pidfd: int
-    start: float
-    deadline: float
-    pipes: dict = field(default_factory=dict)      # open read ends: fd -> "stdout" | "stderr"
+    code_w: int                                    # write end of the child's stdin
+    pipes: dict                                    # read ends of stdout and stderr: fd -> "stdout" | "stderr"
+    id: int = 0
+    start: float = 0.0
+    deadline: float = 0.0
     output: dict = field(default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray()})
     truncated: set = field(default_factory=set)    # streams that passed the cap
     status: int | None = None                      # wait status, once reaped
@@ -126,10 +130,10 @@ class Zygote:
         self.epoll.register(ctrl.fileno(), select.EPOLLIN)
         self.owner: dict[int, Run] = {}  # watched fd (pipe or pidfd) -> its run
         self.inbox = bytearray()
-        self.queue: collections.deque[tuple[int, str]] = collections.deque()
+        self.queue: collections.deque[tuple[int, str]] = collections.deque()  # (id, code) waiting for a child
+        self.spare: collections.deque[Run] = collections.deque()  # confined children waiting for code
         self.running: dict[int, Run] = {}
         self.probe: dict | None = None
-        self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.workdir = os.getcwd()
         self.seccomp = None
 
@@ -186,25 +190,24 @@ class Zygote:
     def submit(self, rid: int, code: str) -> None:
         self.queue.append((rid, code))
 
-    def fork(self, rid: int, code: str) -> None:
+    def spawn(self) -> Run:
+        """Fork a child that confines itself, then blocks reading its code from stdin until EOF.
+        Forking and confining ahead of time keeps both out of a run's latency."""
         fds: list[int] = []
         try:
-            fds = [*os.pipe(), *os.pipe()]
-            start, server = time.monotonic(), os.getpid()
+            fds = [*os.pipe(), *os.pipe(), *os.pipe()]
+            server = os.getpid()
             pid = os.fork()
-        except OSError as e:  # out of processes, memory or descriptors: this run fails, the server goes on
+        except OSError:
             for fd in fds:
                 os.close(fd)
-            self.deliver({"id": rid, "stdout": b"", "stderr": f"sandbox: could not start the run: {e}\n".encode(),
-                          "stdout_truncated": False, "stderr_truncated": False, "exit_code": None, "signal": None,
-                          "wall_time": 0.0, "cpu_time": 0.0, "reason": "killed"})
-            return
-        out_r, out_w, err_r, err_w = fds
+            raise
+        code_r, code_w, out_r, out_w, err_r, err_w = fds
         if pid == 0:  # the child: never returns into this loop
             status = 125
             try:
-                child.confine((self.devnull, out_w, err_w), server, self.workdir, self.limits, self.seccomp)
-                status = child.execute(code)
+                child.confine((code_r, out_w, err_w), server, self.workdir, self.limits, self.seccomp)
+                status = child.execute(child.read_code())
             except BaseException as e:  # confinement failed: say so, never run the code
                 try:
                     os.write(2, f"sandbox: could not confine the run: {e!r}\n".encode())
@@ -212,14 +215,32 @@ class Zygote:
                     pass
             finally:
                 os._exit(status)
-        os.close(out_w)
-        os.close(err_w)
-        run = Run(rid, pid, os.pidfd_open(pid), start, start + self.cfg["wall_time"])
-        run.pipes = {out_r: "stdout", err_r: "stderr"}
-        for fd in (out_r, err_r, run.pidfd):
+        for fd in (code_r, out_w, err_w):
+            os.close(fd)
+        return Run(pid, os.pidfd_open(pid), code_w, {out_r: "stdout", err_r: "stderr"})
+
+    def dispatch(self, rid: int, code: str) -> None:
+        """Hand ``code`` to a spare child (or a new one) and start its clock."""
+        try:
+            run = self.spare.popleft() if self.spare else self.spawn()
+        except OSError as e:  # out of processes, memory or descriptors: this run fails, the server goes on
+            self.deliver({"id": rid, "stdout": b"", "stderr": f"sandbox: could not start the run: {e}\n".encode(),
+                          "stdout_truncated": False, "stderr_truncated": False, "exit_code": None, "signal": None,
+                          "wall_time": 0.0, "cpu_time": 0.0, "reason": "killed"})
+            return
+        run.id, run.start = rid, time.monotonic()
+        run.deadline = run.start + self.cfg["wall_time"]
+        data = memoryview(code.encode("utf-8", "surrogatepass"))
+        try:
+            while data:
+                data = data[os.write(run.code_w, data):]
+        except BrokenPipeError:  # the child died before reading its code; its exit status will tell why
+            pass
+        os.close(run.code_w)
+        for fd in (*run.pipes, run.pidfd):
             self.epoll.register(fd, select.EPOLLIN)
             self.owner[fd] = run
-        self.running[pid] = run
+        self.running[run.pid] = run
 
     def kill(self, run: Run, reason: str) -> None:
         """SIGKILL the run's process group and the run itself (not reaped yet, so its pid is still ours)."""
@@ -300,9 +321,15 @@ class Zygote:
             self.submit(msg["id"], msg["code"])
 
     def step(self) -> None:
-        """Start queued runs, wait for events or the nearest deadline, then kill, reap and report."""
+        """Start queued runs, keep ``workers`` spare children, wait for events or the nearest deadline,
+        then kill, reap and report."""
         while self.queue and len(self.running) < self.cfg["workers"]:
-            self.fork(*self.queue.popleft())
+            self.dispatch(*self.queue.popleft())
+        while len(self.spare) < self.cfg["workers"]:
+            try:
+                self.spare.append(self.spawn())
+            except OSError:  # no spare now; dispatch() will try again and report the error
+                break
         deadlines = [r.deadline for r in self.running.values() if r.reason is None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for fd, _ in self.epoll.poll(-1 if timeout is None else timeout):
@@ -316,8 +343,8 @@ class Zygote:
                 self.kill(run, "timeout")
 
     def shutdown(self) -> None:
-        """Kill and reap every run."""
-        for run in self.running.values():
+        """Kill and reap every child, running or spare."""
+        for run in (*self.running.values(), *self.spare):
             self.kill(run, "killed")
             os.waitpid(run.pid, 0)
 
