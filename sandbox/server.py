@@ -132,6 +132,7 @@ class Zygote:
         self.inbox = bytearray()
         self.queue: collections.deque[tuple[int, str]] = collections.deque()  # (id, code) waiting for a child
         self.spare: collections.deque[Run] = collections.deque()  # confined children waiting for code
+        self.spares_wanted = 0  # ``workers`` once start-up has settled how runs are confined
         self.running: dict[int, Run] = {}
         self.probe: dict | None = None
         self.workdir = os.getcwd()
@@ -177,6 +178,7 @@ class Zygote:
                 return {"error": f"sandbox: cannot confine runs on this machine ({problem}). Refusing to run "
                                  "untrusted code unconfined; pass allow_unconfined=True to do it anyway."}
             self.seccomp = None
+        self.spares_wanted = self.cfg["workers"]
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.seccomp is not None,
                           "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine}}
 
@@ -325,7 +327,7 @@ class Zygote:
         then kill, reap and report."""
         while self.queue and len(self.running) < self.cfg["workers"]:
             self.dispatch(*self.queue.popleft())
-        while len(self.spare) < self.cfg["workers"]:
+        while len(self.spare) < self.spares_wanted:
             try:
                 self.spare.append(self.spawn())
             except OSError:  # no spare now; dispatch() will try again and report the error

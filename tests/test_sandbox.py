@@ -19,7 +19,6 @@ import pytest
 
 from sandbox import SandboxPool
 from sandbox.policy import NUMBERS, POLICY, RUN, SELF, SERVER, compile_policy
-from sandbox.pool import check_hello
 
 ARCH = platform.machine()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,13 +401,6 @@ def test_unknown_architecture_is_refused():
         compile_policy(RUN, "riscv64")
 
 
-def test_a_server_that_cannot_confine_is_refused_or_loudly_unconfined():
-    with pytest.raises(RuntimeError, match="allow_unconfined"):
-        check_hello({"error": "sandbox: cannot confine runs ... pass allow_unconfined=True to do it anyway."})
-    with pytest.warns(RuntimeWarning, match="WITHOUT seccomp"):
-        check_hello({"ready": {"seccomp": False, "problem": "EINVAL"}})
-
-
 # -- lifecycle -------------------------------------------------------------------------------------------
 
 def test_thousand_runs_leak_no_processes_or_descriptors(pool):
@@ -509,6 +501,38 @@ def test_runs_stay_confined_where_namespaces_are_unavailable(tmp_path):
     assert json.loads(out.stdout) == {"namespaces": [], "connect": "denied", "fork": "denied",
                                       "kill-server": "denied", "write": "denied", "sleep": "timeout", "next": "42\n"}
     assert os.listdir(tmp_path) == []
+
+
+NO_SECCOMP = """
+import ctypes, json, platform, warnings
+from sandbox import SandboxPool
+from sandbox.policy import SockFilter, SockFprog
+prctl, seccomp = {"x86_64": (157, 317), "aarch64": (167, 277)}[platform.machine()]
+einval, allow = 0x50000 | 22, 0x7FFF0000  # answer like a kernel built without seccomp
+prog = (SockFilter * 8)((0x20, 0, 0, 0), (0x15, 0, 3, prctl), (0x20, 0, 0, 16), (0x15, 0, 3, 22),
+                        (0x06, 0, 0, einval), (0x15, 0, 1, seccomp), (0x06, 0, 0, einval), (0x06, 0, 0, allow))
+libc = ctypes.CDLL(None)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(SockFprog(8, prog)), 0, 0) == 0
+try:
+    SandboxPool(workers=1, preload=())
+    refused = ""
+except RuntimeError as e:
+    refused = str(e)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with SandboxPool(workers=1, preload=(), allow_unconfined=True) as pool:
+        out = {"refused": refused, "seccomp": pool.info["seccomp"], "stdout": pool.run("print(6 * 7)").stdout}
+out["warning"] = " ".join(str(w.message) for w in caught)
+print(json.dumps(out))
+"""
+
+
+def test_without_seccomp_the_pool_refuses_unless_told_and_then_warns():
+    out = subprocess.run([sys.executable, "-c", NO_SECCOMP], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert "cannot confine" in res["refused"] and "allow_unconfined=True" in res["refused"]
+    assert (res["seccomp"], res["stdout"]) == (False, "42\n") and "WITHOUT seccomp" in res["warning"]
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
