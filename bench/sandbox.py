@@ -101,7 +101,8 @@ def load_qwen(path: str | None):
     try:
         from qwen_agent.tools.python_executor import PythonExecutor
     except ImportError as e:
-        return None, f"not importable ({e}); pip install --target DIR 'qwen-agent[python_executor]' and pass --qwen-path DIR"
+        return None, (f"not importable ({e}); pip install --target DIR 'qwen-agent[python_executor]' "
+                      "and pass --qwen-path DIR")
     return PythonExecutor({"timeout_length": 60}), None
 
 

@@ -1,4 +1,5 @@
-"""Try code by hand: ``python -m sandbox 'print(2**100)'``, ``python -m sandbox file.py``, ``... | python -m sandbox -``.
+"""Try code by hand: ``python -m sandbox 'print(2**100)'``, ``python -m sandbox file.py``, or code on stdin
+with ``python -m sandbox -``.
 
 Prints the Result as JSON; exits 0 when its status is "ok", 1 otherwise.
 """

@@ -302,7 +302,8 @@ def test_raw_syscalls_through_ctypes_are_denied(pool):
     code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nout = {}\n"
             f"for name, args in {calls!r}.items():\n"
             "    out[name] = (libc.syscall(*args), ctypes.get_errno())\n"
-            "for name, args in {'drop filter': (22, 0), 'clear no_new_privs': (38, 0), 'drop pdeathsig': (1, 0)}.items():\n"
+            "prctls = {'drop filter': (22, 0), 'clear no_new_privs': (38, 0), 'drop pdeathsig': (1, 0)}\n"
+            "for name, args in prctls.items():\n"
             "    out[name] = (libc.prctl(*args, 0, 0, 0), ctypes.get_errno())\n"
             "print(out)")
     res = pool.run(code)
