@@ -1,4 +1,6 @@
-"""Shared fixtures: random Hugging Face Qwen2 checkpoints and the path to ../shared."""
+"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2 checkpoints, the path to ../shared."""
+import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,36 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Triton defines its own library functions (tl.zeros, tl.sum, ...) for the interpreter only if TRITON_INTERPRET=1
+# when triton is first imported, and @triton.jit reads it when a kernel is defined. So on CPU triton is imported
+# here, before any test module, with the variable set; it is then removed again, so that the model, generator
+# and trainer under test keep their PyTorch reference path (kernels.use_triton), and the kernel tests turn the
+# interpreter on for themselves with `interpreted` and the `triton_interpreter` fixture.
+if DEV == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language  # noqa: E402,F401
+    del os.environ["TRITON_INTERPRET"]
+
+
+def interpreted(name: str):
+    """Import the kernel module ``name`` with its kernels defined for the interpreter on CPU."""
+    module = importlib.import_module(name)
+    if DEV == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            module = importlib.reload(module)
+        finally:
+            del os.environ["TRITON_INTERPRET"]
+    return module
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """The interpreter also reads TRITON_INTERPRET while kernels run: set it for one test on CPU."""
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def shared_path(*parts) -> Path:

@@ -20,37 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu":
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from conftest import DEV, interpreted
 
-import kernels.decode_attention as DA  # noqa: E402
-
-if DEV == "cpu":
-    if not isinstance(DA._split_kernel, InterpretedFunction):
-        importlib.reload(DA)
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
+DA = interpreted("kernels.decode_attention")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-# The interpreter runs only if triton itself was first imported with TRITON_INTERPRET=1 (its library
-# functions such as tl.zeros are defined then); otherwise the Triton-path tests skip with this reason.
-TRITON = pytest.mark.skipif(DEV == "cpu" and not isinstance(tl.zeros, InterpretedFunction),
-                            reason="triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot "
-                                   "run on CPU in this session: set it in tests/conftest.py before the first "
-                                   "import of triton, or run this file alone")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """The interpreter also reads TRITON_INTERPRET while it runs; set it for this module's tests only."""
-    if DEV == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _inputs(B, Hq, Hkv, d, S, lengths, dtype, device=DEV, seed=0):
@@ -98,7 +72,6 @@ CASES = [  # B, Hq, Hkv, d, S, lengths, num_splits
 ]
 
 
-@TRITON
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,d,S,lengths,num_splits", CASES)
 def test_triton_matches_reference(B, Hq, Hkv, d, S, lengths, num_splits, dtype):
@@ -109,7 +82,6 @@ def test_triton_matches_reference(B, Hq, Hkv, d, S, lengths, num_splits, dtype):
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@TRITON
 def test_split_count_does_not_change_the_result():
     q, k, v, slots, lengths = _inputs(2, 4, 2, 16, 150, [150, 77], torch.float32)
     outs = [DA.decode_attention_triton(q, k, v, slots, lengths, scale=0.2, num_splits=n) for n in (1, 2, 5)]
@@ -117,7 +89,6 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0], atol=1e-6, rtol=1e-5)
 
 
-@TRITON
 def test_strided_query_and_explicit_scale():
     q, k, v, slots, lengths = _inputs(2, 4, 2, 16, 40, [40, 5], torch.float32)
     q_wide = torch.zeros(2, 8, 16, device=DEV)

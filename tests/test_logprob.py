@@ -1,13 +1,7 @@
 """kernels/logprob.py: the Triton log-prob kernels against the PyTorch reference.
 
-On CPU the kernels run under the Triton interpreter, which Triton only enables for the kernels and
-its own library functions defined while TRITON_INTERPRET=1: it must be set before the first
-``import triton`` of the process. This module sets it while importing (reloading kernels.logprob if
-a module under test imported it before), puts the variable back afterwards so other test modules
-keep their reference paths, and sets it again around each of its tests (``interpret_on_cpu``) for
-``kernels.use_triton``. If Triton itself was first imported without it, the CPU tests are skipped
-with that reason: import triton once with the variable set in tests/conftest.py.
-With a CUDA device nothing is set: the compiled kernels run in ``TestOnGPU``.
+On CPU the kernels run under the Triton interpreter (see ``interpreted`` in tests/conftest.py); with a
+CUDA device the compiled kernels run, and ``TestOnGPU`` adds the real shapes.
 """
 import importlib
 import importlib.util
@@ -19,32 +13,11 @@ import sys
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import DEV, interpreted
 
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import kernels.logprob as lp  # noqa: E402
-
-if not ON_GPU and not isinstance(lp._dot, InterpretedFunction):
-    importlib.reload(lp)  # imported earlier by a module under test, without the interpreter
-if _saved is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-if not ON_GPU and not isinstance(tl.zeros, InterpretedFunction):
-    pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU "
-                "here: import triton once with it set in tests/conftest.py, or run this file alone",
-                allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def interpret_on_cpu(monkeypatch):
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+ON_GPU = DEV == "cuda"
+lp = interpreted("kernels.logprob")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 # Stated tolerances. fp32: products and sums in fp32 on both sides. bf16: the forward multiplies

@@ -17,41 +17,12 @@ import sys
 import pytest
 import torch
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu":
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from conftest import DEV, interpreted
 
-import kernels.sampling as S  # noqa: E402
-
-if DEV == "cpu":
-    if not isinstance(S._block_kernel, InterpretedFunction):
-        importlib.reload(S)
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """The interpreter also reads TRITON_INTERPRET while it runs; set it for this module's tests only."""
-    if DEV == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-# The interpreter runs only if triton itself was first imported with TRITON_INTERPRET=1 (its library
-# functions such as tl.zeros are defined then); in a session where another module imported it first,
-# the Triton-path tests skip with this reason and the reference tests still run.
-TRITON = pytest.mark.skipif(DEV == "cpu" and not isinstance(tl.zeros, InterpretedFunction),
-                            reason="triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot "
-                                   "run on CPU in this session: set it in tests/conftest.py before the first "
-                                   "import of triton, or run this file alone")
+S = interpreted("kernels.sampling")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 PATHS = {"ref": S.sample_ref, "triton": S.sample_triton}
-BOTH = ["ref", pytest.param("triton", marks=TRITON)]
+BOTH = ["ref", "triton"]
 CHI2_PVALUE = 1e-4   # a correct sampler fails a chi-square test with this probability (seeds are fixed)
 
 
@@ -154,7 +125,6 @@ def test_reference_thresholds_match_brute_force(case):
         assert torch.equal(s[b] >= tau[b], keep), f"row {b}"
 
 
-@TRITON
 @pytest.mark.parametrize("cap", [5, S.SEARCH_CAP])   # 5: several passes over the row before the scratch copy
 @pytest.mark.parametrize("case", range(3))
 def test_triton_thresholds_match_brute_force(case, cap):
@@ -199,7 +169,7 @@ def _chi2_case(multi_block):
     return torch.randn(12) * 1.5, (0.7, 8, 0.9, 0.05)
 
 
-@pytest.mark.parametrize("path,draws", [("ref", 4000), pytest.param("triton", 300, marks=TRITON)])
+@pytest.mark.parametrize("path,draws", [("ref", 4000), ("triton", 300)])
 @pytest.mark.parametrize("multi_block", [False, True])
 def test_chi_square_frequencies_match_filtered_distribution(path, draws, multi_block):
     row, (T, k, p, q) = _chi2_case(multi_block)
@@ -230,7 +200,6 @@ def test_a_row_draws_the_same_token_alone_or_in_any_batch(path):
     assert not torch.equal(other_offset, tokens)
 
 
-@TRITON
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_draws_the_same_tokens_as_the_reference(dtype):
     torch.manual_seed(7)
