@@ -11,12 +11,10 @@ generating), checkpoints are Hugging Face directories plus the optimizer, and a 
 the newest complete checkpoint in ``out_dir``.
 """
 import json
-import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,8 +22,9 @@ from tqdm import tqdm
 
 from nanotorl import dist
 from nanotorl.checkpoint import load_model, save_state_dict
-from nanotorl.config import PRESETS, TrainConfig, parse_args
+from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, load_problems
+from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import GRPOConfig, group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
 from nanotorl.metrics import pass_at_k
@@ -236,12 +235,12 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world)) if device.type == "cpu" else None
     ckpt = latest_checkpoint(cfg.out_dir)
+    base = Path(cfg.model or cfg.demo_base_dir or BASE_DIR)
     if ckpt is None and not cfg.model:
-        if rank == 0 and not (Path(cfg.demo_base_dir) / "config.json").is_file():
-            from nanotorl.demo import build_base_model
-            build_base_model(cfg.demo_base_dir, log=tqdm.write)
+        if rank == 0 and not (base / "config.json").is_file():
+            build_base_model(base, log=tqdm.write)
         dist.barrier()
-    model_dir = ckpt or Path(cfg.model or cfg.demo_base_dir)
+    model_dir = ckpt or base
     cuda = device.type == "cuda"
     dtype = getattr(torch, cfg.dtype)
     model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)

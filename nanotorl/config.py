@@ -53,7 +53,7 @@ class TrainConfig:
     tensorboard: bool = False
     wandb_project: str = ""
     # the demo's base model and data
-    demo_base_dir: str = "runs/demo-base"
+    demo_base_dir: str = ""         # "" = the committed nanotorl/demo_base (rebuilt there if deleted)
     demo_train_problems: int = 4000
 
 

@@ -25,6 +25,7 @@ from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
 
 EOS = "<|endoftext|>"
+BASE_DIR = Path(__file__).resolve().parent / "demo_base"  # the committed base model
 # Whole-phrase tokens: the two halves of the ToRL template around the problem, and the fences.
 PHRASES = (TORL_TEMPLATE.split("{problem}")[0], TORL_TEMPLATE.split("{problem}")[1],
            "```python\n", "```output\n", "```\n", "print(", "\\boxed{", "The answer is ")
@@ -93,7 +94,7 @@ def sft_sequences(tok: Tokenizer, problems: list[Problem], tool_fraction: float,
     return seqs
 
 
-def build_base_model(path, steps: int = 600, batch_tokens: int = 4096, lr: float = 3e-3,
+def build_base_model(path, steps: int = 1500, batch_tokens: int = 4096, lr: float = 3e-3,
                      tool_fraction: float = 0.2, n_problems: int = 20000, seed: int = 1234, log=print) -> Path:
     """Make the demo's "base model" by a short supervised run and save it as a Hugging Face checkpoint."""
     path = Path(path)
@@ -125,3 +126,14 @@ def build_base_model(path, steps: int = 600, batch_tokens: int = 4096, lr: float
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Rebuild the demo's base model (the committed one was made "
+                                                 "with the defaults: python -m nanotorl.demo)")
+    parser.add_argument("--out", default=str(BASE_DIR))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args()
+    build_base_model(args.out, steps=args.steps, seed=args.seed)

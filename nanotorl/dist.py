@@ -39,7 +39,9 @@ def distributed() -> bool:
 
 
 def teardown():
+    """Leave the process group together (a rank that leaves while another still talks can abort gloo)."""
     if distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,0 +1,129 @@
+"""The trainer: data parallelism is exact, tool tokens get no gradient, a killed run resumes to the same
+result, and the demo runs end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from nanotorl.checkpoint import load_model
+from nanotorl.grpo import GRPOConfig, micro_batches, policy_loss, policy_sequence
+from nanotorl.model import Qwen2, Qwen2Config
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def torchrun(nproc, *args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_one_step_on_two_processes_equals_one_process(tmp_path):
+    outs = {}
+    for n in (1, 2):
+        r = torchrun(n, "tests/dist_step.py", str(tmp_path / f"w{n}.pt"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[n] = torch.load(tmp_path / f"w{n}.pt")
+    torch.manual_seed(0)
+    init = Qwen2(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2).state_dict()
+    one, two = outs[1]["weights"], outs[2]["weights"]
+    assert one.keys() == two.keys() == init.keys()
+    assert max((one[k] - init[k]).abs().max() for k in one) > 1e-3  # the step really moved the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert outs[1]["stats"]["trained_tokens"] == outs[2]["stats"]["trained_tokens"]
+
+
+def test_masked_tool_tokens_get_no_gradient():
+    torch.manual_seed(0)
+    model = Qwen2(Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2)
+    prompt, response, mask = [1, 2, 3], [5, 6, 7, 8, 9, 10], [1, 1, 0, 0, 1, 1]
+
+    def grads(seq):
+        model.zero_grad()
+        mb = micro_batches([seq], 100)[0]
+        logp = model.token_logprobs(mb["input_ids"], mb["targets"])
+        loss, _ = policy_loss(logp, mb["old_logp"].flatten(), mb["advantage"].flatten(), mb["weight"].flatten(),
+                              GRPOConfig(), normalizer=4)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    seq = policy_sequence(prompt, response, mask, [-1.0] * 6, 1.5)
+    base = grads(seq)
+    # what the tool tokens are predicted to be, and their old log-probs, must not matter
+    other = dict(seq, targets=list(seq["targets"]), old_logp=list(seq["old_logp"]))
+    for pos in (4, 5):  # positions 4 and 5 predict the response tokens 7 and 8, the tool output
+        other["targets"][pos] = 30
+        other["old_logp"][pos] = -9.0
+    for a, b in zip(base, grads(other)):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().max() > 0 for g in base)
+    # while changing a policy token's target does change the gradient
+    policy = dict(seq, targets=list(seq["targets"]))
+    policy["targets"][6] = 30
+    assert any(not torch.allclose(a, b) for a, b in zip(base, grads(policy)))
+
+
+DEMO_ARGS = ["--steps", "4", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "48",
+             "--eval-every", "2", "--eval-problems", "8", "--eval-k", "2", "--save-every", "1", "--gen-slots", "16"]
+
+
+def run_demo(out, *extra, wait_for=None):
+    """train.py on the demo (committed base model); with ``wait_for``, SIGKILL it once that path exists."""
+    cmd = [sys.executable, "train.py", "--out-dir", str(out), *DEMO_ARGS, *extra]
+    if wait_for is None:
+        r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not Path(wait_for).exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def metrics(out):
+    drop = ("time_", "tokens_per_s")
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
+            for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    run_demo(out)
+    return out
+
+
+def test_demo_runs_end_to_end(uninterrupted):
+    rows = metrics(uninterrupted)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for key in ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "calls_per_response", "response_length",
+                "entropy", "clip_fraction", "grad_norm", "logprob_gap_mean", "logprob_gap_max"):
+        assert key in rows[1], key
+    assert rows[1]["logprob_gap_max"] < 1e-3  # generator and trainer run the same model code
+    assert {"eval_accuracy", "eval_pass@1", "eval_pass@2"} <= rows[2].keys()
+    assert (uninterrupted / "curves.png").stat().st_size > 10_000
+    ckpts = sorted((uninterrupted / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step_000003", "step_000004"]  # keep_checkpoints=2
+    load_model(ckpts[-1])
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    run_demo(out, wait_for=out / "checkpoints" / "step_000002")
+    assert not (out / "checkpoints" / "step_000004").exists()
+    run_demo(out)
+    assert metrics(out) == metrics(uninterrupted)
+    a = load_model(out / "checkpoints" / "step_000004").state_dict()
+    b = load_model(uninterrupted / "checkpoints" / "step_000004").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
