@@ -45,8 +45,8 @@ from nanotorl.config import TrainConfig
 from nanotorl.data import Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems
 from nanotorl.generate import Completion, Generator, Request, SamplingParams
 from nanotorl.metrics import maj_at_k, mean_pass_at_k
-from nanotorl.reward import final_answer, is_equivalent, policy_segments
-from nanotorl.rollout import sample_seed
+from nanotorl.reward import is_equivalent
+from nanotorl.rollout import sample_seed, score_completion
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 from train import latest_checkpoint, shard_of
@@ -107,11 +107,10 @@ def deduplicated(name: str, problems: list[Problem], log) -> tuple[list[Problem]
 
 def to_record(name: str, problem: Problem, mode: str, index: int, completion: Completion, tok: Tokenizer) -> dict:
     """One scored response as a JSON-able dict. The answer comes from the policy's own tokens (as in rollout)."""
-    answer = final_answer(policy_segments(completion.response_ids, completion.loss_mask, tok.decode))
-    correct = answer is not None and is_equivalent(answer, problem.answer)
+    scored = score_completion(problem, completion, tok.decode)
     return {"dataset": name, "id": problem.id, "mode": mode, "index": index, "problem": problem.problem,
-            "answer": problem.answer, "response": tok.decode(completion.response_ids), "extracted": answer,
-            "correct": correct, "reward": 1.0 if correct else -1.0,
+            "answer": problem.answer, "response": tok.decode(completion.response_ids), "extracted": scored.answer,
+            "correct": scored.correct, "reward": scored.reward,
             "tool_calls": [asdict(call) for call in completion.tool_calls],
             "finish_reason": completion.finish_reason, "response_tokens": len(completion.response_ids)}
 

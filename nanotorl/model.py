@@ -138,7 +138,8 @@ class Attention(nn.Module):
         v_cache[slots[:, None], positions] = v.to(v_cache.dtype)
         if q.shape[1] == 1:  # decode: one query per slot, the seam for the Triton decode kernel
             from kernels.decode_attention import decode_attention
-            return decode_attention(q[:, 0], k_cache, v_cache, slots, positions[:, 0] + 1)[:, None]
+            out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, slots, positions[:, 0] + 1)
+            return out.to(q.dtype)[:, None]
         S = int(positions.max()) + 1
         keys, values = k_cache[slots, :S].to(q.dtype), v_cache[slots, :S].to(q.dtype)  # [B, S, Hkv, d]
         mask = torch.arange(S, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]

@@ -39,16 +39,19 @@ def rollout(generator: Generator, problems: list[Problem], *, group_size: int, s
                         seed=sample_seed(seed, first_index + i, j), max_tool_calls=max_tool_calls)
                 for i, p in enumerate(problems) for j in range(group_size)]
     completions = generator.generate(requests, progress=progress)
-    samples = []
-    for k, c in enumerate(completions):
-        problem = problems[k // group_size]
-        answer = final_answer(policy_segments(c.response_ids, c.loss_mask, tok.decode))
-        correct = answer is not None and is_equivalent(answer, problem.answer)
-        s = Sample(problem, c, answer, correct, 1.0 if correct else -1.0)
-        if s.failed_code:
-            s.reward -= code_penalty
-        samples.append(s)
-    return samples
+    return [score_completion(problems[k // group_size], c, tok.decode, code_penalty)
+            for k, c in enumerate(completions)]
+
+
+def score_completion(problem: Problem, completion: Completion, decode, code_penalty: float = 0.0) -> Sample:
+    """The ToRL reward of one response: the last \\boxed{} of the policy's own tokens (never tool output)
+    against the ground truth, +1 or -1, minus ``code_penalty`` if a tool call failed."""
+    answer = final_answer(policy_segments(completion.response_ids, completion.loss_mask, decode))
+    correct = answer is not None and is_equivalent(answer, problem.answer)
+    s = Sample(problem, completion, answer, correct, 1.0 if correct else -1.0)
+    if s.failed_code:
+        s.reward -= code_penalty
+    return s
 
 
 def rollout_stats(samples: list[Sample]) -> dict:
