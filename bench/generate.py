@@ -8,7 +8,8 @@ Throughput: the same weights (ours saved with ``nanotorl.checkpoint.save_model``
 ``transformers.Qwen2ForCausalLM.from_pretrained``), the same equal-length prompts (no padding on either side),
 greedy, and exactly ``new`` tokens per sequence (no stop ids on ours, ``min_new_tokens = max_new_tokens`` on
 HF). tok/s = B * new / wall time of the whole call, prefill included; speedup = ours over HF in the same run;
-same = fraction of rows where both produced the same tokens (near-ties of a random model may differ).
+same = fraction of rows where both produced the same tokens (near-ties of a random model may differ). On CPU
+both run on one thread by default (``--threads``).
 
 Tool overlap (batch 64): a scripted model (each sequence's next script token gets +1e4 on its logit) makes
 a fraction of the sequences write a ```python block at staggered positions; a fake sandbox answers every call
