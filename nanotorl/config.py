@@ -31,7 +31,7 @@ class TrainConfig:
     sandbox_timeout: float = 5.0
     code_penalty: float = 0.0       # extra penalty for a failed tool call (the paper's ablation used 0.5)
     # optimisation
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096  # tokens per packed micro-batch (gradient accumulation over them)

@@ -51,7 +51,8 @@ def save_demo_tokenizer(path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     demo_tokenizer().save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "pad_token": EOS}))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS}))
 
 
 def demo_config(vocab_size: int) -> Qwen2Config:
@@ -94,8 +95,27 @@ def sft_sequences(tok: Tokenizer, problems: list[Problem], tool_fraction: float,
     return seqs
 
 
-def build_base_model(path, steps: int = 1500, batch_tokens: int = 4096, lr: float = 3e-3,
-                     tool_fraction: float = 0.2, n_problems: int = 20000, seed: int = 1234, log=print) -> Path:
+# (steps, fraction of traces that use the tool): first the format and copying numbers into code and out of the
+# output (a small transformer needs a couple of thousand steps before it copies at all), then the mix that
+# makes the "base model": mostly direct answers, so tool use is rare before RL.
+PHASES = ((3000, 1.0), (1500, 0.2))
+
+
+def _schedule(tok, problems, phases, batch_tokens: int, seed: int) -> list[dict]:
+    """The micro-batches of every step, phase after phase, each phase's batches reshuffled every epoch
+    (micro_batches groups sequences by length, so unshuffled batches would come shortest first)."""
+    schedule = []
+    for n, (steps, tool_fraction) in enumerate(phases):
+        batches = micro_batches(sft_sequences(tok, problems, tool_fraction, seed + n), batch_tokens)
+        g = torch.Generator().manual_seed(seed + n)
+        while len(schedule) < sum(s for s, _ in phases[:n + 1]):
+            schedule += [batches[int(i)] for i in torch.randperm(len(batches), generator=g)]
+        del schedule[sum(s for s, _ in phases[:n + 1]):]
+    return schedule
+
+
+def build_base_model(path, phases=PHASES, batch_tokens: int = 1024, lr: float = 1e-3, n_problems: int = 20000,
+                     seed: int = 1234, log=print) -> Path:
     """Make the demo's "base model" by a short supervised run and save it as a Hugging Face checkpoint."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -104,15 +124,14 @@ def build_base_model(path, steps: int = 1500, batch_tokens: int = 4096, lr: floa
     tok = Tokenizer(tmp)
     torch.manual_seed(seed)
     model = Qwen2(demo_config(tok.vocab_size)).init_weights()
-    problems = arithmetic_problems(n_problems, seed, "train")
-    batches = micro_batches(sft_sequences(tok, problems, tool_fraction, seed), batch_tokens)
+    schedule = _schedule(tok, arithmetic_problems(n_problems, seed, "train"), phases, batch_tokens, seed)
+    steps = len(schedule)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.55 + 0.45 * math.cos(math.pi * s / steps)))
     model.train()
-    bar = tqdm(range(steps), desc="demo base model (supervised)", leave=False)
-    for s in bar:
-        mb = batches[s % len(batches)]
+    bar = tqdm(schedule, desc="demo base model (supervised)", leave=False)
+    for mb in bar:
         logp = model.token_logprobs(mb["input_ids"], mb["targets"])
         loss = -(logp * mb["weight"].flatten()).sum() / mb["weight"].sum()
         loss.backward()
@@ -133,7 +152,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Rebuild the demo's base model (the committed one was made "
                                                  "with the defaults: python -m nanotorl.demo)")
     parser.add_argument("--out", default=str(BASE_DIR))
-    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    build_base_model(args.out, steps=args.steps, seed=args.seed)
+    build_base_model(args.out, seed=args.seed)
