@@ -7,7 +7,7 @@ tool observation. The loop, one step at a time:
   2. finished sandbox runs become observations ("```output\\n...\\n```\\n"), encoded and queued on their slot;
   3. every running slot feeds its not-yet-cached tokens through the model into its KV cache: slots with one
      token (plain decoding) in one batched forward, slots with more (a new prompt, or an observation after a
-     pause) one by one, in chunks of ``prefill_chunk``;
+     pause) in another, right-padded, in chunks of at most ``prefill_chunk`` tokens;
   4. one sampler call draws the next token of every slot whose tokens are all cached;
   5. a slot whose policy text now closes a ```python block submits the code to the sandbox and pauses,
      without stalling the others; a slot that wrote eos or ran out of tokens is finished and freed.
@@ -135,7 +135,8 @@ class Generator:
             self._check(r)
         p = next(self.model.parameters())
         if self.cache is None:
-            self.cache = KVCache(self.model.cfg, self.slots, self.max_len, device=p.device, dtype=p.dtype)
+            self.cache = KVCache(self.model.cfg, self.slots, self.max_len + self.prefill_chunk,
+                                 device=p.device, dtype=p.dtype)
         queue, results = deque(enumerate(requests)), [None] * len(requests)
         free, active = list(range(self.slots))[::-1], {}
         while queue or active:
@@ -158,16 +159,17 @@ class Generator:
         if not running:
             return []
         ready, last_h = [], []
-        for s in running:  # prompts and observations: one slot at a time, chunked
-            if len(s.tokens) - s.n_cached > 1:
-                end = min(len(s.tokens), s.n_cached + self.prefill_chunk)
-                h = self._forward([s], [s.tokens[s.n_cached:end]])
-                s.out.prefill_tokens += end - s.n_cached
-                s.n_cached = end
-                if end == len(s.tokens):
-                    ready.append(s)
-                    last_h.append(h[0, -1])
+        prefilling = [s for s in running if len(s.tokens) - s.n_cached > 1]
         decoding = [s for s in running if len(s.tokens) - s.n_cached == 1]
+        if prefilling:  # prompts and observations: all in one right-padded forward, chunked
+            chunks = [s.tokens[s.n_cached:s.n_cached + self.prefill_chunk] for s in prefilling]
+            h = self._forward(prefilling, chunks)
+            for j, (s, chunk) in enumerate(zip(prefilling, chunks)):
+                s.out.prefill_tokens += len(chunk)
+                s.n_cached += len(chunk)
+                if s.n_cached == len(s.tokens):
+                    ready.append(s)
+                    last_h.append(h[j, len(chunk) - 1])
         if decoding:  # plain decoding: every such slot in one batched forward
             h = self._forward(decoding, [[s.tokens[-1]] for s in decoding])
             for j, s in enumerate(decoding):
@@ -185,8 +187,12 @@ class Generator:
         return finished
 
     def _forward(self, slots: list[_Slot], chunks: list[list[int]]):
+        """Feed each slot's chunk at its next positions. Chunks are right-padded to one length: the pads write
+        past the slot's tokens (the cache has ``prefill_chunk`` spare positions for them), where nothing reads
+        before a real token overwrites them."""
         dev = self.cache.k.device
-        ids = torch.tensor(chunks, device=dev)  # [B, T]
+        T = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # [B, T]
         start = torch.tensor([s.n_cached for s in slots], device=dev)
         positions = start[:, None] + torch.arange(ids.shape[1], device=dev)
         index = torch.tensor([s.index for s in slots], device=dev)

@@ -21,6 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels import use_triton
+from kernels.decode_attention import decode_attention
+from kernels.logprob import logprob
+
 
 @dataclass
 class Qwen2Config:
@@ -81,17 +85,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding, "rotate half" convention. x: [B, T, H, d]; positions: [B, T].
+def rope_tables(positions, head_dim: int, theta: float, dtype):
+    """cos and sin [B, T, 1, d] of the rotary embedding at ``positions [B, T]``, once per forward.
 
-    The angle of pair (i, i + d/2) at position p is p * theta^(-2i/d); cos and sin are computed in fp32 and
-    cast to x's dtype before the rotation, exactly as Hugging Face's Qwen2 does.
+    The angle of pair (i, i + d/2) at position p is p * theta^(-2i/d); computed in fp32 and cast to the
+    activations' dtype, exactly as Hugging Face's Qwen2 does.
     """
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.int64).float() / d)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
     angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, d]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x, rot):
+    """Rotary embedding, "rotate half" convention. x: [B, T, H, d]; rot: (cos, sin) from :func:`rope_tables`."""
+    cos, sin = rot
+    d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -106,17 +115,17 @@ def sequence_mask(seq_ids):
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config, layer: int):
         super().__init__()
-        self.layer, self.theta = layer, cfg.rope_theta
+        self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, positions, seq_ids=None, cache=None, slots=None):
+    def forward(self, x, positions, rot, seq_ids=None, cache=None, slots=None):
         B, T, _ = x.shape
-        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), positions, self.theta)
-        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), positions, self.theta)
+        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), rot)
+        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), rot)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if cache is None:
             out = self._attend(q, k, v, sequence_mask(seq_ids) if seq_ids is not None else None)
@@ -136,8 +145,7 @@ class Attention(nn.Module):
         k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [slots, S, Hkv, d]
         k_cache[slots[:, None], positions] = k.to(k_cache.dtype)
         v_cache[slots[:, None], positions] = v.to(v_cache.dtype)
-        if q.shape[1] == 1:  # decode: one query per slot, the seam for the Triton decode kernel
-            from kernels.decode_attention import decode_attention
+        if q.shape[1] == 1 and use_triton(q):  # decode on GPU: the Triton flash-decoding kernel
             out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, slots, positions[:, 0] + 1)
             return out.to(q.dtype)[:, None]
         S = int(positions.max()) + 1
@@ -165,8 +173,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, seq_ids=None, cache=None, slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, seq_ids, cache, slots)
+    def forward(self, x, positions, rot, seq_ids=None, cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rot, seq_ids, cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -209,11 +217,12 @@ class Qwen2(nn.Module):
             if int(positions.max()) >= cache.max_len:
                 raise ValueError(f"position {int(positions.max())} does not fit a cache of length {cache.max_len}")
         x = self.embed_tokens(input_ids)
+        rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, positions, seq_ids, cache, slots, use_reentrant=False)
+                x = checkpoint(layer, x, positions, rot, seq_ids, cache, slots, use_reentrant=False)
             else:
-                x = layer(x, positions, seq_ids, cache, slots)
+                x = layer(x, positions, rot, seq_ids, cache, slots)
         return self.norm(x)
 
     def token_logprobs(self, input_ids, targets, positions=None, seq_ids=None, temperature: float = 1.0,
@@ -221,7 +230,6 @@ class Qwen2(nn.Module):
         """log p(targets[b, t] | input_ids[b, :t+1]) for every token, flattened to [B * T] fp32 (and the entropy
         of each next-token distribution), through the fused log-prob: the [B*T, V] logits are never
         materialised. ``targets`` of -100 are ignored (log-prob 0, no gradient)."""
-        from kernels.logprob import logprob
         h = self.forward(input_ids, positions, seq_ids)  # [B, T, D]
         return logprob(h.flatten(0, 1), self.head_weight, targets.flatten(), temperature=temperature,
                        return_entropy=return_entropy)

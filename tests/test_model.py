@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint
+from conftest import interpreted, make_hf_checkpoint
 from nanotorl.checkpoint import load_model
 from nanotorl.model import KVCache
 
@@ -77,7 +77,13 @@ def test_padded_and_packed_rows_equal_unbatched(pair):
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=0)
 
 
-def test_kv_cache_decoding_equals_full_forward(pair):
+@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "triton-decode"])
+def test_kv_cache_decoding_equals_full_forward(pair, kernel, request):
+    """Prefill then decode through the cache, with the decode step on SDPA or on the Triton kernel (under the
+    interpreter on CPU), gives the logits of one full forward."""
+    if kernel:
+        interpreted("kernels.decode_attention")
+        request.getfixturevalue("triton_interpreter")
     _, model, _ = pair
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 97, (n,), generator=g) for n in (9, 5)]
