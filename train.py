@@ -233,7 +233,6 @@ def main(argv=None):
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
     torch.manual_seed(cfg.seed + rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world)) if device.type == "cpu" else None
     ckpt = latest_checkpoint(cfg.out_dir)
     base = Path(cfg.model or cfg.demo_base_dir or BASE_DIR)
     if ckpt is None and not cfg.model:

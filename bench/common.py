@@ -1,10 +1,12 @@
 """What every benchmark shares: timing, peak memory, a printed table and a JSON record."""
 import json
 import platform
+import re
 import statistics
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -55,8 +57,12 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def save_json(path: str, name: str, rows: list[dict]) -> None:
-    """Write ``rows`` with the environment to ``path`` for the record."""
-    with open(path, "w") as f:
-        json.dump({"benchmark": name, "environment": environment(), "rows": rows}, f, indent=1)
+def save_result(name: str, rows: list[dict], tag: str = "") -> Path:
+    """Write ``rows`` with the environment to bench/results/<name>_<device>_<date><tag>.json, for the record."""
+    env = environment()
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") or "cpu"
+    path = Path(__file__).resolve().parent / "results" / f"{name}_{slug}_{env['date']}{tag}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": name, "environment": env, "rows": rows}, indent=1))
     print(f"saved {path}")
+    return path

@@ -15,13 +15,11 @@ that over the measured copy bandwidth (read + write bytes over copy time); speed
 over this row's, all measured in the same run. On GPU the table is saved as JSON under bench/results/.
 """
 import argparse
-import os
-import re
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, measure, print_table, save_json
+from bench.common import measure, print_table, save_result
 from kernels import use_triton
 from kernels.decode_attention import decode_attention
 
@@ -96,10 +94,7 @@ def main():
                     torch.cuda.empty_cache()
     print_table(rows, COLUMNS)
     if cuda:
-        env = environment()
-        os.makedirs("bench/results", exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-        save_json(f"bench/results/decode_{slug}_{env['date']}.json", "decode", rows)
+        save_result("decode", rows)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ after a fixed 20 ms. The same scripts then run with no sandbox (the block stays 
 generated instead of inserted), so both runs make the same tokens. overhead = wall time with tools / without.
 """
 import argparse
-import os
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import environment, measure, print_table, save_json
+from bench.common import measure, print_table, save_result
 from nanotorl.checkpoint import save_model
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
@@ -220,12 +218,7 @@ def main():
     tool = tool_overlap(name, model, tok, 64, new, args.device, iters)
     print()
     print_table([tool], TOOL_COLUMNS)
-    env = environment()
-    os.makedirs("bench/results", exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    slug = slug if slug.startswith(args.device) else f"{args.device}-{slug}"
-    suffix = "_quick" if args.quick else ""
-    save_json(f"bench/results/generate_{slug}_{env['date']}{suffix}.json", "generate", rows + [tool])
+    save_result("generate", rows + [tool], "_quick" if args.quick else "")
 
 
 if __name__ == "__main__":

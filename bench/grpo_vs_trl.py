@@ -22,7 +22,6 @@ Mismatches left: on ours eos is an ordinary token, on TRL it is suppressed until
 way); TRL also does its own book-keeping per step (metrics, the data loader), which is part of its step.
 """
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment, print_table, save_json
+from bench.common import print_table, save_result
 from nanotorl.checkpoint import load_model, save_model
 from nanotorl.config import PRESETS
 from nanotorl.data import arithmetic_problems
@@ -203,10 +202,7 @@ def main():
         for r in rows:
             r["speedup_vs_trl"] = trl_row["s_per_step"] / r["s_per_step"]
     print_table(rows, COLUMNS)
-    env = environment()
-    os.makedirs("bench/results", exist_ok=True)
-    save_json(f"bench/results/grpo_vs_trl_cpu_{env['date']}{'_quick' if args.quick else ''}.json", "grpo_vs_trl",
-              rows)
+    save_result("grpo_vs_trl", rows, "_quick" if args.quick else "")
 
 
 if __name__ == "__main__":

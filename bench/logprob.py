@@ -14,12 +14,10 @@ bound's, measured in the same run; maxdiff_vs_fp32 compares log-probs with the f
 1024 rows. On GPU the table is saved as JSON under bench/results/.
 """
 import argparse
-import os
-import re
 
 import torch
 
-from bench.common import environment, measure, print_table, save_json
+from bench.common import measure, print_table, save_result
 from kernels import use_triton
 from kernels.logprob import logprob, logprob_ref
 
@@ -146,10 +144,7 @@ def main():
         rows += bench_head(model, D, V, ns, device, dtype, iters, impls)
     print_table(rows, COLUMNS)
     if cuda:
-        env = environment()
-        os.makedirs("bench/results", exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-        save_json(f"bench/results/logprob_{slug}_{env['date']}.json", "logprob", rows)
+        save_result("logprob", rows)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ this row's time over read-bound's, all measured in the same run. On GPU the tabl
 under bench/results/.
 """
 import argparse
-import os
-import re
 
 import torch
 
-from bench.common import environment, measure, print_table, save_json
+from bench.common import measure, print_table, save_result
 from kernels import use_triton
 from kernels.sampling import sample
 
@@ -103,10 +101,7 @@ def main():
         rows += bench_shape(B, V, dtype, device, iters)
     print_table(rows, COLUMNS)
     if cuda:
-        env = environment()
-        os.makedirs("bench/results", exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-        save_json(f"bench/results/sampling_{slug}_{env['date']}.json", "sampling", rows)
+        save_result("sampling", rows)
 
 
 if __name__ == "__main__":

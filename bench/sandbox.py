@@ -23,7 +23,7 @@ import time
 if not __package__:  # run as `python bench/sandbox.py`: put the repo root first, or this file shadows the package
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench.common import environment, print_table, save_json  # noqa: E402
+from bench.common import print_table, save_result  # noqa: E402
 from sandbox import SandboxPool  # noqa: E402
 
 CODES = {"trivial": "print(1 + 1)",
@@ -115,7 +115,6 @@ def main():
     p.add_argument("--workers", default="1,2,4,8")
     p.add_argument("--runs", type=int, default=400, help="sandbox runs per row (the baselines run fewer)")
     p.add_argument("--qwen-path", help="directory where qwen-agent[python_executor] was pip-installed --target")
-    p.add_argument("--json", default=f"bench/results/sandbox_{environment()['date']}.json")
     args = p.parse_args()
     qwen, why_not = load_qwen(args.qwen_path)
     if why_not:
@@ -142,8 +141,7 @@ def main():
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print_table(rows, ["code", "backend", "workers", "runs", "runs_per_s", "p50_ms", "p99_ms", "x_naive",
                        "cpu_ms_per_run", "idle_2core_runs_per_s"])
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    save_json(args.json, "sandbox", rows)
+    save_result("sandbox", rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2 checkpoints, the path to ../shared."""
 import importlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +42,22 @@ def triton_interpreter(monkeypatch):
     """The interpreter also reads TRITON_INTERPRET while kernels run: set it for one test on CPU."""
     if DEV == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def assert_compiles_for_h100(script: str) -> None:
+    """Run ``script`` (which compiles kernels for sm_90 and prints {kernel: {"stack", "shared"}} as its last line)
+    with the NVIDIA backend tools of this Triton install, no GPU needed: no local-memory stack (register spills)
+    and shared memory within the 227 KiB of an H100 SM."""
+    nvidia = importlib.util.find_spec("triton.backends.nvidia")
+    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script, cuobjdump], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
 
 
 def shared_path(*parts) -> Path:

@@ -9,18 +9,13 @@ Stated tolerances: fp32 1e-5 (both sides accumulate in fp32 with ieee dot produc
 and relative on outputs up to about 2.5 (the kernel rounds the softmax weights to bf16 before P @ V, the
 reference does not, and both round the output to bf16, spaced 2^-8 relative; one bf16 step is observed).
 """
-import importlib
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEV, interpreted
+from conftest import DEV, assert_compiles_for_h100, interpreted
 
 DA = interpreted("kernels.decode_attention")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -148,17 +143,7 @@ print(json.dumps(out))
 def test_kernels_compile_for_h100_without_spills():
     """Compile both kernels for sm_90 with the launcher's tiles (no GPU needed): no local-memory stack
     (register spills) and shared memory within the 227 KiB of an H100 SM."""
-    nvidia = importlib.util.find_spec("triton.backends.nvidia")
-    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
-    if not cuobjdump or not os.path.exists(cuobjdump):
-        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT, cuobjdump], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
-        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
+    assert_compiles_for_h100(SM90_SCRIPT)
 
 
 @pytest.mark.gpu

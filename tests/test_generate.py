@@ -2,7 +2,7 @@
 import contextlib
 import io
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest

@@ -3,17 +3,11 @@
 On CPU the kernels run under the Triton interpreter (see ``interpreted`` in tests/conftest.py); with a
 CUDA device the compiled kernels run, and ``TestOnGPU`` adds the real shapes.
 """
-import importlib
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import DEV, interpreted
+from conftest import DEV, assert_compiles_for_h100, interpreted
 
 ON_GPU = DEV == "cuda"
 lp = interpreted("kernels.logprob")
@@ -226,17 +220,7 @@ print(json.dumps(out))
 def test_matmul_kernels_compile_for_h100_without_spills():
     """Compile both matmul kernels for sm_90 with the launcher's GPU blocks (no GPU needed): they must fit
     in shared memory (227 KiB) and keep everything in registers (no local-memory stack)."""
-    nvidia = importlib.util.find_spec("triton.backends.nvidia")
-    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
-    if not cuobjdump or not os.path.exists(cuobjdump):
-        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT, cuobjdump], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
-        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
+    assert_compiles_for_h100(SM90_SCRIPT)
 
 
 # ------------------------------------------------------------------- CUDA, compiled kernels

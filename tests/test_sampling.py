@@ -7,17 +7,12 @@ imported (``triton.jit`` reads it then) and during this module's tests, not for 
 On a CUDA machine the same tests run the compiled kernels on DEV, and ``TestOnGPU`` adds the
 Qwen2.5 vocabulary.
 """
-import importlib
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import DEV, interpreted
+from conftest import DEV, assert_compiles_for_h100, interpreted
 
 S = interpreted("kernels.sampling")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -266,17 +261,7 @@ print(json.dumps(out))
 def test_kernels_compile_for_h100_without_spills():
     """Compile the three kernels for sm_90 with the launcher's blocks (no GPU needed): no local-memory
     stack (register spills) and shared memory within the 227 KiB of an H100 SM."""
-    nvidia = importlib.util.find_spec("triton.backends.nvidia")
-    cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
-    if not cuobjdump or not os.path.exists(cuobjdump):
-        pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", SM90_SCRIPT, cuobjdump], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
-        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
+    assert_compiles_for_h100(SM90_SCRIPT)
 
 
 @pytest.mark.gpu
