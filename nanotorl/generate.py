@@ -145,7 +145,8 @@ class Generator:
                 i = free.pop()
                 active[i] = _Slot(i, req, order)
             finished = self._collect_tool_results(active, block=all(s.waiting for s in active.values()))
-            finished += self._step([s for s in active.values() if not s.waiting and not s.out.finish_reason])
+            running = [s for s in active.values() if not s.waiting and not s.out.finish_reason]
+            finished += self._step(sorted(running, key=lambda s: s.index))  # in slot order: cache views, no copies
             for slot in finished:
                 results[slot.order] = slot.out
                 del active[slot.index]

@@ -148,8 +148,12 @@ class Attention(nn.Module):
         if q.shape[1] == 1 and use_triton(q):  # decode on GPU: the Triton flash-decoding kernel
             out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, slots, positions[:, 0] + 1)
             return out.to(q.dtype)[:, None]
-        S = int(positions.max()) + 1
-        keys, values = k_cache[slots, :S].to(q.dtype), v_cache[slots, :S].to(q.dtype)  # [B, S, Hkv, d]
+        S, lo, B = int(positions.max()) + 1, int(slots[0]), len(slots)
+        if torch.equal(slots, torch.arange(lo, lo + B, device=slots.device)):  # consecutive slots: views, no copy
+            keys, values = k_cache[lo:lo + B, :S], v_cache[lo:lo + B, :S]
+        else:
+            keys, values = k_cache[slots, :S], v_cache[slots, :S]  # [B, S, Hkv, d]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
         mask = torch.arange(S, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
         return self._attend(q, keys, values, mask[:, None])
 
