@@ -39,8 +39,11 @@ def load_data(cfg: TrainConfig):
         return (arithmetic_problems(cfg.demo_train_problems, cfg.seed, "train"),
                 arithmetic_problems(cfg.eval_problems, cfg.seed, "heldout"))
     train = load_problems(cfg.data, skip_bad=cfg.skip_bad_rows)
-    heldout = load_problems(cfg.eval_data, skip_bad=cfg.skip_bad_rows)[:cfg.eval_problems] if cfg.eval_data else []
-    return train, heldout
+    heldout = load_problems(cfg.eval_data, skip_bad=cfg.skip_bad_rows) if cfg.eval_data else []
+    for name, loaded in ((cfg.data, train), (cfg.eval_data, heldout)):
+        if getattr(loaded, "skipped", None):
+            tqdm.write(f"{name}: skipped {len(loaded.skipped)} malformed rows, e.g. {loaded.skipped[0]}")
+    return train, heldout[:cfg.eval_problems]
 
 
 def step_problems(problems, step: int, per_step: int, seed: int):

@@ -131,3 +131,27 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     a = load_model(out / "checkpoints" / "step_000004").state_dict()
     b = load_model(uninterrupted / "checkpoints" / "step_000004").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_real_recipe_path_with_a_checkpoint_and_jsonl_data(tmp_path):
+    """--model DIR --data FILE: a Hugging Face checkpoint and JSONL problems, with a malformed row skipped."""
+    from nanotorl.checkpoint import save_model
+    from nanotorl.demo import demo_config, save_demo_tokenizer
+    from nanotorl.tokenizer import Tokenizer
+    save_demo_tokenizer(tmp_path / "ckpt")
+    vocab = Tokenizer(tmp_path / "ckpt").vocab_size
+    save_model(Qwen2(demo_config(vocab)).init_weights(), tmp_path / "ckpt", tokenizer_dir=tmp_path / "ckpt")
+    rows = [json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:3] + ['{"problem": "no answer"}'] + rows[3:]) + "\n")
+    cmd = [sys.executable, "train.py", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.jsonl"),
+           "--eval-data", str(tmp_path / "train.jsonl"), "--skip-bad-rows", "true", "--out-dir", str(tmp_path / "out"),
+           "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
+           "--eval-problems", "2", "--eval-k", "1", "--gen-slots", "4"]
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped 1 malformed rows" in r.stderr + r.stdout
+    assert [row["step"] for row in metrics(tmp_path / "out")] == [0, 1]
+    load_model(tmp_path / "out" / "checkpoints" / "step_000001")
+    r = subprocess.run(cmd[:-2] + ["--skip-bad-rows", "false"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and "train.jsonl:4" in r.stderr
