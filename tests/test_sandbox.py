@@ -447,8 +447,11 @@ def test_close_ends_everything_and_later_runs_raise():
     small.close()  # idempotent
 
 
+# A shell that starts a job in the background without job control (as CI may) makes it ignore SIGINT, and Python
+# then installs no KeyboardInterrupt handler: the trainer restores it, as an interactive Ctrl-C would find it.
 TRAINER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from sandbox import SandboxPool
 with SandboxPool(workers=1, wall_time=60.0, cpu_time=60.0, preload=()) as pool:
     fut = pool.submit("import time\\ntime.sleep(60)")
