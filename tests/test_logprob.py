@@ -187,10 +187,9 @@ def test_bad_inputs_raise_clear_errors():
 # ------------------------------------------------------------------- sm_90 compilation, no GPU needed
 
 SM90_SCRIPT = """
-import json, re, subprocess, sys, tempfile, types, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys, types, torch
 import kernels.logprob as lp
+from tests.sm90 import resource_usage
 
 BIN = sys.argv[1]
 out = {}
@@ -206,13 +205,8 @@ for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "inv_t" else "i32") for n in names}
         # the JIT specialises 16-aligned pointers and D % 16 == 0 the same way at run time
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n == "D"}
-        k = triton.compile(ASTSource(kernel, sig, {n: v for n, v in consts.items() if n in names}, attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([BIN, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        out[f"{name} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)), "shared": k.metadata.shared}
+        out[f"{name} {ty}"] = resource_usage(kernel, sig, {n: v for n, v in consts.items() if n in names}, attrs,
+                                             BIN, num_warps=warps, num_stages=stages)
 print(json.dumps(out))
 """
 

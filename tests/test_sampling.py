@@ -228,10 +228,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 SM90_SCRIPT = """
-import json, re, subprocess, sys, tempfile, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
 import kernels.sampling as S
+from tests.sm90 import resource_usage
 
 out = {}
 for ty in ("bf16", "fp32"):
@@ -245,15 +244,7 @@ for ty in ("bf16", "fp32"):
                 for n in names if n.endswith("_ptr")}
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
-        k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", 90, 64),
-                           options=dict(num_warps=warps))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True).stdout
-        out[f"{kernel.__name__} {ty}"] = {"stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
-                                          "shared": k.metadata.shared}
+        out[f"{kernel.__name__} {ty}"] = resource_usage(kernel, sig, consts, attrs, sys.argv[1], num_warps=warps)
 print(json.dumps(out))
 """
 
