@@ -247,3 +247,14 @@ def test_fence_split_across_qwen_tokens_is_detected():
     out = Generator(Forced(script, qwen.vocab_size), qwen, box, max_len=128).generate(
         [Request(prompt, max_new_tokens=60, sampling=SamplingParams(temperature=0.0))])[0]
     assert box.calls == ["print(6*7)\n"] and out.response_ids == script[len(prompt):]
+
+
+def test_each_position_draws_fresh_randomness(tok):
+    """Uniform logits: every position must draw anew (seeded by the token's position), so a long sample visits
+    many tokens; reusing one position's noise would repeat a single token."""
+    flat = Forced([], tok.vocab_size, bias=0.0)  # no script, a model that is all zeros: uniform logits
+    out = Generator(flat, tok, slots=2, max_len=128, stop_ids=[]).generate(
+        [Request(tok.encode("Q"), max_new_tokens=60, seed=5, sampling=SamplingParams(temperature=1.0))])[0]
+    assert len(set(out.response_ids)) > 30  # 60 uniform draws over ~105 tokens: about 45 distinct
+    expected = -torch.log(torch.tensor(float(tok.vocab_size)))
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected.expand(60), atol=1e-5, rtol=0)
