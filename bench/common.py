@@ -1,4 +1,5 @@
 """What every benchmark shares: timing, peak memory, a printed table and a JSON record."""
+import argparse
 import json
 import platform
 import re
@@ -9,6 +10,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+
+def kernel_args(doc: str) -> argparse.Namespace:
+    """The kernel benchmarks' command line: ``--quick`` for fewer shapes and iterations."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    return parser.parse_args()
 
 
 def measure(fn, warmup: int = 2, iters: int = 10, device: str = "cpu") -> dict:

@@ -14,12 +14,11 @@ GB/s counts the KV bytes that must be read (2 x B x context x Hkv x d x element 
 that over the measured copy bandwidth (read + write bytes over copy time); speedup_vs_sdpa is sdpa's time
 over this row's, all measured in the same run. On GPU the table is saved as JSON under bench/results/.
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import measure, print_table, save_result
+from bench.common import kernel_args, measure, print_table, save_result
 from kernels import use_triton
 from kernels.decode_attention import decode_attention
 
@@ -72,9 +71,7 @@ def bench_case(model, Hq, Hkv, d, B, ctx, dtype, device, iters, copy_bw):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
-    args = parser.parse_args()
+    args = kernel_args(__doc__)
     cuda = torch.cuda.is_available()
     if cuda:
         device, dtype, models = "cuda", torch.bfloat16, MODELS

@@ -13,11 +13,10 @@ what a call allocates beyond its inputs (CUDA only). Ratios are time over naive'
 bound's, measured in the same run; maxdiff_vs_fp32 compares log-probs with the fp32 reference on up to
 1024 rows. On GPU the table is saved as JSON under bench/results/.
 """
-import argparse
 
 import torch
 
-from bench.common import measure, print_table, save_result
+from bench.common import kernel_args, measure, print_table, save_result
 from kernels import use_triton
 from kernels.logprob import logprob, logprob_ref
 
@@ -126,9 +125,7 @@ def bench_head(model, D, V, ns, device, dtype, iters, impls):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
-    args = parser.parse_args()
+    args = kernel_args(__doc__)
     cuda = torch.cuda.is_available()
     if cuda:
         device, dtype, heads = "cuda", torch.bfloat16, LM_HEADS

@@ -14,11 +14,10 @@ GB/s counts one read of the logits. speedup_vs_sort is sort's time over this row
 this row's time over read-bound's, all measured in the same run. On GPU the table is saved as JSON
 under bench/results/.
 """
-import argparse
 
 import torch
 
-from bench.common import measure, print_table, save_result
+from bench.common import kernel_args, measure, print_table, save_result
 from kernels import use_triton
 from kernels.sampling import sample
 
@@ -82,9 +81,7 @@ def bench_shape(B, V, dtype, device, iters):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
-    args = parser.parse_args()
+    args = kernel_args(__doc__)
     cuda = torch.cuda.is_available()
     if cuda:
         device, V = "cuda", 151936
