@@ -70,6 +70,28 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def window(self, slots, positions) -> "CacheWindow":
+        """What every layer of one cached forward reads, worked out once for all layers."""
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} does not fit a cache of length {self.max_len}")
+        S, lo, B = int(positions.max()) + 1, int(slots[0]), len(slots)
+        consecutive = torch.equal(slots, torch.arange(lo, lo + B, device=slots.device))
+        mask = torch.arange(S, device=positions.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        return CacheWindow(self, slots, positions, slice(lo, lo + B) if consecutive else slots, S, mask[:, None])
+
+
+@dataclass
+class CacheWindow:
+    """One cached forward: rows ``slots [B]`` of the cache get new tokens at ``positions [B, T]``; ``rows``
+    selects those cache rows (a slice when they are consecutive, so reading them is a view, not a copy), and
+    ``mask [B, 1, T, S]`` lets each new token see its slot's positions 0..p."""
+    cache: KVCache
+    slots: torch.Tensor
+    positions: torch.Tensor
+    rows: slice | torch.Tensor
+    S: int
+    mask: torch.Tensor
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (as HF does)."""
@@ -122,15 +144,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, positions, rot, seq_ids=None, cache=None, slots=None):
+    def forward(self, x, rot, seq_ids=None, window: CacheWindow | None = None):
         B, T, _ = x.shape
         q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), rot)
         k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), rot)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if cache is None:
+        if window is None:
             out = self._attend(q, k, v, sequence_mask(seq_ids) if seq_ids is not None else None)
         else:
-            out = self._attend_cached(q, k, v, positions, cache, slots)
+            out = self._attend_cached(q, k, v, window)
         return self.o_proj(out.reshape(B, T, -1))
 
     @staticmethod
@@ -140,22 +162,16 @@ class Attention(nn.Module):
                                              attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return out.transpose(1, 2)
 
-    def _attend_cached(self, q, k, v, positions, cache, slots):
+    def _attend_cached(self, q, k, v, w: CacheWindow):
         """Write the new k/v of each row into its slot at its positions, then attend to the slot's prefix."""
-        k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]  # [slots, S, Hkv, d]
-        k_cache[slots[:, None], positions] = k.to(k_cache.dtype)
-        v_cache[slots[:, None], positions] = v.to(v_cache.dtype)
+        k_cache, v_cache = w.cache.k[self.layer], w.cache.v[self.layer]  # [slots, S_max, Hkv, d]
+        k_cache[w.slots[:, None], w.positions] = k.to(k_cache.dtype)
+        v_cache[w.slots[:, None], w.positions] = v.to(v_cache.dtype)
         if q.shape[1] == 1 and use_triton(q):  # decode on GPU: the Triton flash-decoding kernel
-            out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, slots, positions[:, 0] + 1)
+            out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, w.slots, w.positions[:, 0] + 1)
             return out.to(q.dtype)[:, None]
-        S, lo, B = int(positions.max()) + 1, int(slots[0]), len(slots)
-        if torch.equal(slots, torch.arange(lo, lo + B, device=slots.device)):  # consecutive slots: views, no copy
-            keys, values = k_cache[lo:lo + B, :S], v_cache[lo:lo + B, :S]
-        else:
-            keys, values = k_cache[slots, :S], v_cache[slots, :S]  # [B, S, Hkv, d]
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
-        mask = torch.arange(S, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        return self._attend(q, keys, values, mask[:, None])
+        keys, values = k_cache[w.rows, :w.S], v_cache[w.rows, :w.S]  # [B, S, Hkv, d]
+        return self._attend(q, keys.to(q.dtype), values.to(q.dtype), w.mask)
 
 
 class MLP(nn.Module):
@@ -177,8 +193,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rot, seq_ids=None, cache=None, slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rot, seq_ids, cache, slots)
+    def forward(self, x, rot, seq_ids=None, window: CacheWindow | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rot, seq_ids, window)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -215,18 +231,18 @@ class Qwen2(nn.Module):
         """
         if positions is None:
             positions = self._default_positions(input_ids, seq_ids)
+        window = None
         if cache is not None:
             if slots is None:
                 raise ValueError("a cached forward needs `slots` [B]: the cache row of each batch row")
-            if int(positions.max()) >= cache.max_len:
-                raise ValueError(f"position {int(positions.max())} does not fit a cache of length {cache.max_len}")
+            window = cache.window(slots, positions)
         x = self.embed_tokens(input_ids)
         rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, positions, rot, seq_ids, cache, slots, use_reentrant=False)
+                x = checkpoint(layer, x, rot, seq_ids, window, use_reentrant=False)
             else:
-                x = layer(x, positions, rot, seq_ids, cache, slots)
+                x = layer(x, rot, seq_ids, window)
         return self.norm(x)
 
     def token_logprobs(self, input_ids, targets, positions=None, seq_ids=None, temperature: float = 1.0,
