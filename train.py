@@ -27,7 +27,7 @@ from nanotorl.data import arithmetic_problems, load_problems
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import GRPOConfig, group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
-from nanotorl.metrics import pass_at_k
+from nanotorl.metrics import mean_pass_at_k
 from nanotorl.rollout import finish_stats, rollout, rollout_stats
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
@@ -122,11 +122,10 @@ def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -
                           sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
                           max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls,
                           seed=cfg.seed + 1, first_index=first) if mine and cfg.eval_k > 1 else []
-    sums = {"n": len(greedy), "correct": sum(s.correct for s in greedy),
-            "with_tool": sum(bool(s.completion.tool_calls) for s in greedy)}
-    for k in range(1, cfg.eval_k + 1) if sampled else []:
-        sums[f"pass@{k}"] = sum(pass_at_k(cfg.eval_k, sum(s.correct for s in sampled[i:i + cfg.eval_k]), k)
-                                for i in range(0, len(sampled), cfg.eval_k))
+    sums = {key: rollout_stats(greedy)[key] for key in ("n", "correct", "with_tool")}
+    groups = [[s.correct for s in sampled[i:i + cfg.eval_k]] for i in range(0, len(sampled), cfg.eval_k)]
+    for k in range(1, cfg.eval_k + 1) if groups else []:
+        sums[f"pass@{k}"] = mean_pass_at_k(groups, k) * len(groups)
     sums = dist.all_sum(sums, device)
     n = max(sums.pop("n"), 1)
     out = {"eval_accuracy": sums.pop("correct") / n, "eval_tool_fraction": sums.pop("with_tool") / n}

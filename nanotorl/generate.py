@@ -252,7 +252,6 @@ class Generator:
         if not match:
             return False
         s.code = match.group(1)
-        s.segment_start = len(s.out.response_ids)
         if not s.code.strip():
             s.future = _done(ToolCall(s.code, "error", "SyntaxError: empty code block", 0.0))
             return False
