@@ -124,7 +124,8 @@ def generate(gen: Generator, items: list[tuple], args, progress) -> list[dict]:
     tok = gen.tokenizer
     modes = {"greedy": SamplingParams(temperature=0.0),
              "sampled": SamplingParams(temperature=args.temperature, top_p=args.top_p)}
-    requests = [Request(tok.prompt_ids(p.problem), max_new_tokens=args.max_new_tokens, sampling=modes[mode],
+    prompts = {text: tok.prompt_ids(text) for text in {p.problem for _, _, p, _, _ in items}}  # once per problem
+    requests = [Request(prompts[p.problem], max_new_tokens=args.max_new_tokens, sampling=modes[mode],
                         seed=sample_seed(args.seed, i, j), max_tool_calls=args.max_tool_calls)
                 for _, i, p, mode, j in items]
     completions = gen.generate(requests, progress=progress)

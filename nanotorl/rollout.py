@@ -35,9 +35,10 @@ def rollout(generator: Generator, problems: list[Problem], *, group_size: int, s
     ``first_index`` is the index of ``problems[0]`` in the whole run (it feeds the sampling seeds).
     """
     tok = generator.tokenizer
-    requests = [Request(tok.prompt_ids(p.problem), max_new_tokens=max_new_tokens, sampling=sampling,
+    prompts = [tok.prompt_ids(p.problem) for p in problems]  # encoded once per problem, shared by its group
+    requests = [Request(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                         seed=sample_seed(seed, first_index + i, j), max_tool_calls=max_tool_calls)
-                for i, p in enumerate(problems) for j in range(group_size)]
+                for i, prompt in enumerate(prompts) for j in range(group_size)]
     completions = generator.generate(requests, progress=progress)
     return [score_completion(problems[k // group_size], c, tok.decode, code_penalty)
             for k, c in enumerate(completions)]
