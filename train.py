@@ -75,15 +75,14 @@ def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, devi
     total = dist.all_sum(local, device)
     normalizer = total["tokens"] if grpo.aggregation == "token" else total["sequences"]
     batches = micro_batches(seqs, cfg.micro_batch_tokens)
-    n_batches = int(dist.all_max(len(batches), device))  # FSDP needs the same number of passes on every rank
+    # FSDP needs the same number of passes on every rank: a rank that runs out makes passes with zero weight
+    n_batches = int(dist.all_max(len(batches), device))
+    batches += micro_batches([policy_sequence([0], [0], [0], [0.0], 0.0)], 1) * (n_batches - len(batches))
     stats = {"clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
     gap_max = 0.0
     model.train()
-    for i in range(n_batches):
-        if i < len(batches):
-            mb = {k: v.to(device) for k, v in batches[i].items()}
-        else:  # this rank has run out: a pass with zero weight keeps the collectives in step
-            mb = {k: v.to(device) for k, v in micro_batches([policy_sequence([0], [0], [0], [0.0], 0.0)], 1)[0].items()}
+    for batch in batches:
+        mb = {k: v.to(device) for k, v in batch.items()}
         logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], temperature=cfg.temperature,
                                              return_entropy=True)
         old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
