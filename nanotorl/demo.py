@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from nanotorl.checkpoint import save_model
 from nanotorl.data import TORL_TEMPLATE, Problem, arithmetic_problems
-from nanotorl.grpo import micro_batches
+from nanotorl.grpo import micro_batches, policy_sequence
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
 
@@ -62,36 +62,28 @@ def demo_config(vocab_size: int) -> Qwen2Config:
                        rope_theta=10000.0, tie_word_embeddings=True)
 
 
-def trace(problem: Problem, use_tool: bool) -> tuple[str, str]:
-    """A response in the ToRL format: (policy text before the tool output, the rest). The direct form has no
-    tool part. The answer in the trace is always right: the tiny model's own errors on large numbers are what
-    the tool fixes."""
-    expr = problem.problem.removeprefix("What is ").removesuffix("?")
+def trace(problem: Problem, use_tool: bool) -> tuple[str, str, str]:
+    """A response in the ToRL format as (policy text, tool output, policy text); the direct form has neither
+    code nor output. The answer in the trace is always right: the tiny model's own errors on large numbers are
+    what the tool fixes."""
+    answer = f"The answer is \\boxed{{{problem.answer}}}"
     if not use_tool:
-        return f"The answer is \\boxed{{{problem.answer}}}", ""
-    return (f"```python\nprint({expr})\n```\n", f"```output\n{problem.answer}\n```\n"
-            f"The answer is \\boxed{{{problem.answer}}}")
+        return answer, "", ""
+    expr = problem.problem.removeprefix("What is ").removesuffix("?")
+    return f"```python\nprint({expr})\n```\n", f"```output\n{problem.answer}\n```\n", answer
 
 
 def sft_sequences(tok: Tokenizer, problems: list[Problem], tool_fraction: float, seed: int) -> list[dict]:
-    """Training sequences (prompt + trace + eos) for :func:`nanotorl.grpo.micro_batches`; the loss covers the response
-    but not the tool output, exactly as in RL."""
+    """Training sequences (prompt + trace + eos) for :func:`nanotorl.grpo.micro_batches`, laid out by
+    :func:`nanotorl.grpo.policy_sequence`: the loss covers the response but not the tool output, as in RL."""
     rng = random.Random(seed)
     seqs = []
     for p in problems:
-        before, after = trace(p, rng.random() < tool_fraction)
-        prompt = tok.prompt_ids(p.problem)
-        head, rest = tok.encode(before), []
-        weights = [1.0] * len(head)
-        if after:
-            output, tail = after.split("```\nThe", 1)
-            out_ids, tail_ids = tok.encode(output + "```\n"), tok.encode("The" + tail)
-            rest, weights = out_ids + tail_ids, weights + [0.0] * len(out_ids) + [1.0] * len(tail_ids)
-        response = head + rest + [tok.eos_id]
-        weights += [1.0]
-        ids = prompt + response
-        seqs.append({"input_ids": ids, "targets": ids[1:] + [-100],
-                     "weight": [0.0] * (len(prompt) - 1) + weights + [0.0]})
+        code, output, answer = (tok.encode(part) for part in trace(p, rng.random() < tool_fraction))
+        response = code + output + answer + [tok.eos_id]
+        mask = [1] * len(code) + [0] * len(output) + [1] * (len(answer) + 1)
+        seq = policy_sequence(tok.prompt_ids(p.problem), response, mask, [0.0] * len(response), 0.0)
+        seqs.append({k: seq[k] for k in ("input_ids", "targets", "weight")})
     return seqs
 
 
