@@ -132,6 +132,10 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     B, V = logits.shape
     dev = logits.device
     greedy = temperature <= 0
+    if bool(greedy.all()):  # greedy evaluation: no filters, no noise
+        lp = torch.log_softmax(logits.float(), -1)
+        tokens = logits.argmax(-1)
+        return tokens, lp.gather(1, tokens[:, None])[:, 0]
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     W = min(V, RNG_BLOCK)                                             # block width (one short block if V is small)
     nb = triton.cdiv(V, W)

@@ -63,15 +63,18 @@ def _chi2_pvalue(counts, probs):
 
 @pytest.mark.parametrize("path", BOTH)
 @pytest.mark.parametrize("B,V,dtype", [(1, 1000, torch.float32), (5, 5003, torch.bfloat16), (3, 4096, torch.float32)])
-def test_greedy_is_first_argmax_with_raw_log_softmax(path, B, V, dtype):
+@pytest.mark.parametrize("with_sampled_row", [False, True], ids=["all-greedy", "mixed"])
+def test_greedy_is_first_argmax_with_raw_log_softmax(path, B, V, dtype, with_sampled_row):
     torch.manual_seed(0)
-    logits = (torch.randn(B, V) * 3).to(dtype)
+    logits = (torch.randn(B + with_sampled_row, V) * 3).to(dtype)
     logits[0, [7, V - 2]] = logits[0].max() + 1          # a tie: the first index wins
-    tokens, logprobs = PATHS[path](logits.to(DEV), *_params(B, temperature=0.0, top_k=3, top_p=0.5))
-    expect = logits.float().argmax(-1)
-    assert tokens.cpu().tolist() == expect.tolist() and int(tokens[0]) == 7
-    ref_lp = torch.log_softmax(logits.float(), -1).gather(1, expect[:, None])[:, 0]
-    torch.testing.assert_close(logprobs.cpu(), ref_lp, atol=1e-5, rtol=1e-5)
+    temperature = torch.tensor([0.0] * B + [1.0] * with_sampled_row)  # a batch with a sampled row takes the full path
+    params = _params(B + with_sampled_row, top_k=3, top_p=0.5)
+    tokens, logprobs = PATHS[path](logits.to(DEV), temperature.to(DEV), *params[1:])
+    expect = logits[:B].float().argmax(-1)
+    assert tokens[:B].cpu().tolist() == expect.tolist() and int(tokens[0]) == 7
+    ref_lp = torch.log_softmax(logits[:B].float(), -1).gather(1, expect[:, None])[:, 0]
+    torch.testing.assert_close(logprobs[:B].cpu(), ref_lp, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("path", BOTH)
