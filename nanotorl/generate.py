@@ -7,7 +7,10 @@ tool observation. The loop, one step at a time:
   2. finished sandbox runs become observations ("```output\\n...\\n```\\n"), encoded and queued on their slot;
   3. every running slot feeds its not-yet-cached tokens through the model into its KV cache: slots with one
      token (plain decoding) in one batched forward, slots with more (a new prompt, or an observation after a
-     pause) in another, right-padded, in chunks of at most ``prefill_chunk`` tokens;
+     pause) in another, right-padded, in chunks of at most ``prefill_chunk`` tokens. The decoding forward
+     reads consecutive cache rows (a view, not a copy): slots in between that are not decoding (paused for the
+     tool, prefilling, free) ride along with a filler token whose output is dropped; with ``cuda_graph`` it
+     covers every slot, with fixed shapes, and replays a CUDA graph captured once;
   4. one sampler call draws the next token of every slot whose tokens are all cached;
   5. a slot whose policy text now closes a ```python block submits the code to the sandbox and pauses,
      without stalling the others; a slot that wrote eos or ran out of tokens is finished and freed.
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import use_triton
 from kernels.sampling import sample
 from nanotorl.model import KVCache
 
@@ -95,26 +99,96 @@ class _Slot:
         return self.future is not None
 
 
+class DecodeStep:
+    """One decoding step of every cache slot at once, with fixed shapes and no host sync: token ids and positions
+    [N] in, each slot's next token and its log-prob out. A slot's sampling parameters live in device tensors, set
+    when a request takes the slot; the draw at position p uses offset p + 1, as the plain path does.
+
+    On CUDA the step is captured once as a CUDA graph and then replayed: one launch instead of hundreds of
+    kernel launches per token. A graph reads the weights at the addresses it was captured with, so the
+    generator captures again when they move (FSDP2 gathers full weights into new memory for each rollout).
+    Elsewhere (CPU, where the tests compare it with the plain path) the same step runs as it is."""
+
+    def __init__(self, model, cache: KVCache):
+        N, dev = cache.k.shape[1], cache.k.device
+        self.model, self.cache, self.weights = model, cache, self._addresses(model)
+        self.inputs = torch.zeros(2, N, dtype=torch.int64, device=dev)  # token ids, positions
+        self.slots = torch.arange(N, device=dev)
+        self.params = {"temperature": torch.ones(N, device=dev), "top_k": torch.zeros(N, dtype=torch.int64, device=dev),
+                       "top_p": torch.ones(N, device=dev), "min_p": torch.zeros(N, device=dev),
+                       "seed": torch.zeros(N, dtype=torch.int64, device=dev)}
+        self.graph = self._capture() if dev.type == "cuda" else None
+
+    @staticmethod
+    def _addresses(model) -> list[int]:
+        return [p.data_ptr() for p in model.parameters()]
+
+    def reads(self, model) -> bool:
+        """Whether the step still reads ``model``'s weights where they are."""
+        return self.model is model and self.weights == self._addresses(model)
+
+    def set_request(self, index: int, request: Request):
+        sp = request.sampling
+        values = {"temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p, "min_p": sp.min_p,
+                  "seed": request.seed}
+        for name, value in values.items():
+            self.params[name][index] = value
+
+    def _run(self):
+        ids, positions = self.inputs
+        h = self.model(ids[:, None], positions=positions[:, None], cache=self.cache, slots=self.slots)  # [N, 1, D]
+        logits = self.model.logits(h[:, 0]).float()
+        p = self.params
+        self.tokens, self.logprobs = sample(logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seed"],
+                                            positions + 1)
+
+    def _capture(self):
+        if not use_triton(self.inputs):
+            raise RuntimeError("cuda_graph needs the Triton kernels (the PyTorch references synchronise with the "
+                               "host): unset NANOTORL_KERNELS=torch or turn cuda_graph off")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the kernels and settle the allocator before capturing
+            for _ in range(2):
+                self._run()  # token 0 at position 0 of every slot: overwritten by each slot's first prefill
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run()
+        return graph
+
+    def __call__(self, rows: list[tuple[int, int]]) -> tuple[list[int], list[float]]:
+        """rows: (token, position) of every slot -> (tokens, log-probs) of every slot."""
+        self.inputs.copy_(torch.tensor(rows, dtype=torch.int64).T)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._run()
+        return self.tokens.tolist(), self.logprobs.tolist()
+
+
 class Generator:
     """Batched generation with tool calls for one model. ``trigger``: 'fence' runs a block as soon as it is
     closed; 'output' waits until the model itself writes "```output" (ToRL's original trigger, for base
-    Qwen2.5-Math checkpoints that learned to write it)."""
+    Qwen2.5-Math checkpoints that learned to write it). ``cuda_graph``: decode through :class:`DecodeStep`
+    (every slot, fixed shapes; a CUDA graph on GPU)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
-                 prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None):
+                 prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False):
         if trigger not in ("fence", "output"):
             raise ValueError(f"trigger must be 'fence' or 'output', got {trigger!r}")
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
         self.slots, self.max_len, self.prefill_chunk, self.trigger = slots, max_len, prefill_chunk, trigger
         self.stop_ids = set(stop_ids if stop_ids is not None else [tokenizer.eos_id])
         self.cache = None
+        self.cuda_graph, self.decode_step = cuda_graph, None
         self.closed = False
         self._tick = {}  # token id -> does its text contain a backtick (only those can close a fence)
         self.stats = {"tool_wait_s": 0.0}
 
     def close(self):
         """Release the KV cache; later calls raise."""
-        self.cache, self.closed = None, True
+        self.cache, self.decode_step, self.closed = None, None, True
 
     def _check(self, r: Request):
         if not r.prompt_ids:
@@ -137,6 +211,8 @@ class Generator:
         if self.cache is None:
             self.cache = KVCache(self.model.cfg, self.slots, self.max_len + self.prefill_chunk,
                                  device=p.device, dtype=p.dtype)
+        if self.cuda_graph and (self.decode_step is None or not self.decode_step.reads(self.model)):
+            self.decode_step = DecodeStep(self.model, self.cache)  # (again) once the weights moved in memory
         queue, results = deque(enumerate(requests)), [None] * len(requests)
         free, active = list(range(self.slots))[::-1], {}
         while queue or active:
@@ -144,9 +220,11 @@ class Generator:
                 order, req = queue.popleft()
                 i = free.pop()
                 active[i] = _Slot(i, req, order)
+                if self.decode_step is not None:
+                    self.decode_step.set_request(i, req)
             finished = self._collect_tool_results(active, block=all(s.waiting for s in active.values()))
             running = [s for s in active.values() if not s.waiting and not s.out.finish_reason]
-            finished += self._step(sorted(running, key=lambda s: s.index))  # in slot order: cache views, no copies
+            finished += self._step(sorted(running, key=lambda s: s.index), active)
             for slot in finished:
                 results[slot.order] = slot.out
                 del active[slot.index]
@@ -155,49 +233,73 @@ class Generator:
                     progress(1)
         return results
 
-    def _step(self, running: list[_Slot]) -> list[_Slot]:
-        """Feed uncached tokens, sample the next token where all are cached; return the slots that finished."""
+    def _step(self, running: list[_Slot], active: dict) -> list[_Slot]:
+        """Feed uncached tokens, sample the next token where all are cached; return the slots that finished.
+        ``running`` is in slot order; ``active`` maps every live slot index to its slot."""
         if not running:
             return []
-        ready, last_h = [], []
+        ready, last_h, drawn = [], [], []
         prefilling = [s for s in running if len(s.tokens) - s.n_cached > 1]
         decoding = [s for s in running if len(s.tokens) - s.n_cached == 1]
         if prefilling:  # prompts and observations: all in one right-padded forward, chunked
             chunks = [s.tokens[s.n_cached:s.n_cached + self.prefill_chunk] for s in prefilling]
-            h = self._forward(prefilling, chunks)
+            h = self._forward([s.index for s in prefilling], chunks, [s.n_cached for s in prefilling])
             for j, (s, chunk) in enumerate(zip(prefilling, chunks)):
                 s.out.prefill_tokens += len(chunk)
                 s.n_cached += len(chunk)
                 if s.n_cached == len(s.tokens):
                     ready.append(s)
                     last_h.append(h[j, len(chunk) - 1])
-        if decoding:  # plain decoding: every such slot in one batched forward
-            h = self._forward(decoding, [[s.tokens[-1]] for s in decoding])
-            for j, s in enumerate(decoding):
+        if decoding:
+            feed = {s.index: (s.tokens[-1], s.n_cached) for s in decoding}
+            if self.decode_step is not None:  # every slot, fixed shapes, sampled inside the step
+                tokens, logprobs = self.decode_step(self._rows(range(self.slots), feed, active))
+                drawn += [(s, tokens[s.index], logprobs[s.index]) for s in decoding]
+            else:  # the slots from the first to the last decoding one (or only those) in one batched forward
+                rows = self._decode_span(decoding)
+                fed = self._rows(rows, feed, active)
+                h = self._forward(rows, [[tok] for tok, _ in fed], [pos for _, pos in fed])
+                for j, i in enumerate(rows):
+                    if i in feed:
+                        ready.append(active[i])
+                        last_h.append(h[j, -1])
+            for s in decoding:
                 s.n_cached += 1
-                ready.append(s)
-                last_h.append(h[j, -1])
-        if not ready:
-            return []
-        logits = self.model.logits(torch.stack(last_h)).float()  # [R, V]
-        tokens, logprobs = self._sample(ready, logits)
+        if ready:
+            logits = self.model.logits(torch.stack(last_h)).float()  # [R, V]
+            tokens, logprobs = self._sample(ready, logits)
+            drawn += zip(ready, tokens.tolist(), logprobs.tolist())
         finished = []
-        for s, tok, lp in zip(ready, tokens.tolist(), logprobs.tolist()):
+        for s, tok, lp in drawn:
             if self._append(s, tok, lp):
                 finished.append(s)
         return finished
 
-    def _forward(self, slots: list[_Slot], chunks: list[list[int]]):
-        """Feed each slot's chunk at its next positions. Chunks are right-padded to one length: the pads write
-        past the slot's tokens (the cache has ``prefill_chunk`` spare positions for them), where nothing reads
-        before a real token overwrites them."""
+    @staticmethod
+    def _decode_span(decoding: list[_Slot]) -> list[int]:
+        """Slot indices of the decoding forward: all from the first to the last decoding slot (consecutive cache
+        rows are read as a view) when that at most doubles the rows, else only the decoding slots."""
+        lo, hi = decoding[0].index, decoding[-1].index
+        if hi - lo + 1 <= 2 * len(decoding):
+            return list(range(lo, hi + 1))
+        return [s.index for s in decoding]
+
+    @staticmethod
+    def _rows(indices, feed: dict, active: dict) -> list[tuple[int, int]]:
+        """(token, position) of each slot index of a decoding forward: a decoding slot's from ``feed``; any other
+        feeds token 0 at its slot's next uncached position (0 for a free slot), which a real token overwrites
+        before anything reads it, and its draw is dropped."""
+        return [feed.get(i) or (0, active[i].n_cached if i in active else 0) for i in indices]
+
+    def _forward(self, indices: list[int], chunks: list[list[int]], starts: list[int]):
+        """Feed each slot's chunk at its positions from ``starts``. Chunks are right-padded to one length: the
+        pads write past the slot's tokens (the cache has ``prefill_chunk`` spare positions for them), where nothing
+        reads before a real token overwrites them."""
         dev = self.cache.k.device
         T = max(len(c) for c in chunks)
         ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # [B, T]
-        start = torch.tensor([s.n_cached for s in slots], device=dev)
-        positions = start[:, None] + torch.arange(ids.shape[1], device=dev)
-        index = torch.tensor([s.index for s in slots], device=dev)
-        return self.model(ids, positions=positions, cache=self.cache, slots=index)
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)
+        return self.model(ids, positions=positions, cache=self.cache, slots=torch.tensor(indices, device=dev))
 
     def _sample(self, ready: list[_Slot], logits):
         dev = logits.device

@@ -71,7 +71,13 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def window(self, slots, positions) -> "CacheWindow":
-        """What every layer of one cached forward reads, worked out once for all layers."""
+        """What every layer of one cached forward reads, worked out once for all layers.
+
+        A one-token step on the Triton path leaves everything to the decode kernel (it reads each slot's
+        length from ``positions``): no host sync, so the step can be captured in a CUDA graph; the caller keeps
+        positions inside the cache (the generator does)."""
+        if positions.shape[1] == 1 and use_triton(positions):
+            return CacheWindow(self, slots, positions, None, 0, None)
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} does not fit a cache of length {self.max_len}")
         S, lo, B = int(positions.max()) + 1, int(slots[0]), len(slots)
@@ -84,13 +90,14 @@ class KVCache(nn.Module):
 class CacheWindow:
     """One cached forward: rows ``slots [B]`` of the cache get new tokens at ``positions [B, T]``; ``rows``
     selects those cache rows (a slice when they are consecutive, so reading them is a view, not a copy), and
-    ``mask [B, 1, T, S]`` lets each new token see its slot's positions 0..p."""
+    ``mask [B, 1, T, S]`` lets each new token see its slot's positions 0..p. ``rows`` is None when the decode
+    kernel reads the cache itself."""
     cache: KVCache
     slots: torch.Tensor
     positions: torch.Tensor
-    rows: slice | torch.Tensor
+    rows: slice | torch.Tensor | None
     S: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
 
 class RMSNorm(nn.Module):
@@ -167,7 +174,7 @@ class Attention(nn.Module):
         k_cache, v_cache = w.cache.k[self.layer], w.cache.v[self.layer]  # [slots, S_max, Hkv, d]
         k_cache[w.slots[:, None], w.positions] = k.to(k_cache.dtype)
         v_cache[w.slots[:, None], w.positions] = v.to(v_cache.dtype)
-        if q.shape[1] == 1 and use_triton(q):  # decode on GPU: the Triton flash-decoding kernel
+        if w.rows is None:  # decode on GPU: the Triton flash-decoding kernel
             out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, w.slots, w.positions[:, 0] + 1)
             return out.to(q.dtype)[:, None]
         keys, values = k_cache[w.rows, :w.S], v_cache[w.rows, :w.S]  # [B, S, Hkv, d]

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import interpreted, shared_path
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams, format_observation
 from nanotorl.model import Qwen2, Qwen2Config
@@ -258,3 +258,48 @@ def test_each_position_draws_fresh_randomness(tok):
     assert len(set(out.response_ids)) > 30  # 60 uniform draws over ~105 tokens: about 45 distinct
     expected = -torch.log(torch.tensor(float(tok.vocab_size)))
     torch.testing.assert_close(torch.tensor(out.logprobs), expected.expand(60), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["span", "decode-step"])
+def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, cuda_graph, monkeypatch):
+    """Requests that start at different times pause for the tool at different steps; the decoding forward then
+    carries paused, prefilling and free slots as filler rows (the span of consecutive slots, or every slot in
+    the fixed-shape decode step). Every sequence must come out as when it runs alone."""
+    before, after = "Let me compute.\n```python\nprint(6 * 7)\n```\n", "The answer is \\boxed{42}"
+    prompt, script, _, _, _ = scripted(tok, before, after, "42")
+    model = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3))
+    reqs = [Request(prompt, max_new_tokens=n, seed=i, sampling=SamplingParams(temperature=1.0))
+            for i, n in enumerate([3, 9, 60, 60, 60, 60])]
+    fillers = []
+    rows = Generator._rows
+
+    def spy(indices, feed, active):
+        out = rows(indices, feed, active)
+        fillers.append(len(out) - len(feed))
+        return out
+
+    monkeypatch.setattr(Generator, "_rows", staticmethod(spy))
+    batched = Generator(model, tok, FakeSandbox(delay=0.03), slots=4, max_len=128,
+                        cuda_graph=cuda_graph).generate(reqs)
+    assert max(fillers) > 0  # the scenario did put other slots among the decoding ones
+    alone = [Generator(model, tok, FakeSandbox(), slots=1, max_len=128).generate([r])[0] for r in reqs]
+    assert sum(len(o.tool_calls) for o in batched) >= 3
+    for b, a in zip(batched, alone):
+        assert b.response_ids == a.response_ids and b.loss_mask == a.loss_mask
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0)
+
+
+def test_decode_step_on_the_triton_path_equals_the_plain_path(model, tok, triton_interpreter, monkeypatch):
+    """The fixed-shape decode step with the Triton decode-attention and sampling kernels (interpreted on CPU):
+    the window reads nothing on the host, the kernels take every slot. Same tokens as the plain PyTorch path."""
+    reqs = [Request(p, max_new_tokens=6, seed=i, sampling=SamplingParams(temperature=0.0 if i % 2 else 1.0))
+            for i, p in enumerate(prompts(tok, 3))]
+    monkeypatch.setenv("NANOTORL_KERNELS", "torch")
+    plain = Generator(model, tok, slots=2, max_len=64).generate(reqs)
+    monkeypatch.delenv("NANOTORL_KERNELS")
+    interpreted("kernels.decode_attention")
+    interpreted("kernels.sampling")
+    fixed = Generator(model, tok, slots=2, max_len=64, cuda_graph=True).generate(reqs)
+    for f, p in zip(fixed, plain):
+        assert f.response_ids == p.response_ids
+        torch.testing.assert_close(torch.tensor(f.logprobs), torch.tensor(p.logprobs), atol=1e-4, rtol=0)
