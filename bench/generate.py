@@ -103,23 +103,33 @@ def throughput(name, model, hf, tok, B, new, device, iters) -> list[dict]:
 
 class Scripted(torch.nn.Module):
     """A model whose sequences write given scripts: at position p of a slot, the logit of ``script[p + 1]`` gets
-    +1e4. A slot's script is looked up by its prompt when the prompt is prefilled (position 0). The target id
+    +1e4. A slot's script is looked up by its prompt when a prefill starts at position 0 and kept in a device
+    table, read with tensor indexing only (so a decode step can be captured in a CUDA graph). The target id
     travels to :meth:`logits` as one extra fp32 feature of the hidden state (the generator reorders rows)."""
 
-    def __init__(self, model, scripts: dict[tuple, list[int]]):
+    def __init__(self, model, scripts: dict[tuple, list[int]], slots: int):
         super().__init__()
-        self.model, self.cfg, self.scripts, self.by_slot = model, model.cfg, scripts, {}
+        self.model, self.cfg, self.scripts = model, model.cfg, scripts
+        length = max(len(v) for v in scripts.values()) + 1
+        self.table = torch.full((slots, length), -1, device=model.head_weight.device)  # [slots, L]: script ids
 
     def forward(self, ids, positions=None, seq_ids=None, cache=None, slots=None):
-        h = self.model(ids, positions, seq_ids, cache, slots)  # [B, T, D]
-        target = torch.full(ids.shape, -1.0)  # [B, T]
-        for b, (slot, start) in enumerate(zip(slots.tolist(), positions[:, 0].tolist())):
-            if start == 0:
-                self.by_slot[slot] = self.scripts[tuple(ids[b].tolist())]
-            script = self.by_slot[slot]
-            nxt = script[start + 1:start + 1 + ids.shape[1]]
-            target[b, :len(nxt)] = torch.tensor(nxt, dtype=torch.float32)
-        return torch.cat([h.float(), target[..., None].to(h.device)], -1)  # [B, T, D + 1]
+        h = self.model(ids, positions, seq_ids, cache, slots)
+        if isinstance(ids, list):  # groups of rows in one forward
+            return [self._targeted(*group) for group in zip(h, ids, positions, slots)]
+        return self._targeted(h, ids, positions, slots)
+
+    def _targeted(self, h, ids, positions, slots):
+        """h [B, T, D] -> [B, T, D + 1]: the script's next id (or -1) as an extra feature."""
+        if ids.shape[1] > 1:  # a prefill: new prompts take their scripts
+            for b, (slot, start) in enumerate(zip(slots.tolist(), positions[:, 0].tolist())):
+                if start == 0:
+                    script = torch.tensor(self.scripts[tuple(ids[b].tolist())])
+                    self.table[slot] = -1
+                    self.table[slot, :len(script)] = script
+        nxt = (positions + 1).clamp(max=self.table.shape[1] - 1)
+        target = self.table[slots[:, None], nxt].float()  # [B, T]
+        return torch.cat([h.float(), target[..., None]], -1)  # [B, T, D + 1]
 
     def logits(self, x):
         logits = self.model.logits(x[..., :-1].to(self.model.head_weight.dtype))  # [R, V]
@@ -170,7 +180,7 @@ def tool_overlap(name, model, tok, B, new, device, iters, fraction=0.5, latency=
     P = len(prompts[0])
     leads = [(i * 5) % (new // 2) if int((i + 1) * fraction) > int(i * fraction) else None for i in range(B)]
     scripts = {tuple(p): tool_script(tok, p, new, lead) for p, lead in zip(prompts, leads)}
-    scripted = Scripted(model, scripts)
+    scripted = Scripted(model, scripts, B)
     requests = [Request(p, max_new_tokens=new, sampling=GREEDY) for p in prompts]
     box = FakeSandbox(latency, workers=B)
     with_tools = Generator(scripted, tok, box, slots=B, max_len=P + new, stop_ids=[])

@@ -5,12 +5,13 @@ tool observation. The loop, one step at a time:
 
   1. free slots take queued requests (continuous batching);
   2. finished sandbox runs become observations ("```output\\n...\\n```\\n"), encoded and queued on their slot;
-  3. every running slot feeds its not-yet-cached tokens through the model into its KV cache: slots with one
-     token (plain decoding) in one batched forward, slots with more (a new prompt, or an observation after a
-     pause) in another, right-padded, in chunks of at most ``prefill_chunk`` tokens. The decoding forward
-     reads consecutive cache rows (a view, not a copy): slots in between that are not decoding (paused for the
-     tool, prefilling, free) ride along with a filler token whose output is dropped; with ``cuda_graph`` it
-     covers every slot, with fixed shapes, and replays a CUDA graph captured once;
+  3. every running slot feeds its not-yet-cached tokens through the model into its KV cache, all in one
+     forward: slots with one token (plain decoding) as one group of rows, slots with more (a new prompt, or an
+     observation after a pause) as another, right-padded, in chunks of at most ``prefill_chunk`` tokens
+     (the groups share every layer but attention). The decoding rows are consecutive slots, so attention
+     reads their cache rows as a view, not a copy: slots in between that are not decoding (paused for the
+     tool, prefilling, free) ride along with a filler token whose output is dropped. With ``cuda_graph`` the
+     decoding covers every slot with fixed shapes, as a CUDA graph captured once and replayed each step;
   4. one sampler call draws the next token of every slot whose tokens are all cached;
   5. a slot whose policy text now closes a ```python block submits the code to the sandbox and pauses,
      without stalling the others; a slot that wrote eos or ran out of tokens is finished and freed.
@@ -238,33 +239,37 @@ class Generator:
         ``running`` is in slot order; ``active`` maps every live slot index to its slot."""
         if not running:
             return []
-        ready, last_h, drawn = [], [], []
         prefilling = [s for s in running if len(s.tokens) - s.n_cached > 1]
         decoding = [s for s in running if len(s.tokens) - s.n_cached == 1]
-        if prefilling:  # prompts and observations: all in one right-padded forward, chunked
+        groups, drawn = [], []  # groups of rows for one forward: (slot indices, token chunks, start positions)
+        if prefilling:  # prompts and observations, right-padded, chunked
             chunks = [s.tokens[s.n_cached:s.n_cached + self.prefill_chunk] for s in prefilling]
-            h = self._forward([s.index for s in prefilling], chunks, [s.n_cached for s in prefilling])
-            for j, (s, chunk) in enumerate(zip(prefilling, chunks)):
-                s.out.prefill_tokens += len(chunk)
-                s.n_cached += len(chunk)
-                if s.n_cached == len(s.tokens):
-                    ready.append(s)
-                    last_h.append(h[j, len(chunk) - 1])
+            groups.append(([s.index for s in prefilling], chunks, [s.n_cached for s in prefilling]))
         if decoding:
             feed = {s.index: (s.tokens[-1], s.n_cached) for s in decoding}
             if self.decode_step is not None:  # every slot, fixed shapes, sampled inside the step
                 tokens, logprobs = self.decode_step(self._rows(range(self.slots), feed, active))
                 drawn += [(s, tokens[s.index], logprobs[s.index]) for s in decoding]
-            else:  # the slots from the first to the last decoding one (or only those) in one batched forward
+            else:  # the slots from the first to the last decoding one (or only those)
                 rows = self._decode_span(decoding)
                 fed = self._rows(rows, feed, active)
-                h = self._forward(rows, [[tok] for tok, _ in fed], [pos for _, pos in fed])
-                for j, i in enumerate(rows):
-                    if i in feed:
-                        ready.append(active[i])
-                        last_h.append(h[j, -1])
-            for s in decoding:
-                s.n_cached += 1
+                groups.append((rows, [[tok] for tok, _ in fed], [pos for _, pos in fed]))
+        hs = self._forward(groups) if groups else []
+        ready, last_h = [], []
+        if prefilling:
+            for j, (s, chunk) in enumerate(zip(prefilling, groups[0][1])):
+                s.out.prefill_tokens += len(chunk)
+                s.n_cached += len(chunk)
+                if s.n_cached == len(s.tokens):
+                    ready.append(s)
+                    last_h.append(hs[0][j, len(chunk) - 1])
+        if decoding and self.decode_step is None:
+            for j, i in enumerate(rows):
+                if i in feed:
+                    ready.append(active[i])
+                    last_h.append(hs[-1][j, 0])
+        for s in decoding:
+            s.n_cached += 1
         if ready:
             logits = self.model.logits(torch.stack(last_h)).float()  # [R, V]
             tokens, logprobs = self._sample(ready, logits)
@@ -287,19 +292,23 @@ class Generator:
     @staticmethod
     def _rows(indices, feed: dict, active: dict) -> list[tuple[int, int]]:
         """(token, position) of each slot index of a decoding forward: a decoding slot's from ``feed``; any other
-        feeds token 0 at its slot's next uncached position (0 for a free slot), which a real token overwrites
-        before anything reads it, and its draw is dropped."""
-        return [feed.get(i) or (0, active[i].n_cached if i in active else 0) for i in indices]
+        feeds token 0 just past its slot's tokens (0 for a free slot), where nothing is read before a real token
+        is written, not even a chunk that the same forward prefills into that slot; its draw is dropped."""
+        return [feed.get(i) or (0, len(active[i].tokens) if i in active else 0) for i in indices]
 
-    def _forward(self, indices: list[int], chunks: list[list[int]], starts: list[int]):
-        """Feed each slot's chunk at its positions from ``starts``. Chunks are right-padded to one length: the
-        pads write past the slot's tokens (the cache has ``prefill_chunk`` spare positions for them), where nothing
-        reads before a real token overwrites them."""
+    def _forward(self, groups: list[tuple[list[int], list[list[int]], list[int]]]) -> list:
+        """One forward for groups of (slot indices, token chunks, start positions): each slot's chunk goes in at
+        its positions from its start. The chunks of a group are right-padded to one length: the pads write past
+        the slot's tokens (the cache has ``prefill_chunk`` spare positions for them), where nothing reads before a
+        real token overwrites them. Returns the hidden states [B_i, T_i, D] of each group."""
         dev = self.cache.k.device
-        T = max(len(c) for c in chunks)
-        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev)  # [B, T]
-        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)
-        return self.model(ids, positions=positions, cache=self.cache, slots=torch.tensor(indices, device=dev))
+        ids, positions, slots = [], [], []
+        for indices, chunks, starts in groups:
+            T = max(len(c) for c in chunks)
+            ids.append(torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev))  # [B, T]
+            positions.append(torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev))
+            slots.append(torch.tensor(indices, device=dev))
+        return self.model(ids, positions=positions, cache=self.cache, slots=slots)
 
     def _sample(self, ready: list[_Slot], logits):
         dev = logits.device

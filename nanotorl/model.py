@@ -5,6 +5,8 @@ One forward serves every use:
     belongs to (attention stays inside a sequence, causal), ``positions`` restart at 0 for every sequence;
   * generation: new tokens of some cache slots are written into a preallocated :class:`KVCache` at their
     positions and attend to everything their slot holds, so the generator can pause and resume any slot.
+    Several groups of rows (e.g. one token for each decoding slot and a chunk for each prefilling one) can
+    share one forward: their tokens go through every layer together, only attention runs group by group.
 
 The model returns final hidden states ``h [B, T, D]``; :meth:`Qwen2.logits` applies the LM head. The trainer
 never needs the ``[N, V]`` logits (the fused log-prob kernel takes ``h`` and the head weight), the generator
@@ -151,15 +153,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, rot, seq_ids=None, window: CacheWindow | None = None):
+    def forward(self, x, rot, seq_ids=None, windows: list[CacheWindow] | None = None):
         B, T, _ = x.shape
         q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), rot)
         k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), rot)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if window is None:
+        if windows is None:
             out = self._attend(q, k, v, sequence_mask(seq_ids) if seq_ids is not None else None)
-        else:
-            out = self._attend_cached(q, k, v, window)
+        else:  # x: [1, N, D], the tokens of every group in a row; attention group by group
+            outs, start = [], 0
+            for w in windows:
+                b, t = w.positions.shape
+                rows = slice(start, start + b * t)
+                start += b * t
+                qkv = (z[0, rows].view(b, t, *z.shape[2:]) for z in (q, k, v))
+                outs.append(self._attend_cached(*qkv, w).reshape(b * t, -1))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.reshape(B, T, -1))
 
     @staticmethod
@@ -200,8 +209,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rot, seq_ids=None, window: CacheWindow | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), rot, seq_ids, window)
+    def forward(self, x, rot, seq_ids=None, windows: list[CacheWindow] | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rot, seq_ids, windows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -235,22 +244,34 @@ class Qwen2(nn.Module):
         if not given, count from 0 within each sequence.
         Generation: ``cache`` and ``slots [B]`` (the cache row of each batch row); ``positions [B, T]`` are where
         the new tokens go in their slot. They attend to slot positions 0..p, so earlier tokens must be there.
+        Lists of ``input_ids``, ``positions`` and ``slots`` (one entry per group of rows, shapes as above) run the
+        groups in one forward and return a list of hidden states, one [B_i, T_i, D] per group.
         """
-        if positions is None:
-            positions = self._default_positions(input_ids, seq_ids)
-        window = None
+        groups = isinstance(input_ids, (list, tuple))
+        windows = None
         if cache is not None:
-            if slots is None:
-                raise ValueError("a cached forward needs `slots` [B]: the cache row of each batch row")
-            window = cache.window(slots, positions)
+            if slots is None or positions is None:
+                raise ValueError("a cached forward needs `positions` [B, T] and `slots` [B] (each row's cache row)")
+            if not groups:
+                input_ids, positions, slots = [input_ids], [positions], [slots]
+            windows = [cache.window(s, p) for s, p in zip(slots, positions, strict=True)]
+            input_ids = torch.cat([ids.flatten() for ids in input_ids])[None]  # [1, N]: every group's tokens
+            positions = torch.cat([p.flatten() for p in positions])[None]
+        elif positions is None:
+            positions = self._default_positions(input_ids, seq_ids)
         x = self.embed_tokens(input_ids)
         rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rot, seq_ids, window, use_reentrant=False)
+                x = checkpoint(layer, x, rot, seq_ids, windows, use_reentrant=False)
             else:
-                x = layer(x, rot, seq_ids, window)
-        return self.norm(x)
+                x = layer(x, rot, seq_ids, windows)
+        h = self.norm(x)
+        if windows is None:
+            return h
+        sizes = [w.positions.numel() for w in windows]
+        out = [part.view(*w.positions.shape, -1) for part, w in zip(h[0].split(sizes), windows)]
+        return out if groups else out[0]
 
     def token_logprobs(self, input_ids, targets, positions=None, seq_ids=None, temperature: float = 1.0,
                        return_entropy: bool = False):

@@ -46,6 +46,11 @@ class Forced(torch.nn.Module):
 
     def forward(self, ids, positions=None, seq_ids=None, cache=None, slots=None):
         h = self.model(ids, positions, seq_ids, cache, slots)
+        if isinstance(ids, list):  # groups of rows in one cached forward
+            return [self._biased(*group) for group in zip(h, ids, positions)]
+        return self._biased(h, ids, positions)
+
+    def _biased(self, h, ids, positions):
         if not self.use_model:
             h = torch.zeros_like(h)
         if positions is None:

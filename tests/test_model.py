@@ -105,6 +105,31 @@ def test_kv_cache_decoding_equals_full_forward(pair, kernel, request):
         torch.testing.assert_close(torch.cat(got[i]), logits_of(model, s[None])[0], atol=1e-5, rtol=0)
 
 
+def test_groups_of_rows_in_one_cached_forward_equal_separate_forwards(pair):
+    """A prefill chunk of two slots and one decoding token of three others in one forward (the generator's
+    step) give the hidden states of two separate forwards, and leave the same cache."""
+    _, model, _ = pair
+    g = torch.Generator().manual_seed(4)
+    history = torch.randint(0, 97, (6, 5), generator=g)  # slots 0..5 hold 5 tokens each
+    prefill_ids, decode_ids = torch.randint(0, 97, (2, 4), generator=g), torch.randint(0, 97, (3, 1), generator=g)
+    prefill = (prefill_ids, torch.arange(5, 9).expand(2, 4), torch.tensor([4, 1]))
+    decode = (decode_ids, torch.full((3, 1), 5), torch.tensor([2, 3, 5]))
+    caches, outs = [], []
+    for grouped in (False, True):
+        cache = KVCache(model.cfg, slots=6, max_len=16)
+        with torch.no_grad():
+            model(history, positions=torch.arange(5).expand(6, 5), cache=cache, slots=torch.arange(6))
+            if grouped:
+                ids, positions, slots = (list(z) for z in zip(prefill, decode))
+                outs.append(model(ids, positions=positions, cache=cache, slots=slots))
+            else:
+                outs.append([model(ids, positions=p, cache=cache, slots=s) for ids, p, s in (prefill, decode)])
+        caches.append(cache)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=0)
+
+
 def test_activation_checkpointing_gives_same_gradients(pair):
     _, model, _ = pair
     ids = torch.randint(0, 97, (2, 8))
