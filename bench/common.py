@@ -39,6 +39,13 @@ def measure(fn, warmup: int = 2, iters: int = 10, device: str = "cpu") -> dict:
     return {"time_s": statistics.median(times), "peak_mem_bytes": peak}
 
 
+def copy_bandwidth(device: str, iters: int = 10) -> float:
+    """Bytes per second of a device copy (read + write) of 1 GiB (64 MiB on CPU): the memory roofline."""
+    x = torch.empty((1 << 30) if device == "cuda" else (1 << 26), dtype=torch.uint8, device=device)
+    t = measure(lambda: x.clone(), iters=iters, device=device)["time_s"]
+    return 2 * x.numel() / t
+
+
 def environment() -> dict:
     """Date, device and versions, stored beside every result."""
     env = {"date": date.today().isoformat(), "python": sys.version.split()[0],

@@ -18,7 +18,7 @@ over this row's, all measured in the same run. On GPU the table is saved as JSON
 import torch
 import torch.nn.functional as F
 
-from bench.common import kernel_args, measure, print_table, save_result
+from bench.common import copy_bandwidth, kernel_args, measure, print_table, save_result
 from kernels import use_triton
 from kernels.decode_attention import decode_attention
 
@@ -37,13 +37,6 @@ def sdpa_gathered(q, k_cache, v_cache, slots, lengths):
     if Hq != Hkv:
         k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
     return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)[:, :, 0]
-
-
-def copy_bandwidth(device, iters):
-    """Bytes per second of a device copy (read + write) of 1 GiB (64 MiB on CPU)."""
-    x = torch.empty((1 << 30) if device == "cuda" else (1 << 26), dtype=torch.uint8, device=device)
-    t = measure(lambda: x.clone(), iters=iters, device=device)["time_s"]
-    return 2 * x.numel() / t
 
 
 def bench_case(model, Hq, Hkv, d, B, ctx, dtype, device, iters, copy_bw):

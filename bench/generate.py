@@ -9,12 +9,19 @@ Throughput: the same weights (ours saved with ``nanotorl.checkpoint.save_model``
 greedy, and exactly ``new`` tokens per sequence (no stop ids on ours, ``min_new_tokens = max_new_tokens`` on
 HF). tok/s = B * new / wall time of the whole call, prefill included; speedup = ours over HF in the same run;
 same = fraction of rows where both produced the same tokens (near-ties of a random model may differ). On CPU
-both run on one thread by default (``--threads``).
+both run on one thread by default (``--threads``). On CUDA "ours" runs twice: plain, and with ``cuda_graph``
+(the decode step captured once and replayed).
+
+Roofline: decoding must read every weight and each sequence's KV cache once per step. With the average
+context P + new/2, a step reads W + B (P + new/2) L 2 Hkv d e bytes (W: weight bytes, e: element size); at the
+copy bandwidth measured in the same run (read + write of a large tensor) the whole call cannot take less than
+new x that / bandwidth. pct_roofline = that bound over the measured time (prefill counted against us).
 
 Tool overlap (batch 64): a scripted model (each sequence's next script token gets +1e4 on its logit) makes
 a fraction of the sequences write a ```python block at staggered positions; a fake sandbox answers every call
 after a fixed 20 ms. The same scripts then run with no sandbox (the block stays text and the observation is
 generated instead of inserted), so both runs make the same tokens. overhead = wall time with tools / without.
+On CUDA both runs decode with ``cuda_graph``.
 """
 import argparse
 import tempfile
@@ -25,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import measure, print_table, save_result
+from bench.common import copy_bandwidth, measure, print_table, save_result
 from nanotorl.checkpoint import save_model
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
@@ -36,8 +43,8 @@ from nanotorl.tokenizer import Tokenizer
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen2.5"
 GREEDY = SamplingParams(temperature=0.0)
 FILLER = "Let me think about this step by step, carefully. "
-COLUMNS = ["model", "B", "prompt", "new", "impl", "s", "tok/s", "speedup_vs_hf", "same_as_hf"]
-TOOL_COLUMNS = ["model", "B", "new", "tool_seqs", "latency_ms", "s_with_tools", "s_without", "overhead",
+COLUMNS = ["model", "B", "prompt", "new", "impl", "s", "tok/s", "speedup_vs_hf", "same_as_hf", "pct_roofline"]
+TOOL_COLUMNS = ["model", "B", "new", "cuda_graph", "tool_seqs", "latency_ms", "s_with_tools", "s_without", "overhead",
                 "tool_wait_s"]
 
 
@@ -76,29 +83,37 @@ def equal_length_prompts(tok: Tokenizer, n: int) -> list[list[int]]:
     return [group[i % len(group)] for i in range(n)]
 
 
-def throughput(name, model, hf, tok, B, new, device, iters) -> list[dict]:
+def roofline_s(model, B: int, P: int, new: int, bandwidth: float) -> float:
+    """The least time ``new`` decoding steps of B sequences can take: bytes read per step over the bandwidth."""
+    cfg = model.cfg
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = B * (P + new / 2) * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * \
+        model.head_weight.element_size()
+    return new * (weights + kv) / bandwidth
+
+
+def throughput(name, model, hf, tok, B, new, device, iters, bandwidth) -> list[dict]:
     prompts = equal_length_prompts(tok, B)
     P = len(prompts[0])
-    gen = Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[])
     requests = [Request(p, max_new_tokens=new, sampling=GREEDY) for p in prompts]
     ids = torch.tensor(prompts, device=device)  # [B, P]
     mask = torch.ones_like(ids)
-
-    def ours():
-        return gen.generate(requests)
-
-    def theirs():
-        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
-
-    mine, hf_out = ours(), theirs()[:, P:].tolist()
-    same = sum(c.response_ids == h for c, h in zip(mine, hf_out)) / B
-    times = {"ours": measure(ours, warmup=1, iters=iters, device=device)["time_s"],
-             "hf": measure(theirs, warmup=1, iters=iters, device=device)["time_s"]}
-    gen.close()
+    gens = {"ours": Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[])}
+    if device == "cuda":
+        gens["ours+graph"] = Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[], cuda_graph=True)
+    impls = {impl: gen.generate for impl, gen in gens.items()}
+    impls["hf"] = lambda _: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                        do_sample=False, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
+    hf_out = impls["hf"](requests)[:, P:].tolist()
+    same = {impl: sum(c.response_ids == h for c, h in zip(impls[impl](requests), hf_out)) / B for impl in gens}
+    times = {impl: measure(lambda fn=fn: fn(requests), warmup=1, iters=iters, device=device)["time_s"]
+             for impl, fn in impls.items()}
+    for gen in gens.values():
+        gen.close()
+    bound = roofline_s(model, B, P, new, bandwidth)
     return [{"model": name, "threads": torch.get_num_threads(), "B": B, "prompt": P, "new": new, "impl": impl,
-             "s": t, "tok/s": B * new / t, "speedup_vs_hf": times["hf"] / t, "same_as_hf": same if impl == "ours" else ""}
-            for impl, t in times.items()]
+             "s": t, "tok/s": B * new / t, "speedup_vs_hf": times["hf"] / t, "same_as_hf": same.get(impl, ""),
+             "pct_roofline": 100 * bound / t} for impl, t in times.items()]
 
 
 class Scripted(torch.nn.Module):
@@ -183,8 +198,9 @@ def tool_overlap(name, model, tok, B, new, device, iters, fraction=0.5, latency=
     scripted = Scripted(model, scripts, B)
     requests = [Request(p, max_new_tokens=new, sampling=GREEDY) for p in prompts]
     box = FakeSandbox(latency, workers=B)
-    with_tools = Generator(scripted, tok, box, slots=B, max_len=P + new, stop_ids=[])
-    without = Generator(scripted, tok, None, slots=B, max_len=P + new, stop_ids=[])
+    graph = device == "cuda"
+    with_tools = Generator(scripted, tok, box, slots=B, max_len=P + new, stop_ids=[], cuda_graph=graph)
+    without = Generator(scripted, tok, None, slots=B, max_len=P + new, stop_ids=[], cuda_graph=graph)
     for gen in (with_tools, without):  # both must write exactly the scripts
         for p, c in zip(prompts, gen.generate(requests)):
             if c.response_ids != scripts[tuple(p)][P:]:
@@ -194,7 +210,8 @@ def tool_overlap(name, model, tok, B, new, device, iters, fraction=0.5, latency=
     t_with = measure(lambda: with_tools.generate(requests), warmup=0, iters=iters, device=device)["time_s"]
     t_without = measure(lambda: without.generate(requests), warmup=0, iters=iters, device=device)["time_s"]
     box.pool.shutdown()
-    return {"model": name, "threads": torch.get_num_threads(), "B": B, "new": new, "tool_seqs": n_tools,
+    return {"model": name, "threads": torch.get_num_threads(), "B": B, "new": new, "cuda_graph": graph,
+            "tool_seqs": n_tools,
             "latency_ms": latency * 1e3, "s_with_tools": t_with, "s_without": t_without, "overhead": t_with / t_without,
             "tool_wait_s": (with_tools.stats["tool_wait_s"] - wait0) / iters}
 
@@ -219,10 +236,12 @@ def main():
     print(f"{args.device}, {torch.get_num_threads()} CPU thread(s), {new} new tokens per sequence")
     with tempfile.TemporaryDirectory() as tmp:
         name, model, hf, tok = build(args.device, Path(tmp))
+    bandwidth = copy_bandwidth(args.device)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rows = []
     for B in batches:
-        rows += throughput(name, model, hf, tok, B, new, args.device, iters)
-        print_table(rows[-2:], COLUMNS)
+        rows += throughput(name, model, hf, tok, B, new, args.device, iters, bandwidth)
+        print_table(rows[-3 if cuda else -2:], COLUMNS)
     print()
     print_table(rows, COLUMNS)
     tool = tool_overlap(name, model, tok, 64, new, args.device, iters)
