@@ -265,6 +265,7 @@ def parse_args(argv=None):
     p.add_argument("--trigger", choices=("fence", "output"), default="fence", help="see nanotorl.generate")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's own")
     p.add_argument("--slots", type=int, default=64, help="concurrent sequences per rank")
+    p.add_argument("--cuda-graph", action="store_true", help="decode step as a CUDA graph (GPU)")
     p.add_argument("--chunk", type=int, help="problems per chunk between saves (default: 4 x slots x ranks "
                                              "samples' worth)")
     p.add_argument("--seed", type=int, default=0)
@@ -327,7 +328,7 @@ def main(argv=None) -> dict | None:
     with SandboxPool(workers=args.sandbox_workers, wall_time=args.sandbox_timeout,
                      cpu_time=args.sandbox_timeout) as box, torch.no_grad():
         gen = Generator(model, tok, box, slots=args.slots, max_len=longest + args.max_new_tokens,
-                        trigger=args.trigger)
+                        trigger=args.trigger, cuda_graph=args.cuda_graph)
         for name, problems in sets.items():
             t0 = time.perf_counter()
             run_dataset(gen, name, problems, done, args, rank, world, out)

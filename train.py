@@ -266,7 +266,7 @@ def main(argv=None):
     log = Log(cfg, rank, start)
     with SandboxPool(workers=cfg.sandbox_workers, wall_time=cfg.sandbox_timeout, cpu_time=cfg.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=cfg.gen_slots, max_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-                        trigger=cfg.trigger)
+                        trigger=cfg.trigger, cuda_graph=cfg.cuda_graph)
         if start == 0 and heldout and cfg.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
         for step in range(start, cfg.steps):

@@ -27,6 +27,7 @@ class TrainConfig:
     max_tool_calls: int = 1         # C in the paper
     trigger: str = "fence"          # 'fence': run a block once closed; 'output': when the model writes ```output
     gen_slots: int = 128            # concurrent sequences per rank
+    cuda_graph: bool = False        # decode step as a CUDA graph (GPU; not yet measured on one: see README)
     sandbox_workers: int = 2
     sandbox_timeout: float = 5.0
     code_penalty: float = 0.0       # extra penalty for a failed tool call (the paper's ablation used 0.5)

@@ -107,26 +107,19 @@ class DecodeStep:
 
     On CUDA the step is captured once as a CUDA graph and then replayed: one launch instead of hundreds of
     kernel launches per token. A graph reads the weights at the addresses it was captured with, so the
-    generator captures again when they move (FSDP2 gathers full weights into new memory for each rollout).
-    Elsewhere (CPU, where the tests compare it with the plain path) the same step runs as it is."""
+    generator captures one per ``generate`` call, during which they stay put (FSDP2 gathers the full weights
+    into new memory for each rollout). Elsewhere (CPU, where the tests compare it with the plain path) the
+    same step runs as it is."""
 
     def __init__(self, model, cache: KVCache):
         N, dev = cache.k.shape[1], cache.k.device
-        self.model, self.cache, self.weights = model, cache, self._addresses(model)
+        self.model, self.cache = model, cache
         self.inputs = torch.zeros(2, N, dtype=torch.int64, device=dev)  # token ids, positions
         self.slots = torch.arange(N, device=dev)
         self.params = {"temperature": torch.ones(N, device=dev), "top_k": torch.zeros(N, dtype=torch.int64, device=dev),
                        "top_p": torch.ones(N, device=dev), "min_p": torch.zeros(N, device=dev),
                        "seed": torch.zeros(N, dtype=torch.int64, device=dev)}
         self.graph = self._capture() if dev.type == "cuda" else None
-
-    @staticmethod
-    def _addresses(model) -> list[int]:
-        return [p.data_ptr() for p in model.parameters()]
-
-    def reads(self, model) -> bool:
-        """Whether the step still reads ``model``'s weights where they are."""
-        return self.model is model and self.weights == self._addresses(model)
 
     def set_request(self, index: int, request: Request):
         sp = request.sampling
@@ -212,8 +205,14 @@ class Generator:
         if self.cache is None:
             self.cache = KVCache(self.model.cfg, self.slots, self.max_len + self.prefill_chunk,
                                  device=p.device, dtype=p.dtype)
-        if self.cuda_graph and (self.decode_step is None or not self.decode_step.reads(self.model)):
-            self.decode_step = DecodeStep(self.model, self.cache)  # (again) once the weights moved in memory
+        if self.cuda_graph:  # captured for this call: the weights stay where they are until it returns
+            self.decode_step = DecodeStep(self.model, self.cache)
+        try:
+            return self._generate(requests, progress)
+        finally:
+            self.decode_step = None
+
+    def _generate(self, requests: list[Request], progress) -> list[Completion]:
         queue, results = deque(enumerate(requests)), [None] * len(requests)
         free, active = list(range(self.slots))[::-1], {}
         while queue or active:
