@@ -36,12 +36,14 @@ def model(tok):
 class Forced(torch.nn.Module):
     """Wraps a model: at position p the logit of ``script[p + 1]`` gets ``bias`` added (the script is the whole
     expected sequence, prompt + response). With a large bias the model writes the script; inserted tool tokens
-    sit in the script too but are never sampled. ``model=None`` gives a model that is all bias."""
+    sit in the script too but are never sampled. ``model=None`` gives a model that is all bias. Device tensors
+    only, no host reads, so that a decode step through it can be captured in a CUDA graph."""
 
     def __init__(self, script, vocab, bias=1e4, model=None):
         super().__init__()
         self.model = model or tiny_model(vocab)
-        self.cfg, self.script, self.bias, self.vocab = self.model.cfg, script, bias, vocab
+        self.cfg, self.bias, self.vocab = self.model.cfg, bias, vocab
+        self.register_buffer("script", torch.tensor(list(script) + [-1]), persistent=False)
         self.use_model = model is not None
 
     def forward(self, ids, positions=None, seq_ids=None, cache=None, slots=None):
@@ -54,11 +56,10 @@ class Forced(torch.nn.Module):
         if not self.use_model:
             h = torch.zeros_like(h)
         if positions is None:
-            positions = torch.arange(ids.shape[1]).expand_as(ids)
-        script = torch.tensor(self.script + [-1])
-        target = script[(positions + 1).clamp(max=len(self.script))]
-        bias = torch.zeros(*ids.shape, self.vocab)
-        bias[target >= 0] = torch.nn.functional.one_hot(target[target >= 0], self.vocab).float() * self.bias
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        target = self.script[(positions + 1).clamp(max=len(self.script) - 1)]  # -1: past the script, no bias
+        scale = (target >= 0).to(h.dtype)[..., None] * self.bias
+        bias = torch.nn.functional.one_hot(target.clamp(min=0), self.vocab).to(h.dtype) * scale
         return torch.cat([h, bias], -1)
 
     def logits(self, x):
@@ -308,3 +309,28 @@ def test_decode_step_on_the_triton_path_equals_the_plain_path(model, tok, triton
     for f, p in zip(fixed, plain):
         assert f.response_ids == p.response_ids
         torch.testing.assert_close(torch.tensor(f.logprobs), torch.tensor(p.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the CUDA graph")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager_on_gpu(tok, dtype):
+    """On a GPU: the captured decode step (Triton attention and sampling inside a CUDA graph) against the eager
+    step on the same device, with tool calls pausing slots, more requests than slots and mixed sampling; then
+    the eager GPU path against the CPU reference (same tokens wherever the CPU's top token is clear)."""
+    before, after = "Let me compute.\n```python\nprint(6 * 7)\n```\n", "The answer is \\boxed{42}"
+    prompt, script, _, _, _ = scripted(tok, before, after, "42")
+    model = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3))
+    reqs = [Request(prompt, max_new_tokens=n, seed=i, sampling=SamplingParams(temperature=float(i % 2)))
+            for i, n in enumerate([3, 9, 60, 60, 60, 60, 40])]
+    runs = {}
+    for name, device, graph in [("graph", "cuda", True), ("eager", "cuda", False)]:
+        m = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3)).to(device, dtype)
+        runs[name] = Generator(m, tok, FakeSandbox(delay=0.03), slots=4, max_len=128,
+                               cuda_graph=graph).generate(reqs)
+    for g, e in zip(runs["graph"], runs["eager"]):
+        assert g.response_ids == e.response_ids and g.loss_mask == e.loss_mask
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-3, rtol=0)
+    if dtype == torch.float32:
+        cpu = Generator(model, tok, FakeSandbox(), slots=4, max_len=128).generate(reqs)
+        assert [c.response_ids for c in cpu] == [e.response_ids for e in runs["eager"]]
