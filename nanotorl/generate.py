@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import use_triton
 from kernels.sampling import sample
+from nanotorl.decode_step import DecodeStep
 from nanotorl.model import KVCache
 
 TIMEOUT_MESSAGE = "TimeoutError: the code ran out of time and printed nothing"
@@ -100,72 +100,11 @@ class _Slot:
         return self.future is not None
 
 
-class DecodeStep:
-    """One decoding step of every cache slot at once, with fixed shapes and no host sync: token ids and positions
-    [N] in, each slot's next token and its log-prob out. A slot's sampling parameters live in device tensors, set
-    when a request takes the slot; the draw at position p uses offset p + 1, as the plain path does.
-
-    On CUDA the step is captured once as a CUDA graph and then replayed: one launch instead of hundreds of
-    kernel launches per token. A graph reads the weights at the addresses it was captured with, so the
-    generator captures one per ``generate`` call, during which they stay put (FSDP2 gathers the full weights
-    into new memory for each rollout). Elsewhere (CPU, where the tests compare it with the plain path) the
-    same step runs as it is."""
-
-    def __init__(self, model, cache: KVCache):
-        N, dev = cache.k.shape[1], cache.k.device
-        self.model, self.cache = model, cache
-        self.inputs = torch.zeros(2, N, dtype=torch.int64, device=dev)  # token ids, positions
-        self.slots = torch.arange(N, device=dev)
-        self.params = {"temperature": torch.ones(N, device=dev), "top_k": torch.zeros(N, dtype=torch.int64, device=dev),
-                       "top_p": torch.ones(N, device=dev), "min_p": torch.zeros(N, device=dev),
-                       "seed": torch.zeros(N, dtype=torch.int64, device=dev)}
-        self.graph = self._capture() if dev.type == "cuda" else None
-
-    def set_request(self, index: int, request: Request):
-        sp = request.sampling
-        values = {"temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p, "min_p": sp.min_p,
-                  "seed": request.seed}
-        for name, value in values.items():
-            self.params[name][index] = value
-
-    def _run(self):
-        ids, positions = self.inputs
-        h = self.model(ids[:, None], positions=positions[:, None], cache=self.cache, slots=self.slots)  # [N, 1, D]
-        logits = self.model.logits(h[:, 0]).float()
-        p = self.params
-        self.tokens, self.logprobs = sample(logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seed"],
-                                            positions + 1)
-
-    def _capture(self):
-        if not use_triton(self.inputs):
-            raise RuntimeError("cuda_graph needs the Triton kernels (the PyTorch references synchronise with the "
-                               "host): unset NANOTORL_KERNELS=torch or turn cuda_graph off")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile the kernels and settle the allocator before capturing
-            for _ in range(2):
-                self._run()  # token 0 at position 0 of every slot: overwritten by each slot's first prefill
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run()
-        return graph
-
-    def __call__(self, rows: list[tuple[int, int]]) -> tuple[list[int], list[float]]:
-        """rows: (token, position) of every slot -> (tokens, log-probs) of every slot."""
-        self.inputs.copy_(torch.tensor(rows, dtype=torch.int64).T)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._run()
-        return self.tokens.tolist(), self.logprobs.tolist()
-
-
 class Generator:
     """Batched generation with tool calls for one model. ``trigger``: 'fence' runs a block as soon as it is
     closed; 'output' waits until the model itself writes "```output" (ToRL's original trigger, for base
-    Qwen2.5-Math checkpoints that learned to write it). ``cuda_graph``: decode through :class:`DecodeStep`
-    (every slot, fixed shapes; a CUDA graph on GPU)."""
+    Qwen2.5-Math checkpoints that learned to write it). ``cuda_graph``: decode through
+    :class:`nanotorl.decode_step.DecodeStep` (every slot, fixed shapes; a CUDA graph on GPU)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
                  prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False):
