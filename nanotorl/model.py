@@ -187,6 +187,11 @@ class Attention(nn.Module):
             out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, w.slots, w.positions[:, 0] + 1)
             return out.to(q.dtype)[:, None]
         keys, values = k_cache[w.rows, :w.S], v_cache[w.rows, :w.S]  # [B, S, Hkv, d]
+        B, T, Hq, d = q.shape
+        if T == 1:  # one token per row: its G = Hq / Hkv query heads become G query rows of their KV head
+            q = q.view(B, self.n_kv, Hq // self.n_kv, d).transpose(1, 2)  # [B, T=G, H=Hkv, d]
+            out = self._attend(q, keys.to(q.dtype), values.to(q.dtype), w.mask)  # [B, G, Hkv, d]
+            return out.transpose(1, 2).reshape(B, 1, Hq, d)
         return self._attend(q, keys.to(q.dtype), values.to(q.dtype), w.mask)
 
 
