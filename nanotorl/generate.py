@@ -189,27 +189,29 @@ class Generator:
                 tokens, logprobs = self.decode_step(self._rows(range(self.slots), feed, active))
                 drawn += [(s, tokens[s.index], logprobs[s.index]) for s in decoding]
             else:  # the slots from the first to the last decoding one (or only those)
-                rows = self._decode_span(decoding)
-                fed = self._rows(rows, feed, active)
-                groups.append((rows, [[tok] for tok, _ in fed], [pos for _, pos in fed]))
+                span = self._decode_span(decoding)
+                fed = self._rows(span, feed, active)
+                groups.append((span, [[tok] for tok, _ in fed], [pos for _, pos in fed]))
         hs = self._forward(groups) if groups else []
-        ready, last_h = [], []
+        ready, last_h = [], []  # slots to sample, and their last hidden states (one tensor per group)
         if prefilling:
+            done = []
             for j, (s, chunk) in enumerate(zip(prefilling, groups[0][1])):
                 s.out.prefill_tokens += len(chunk)
                 s.n_cached += len(chunk)
                 if s.n_cached == len(s.tokens):
                     ready.append(s)
-                    last_h.append(hs[0][j, len(chunk) - 1])
+                    done.append((j, len(chunk) - 1))
+            if done:
+                last_h.append(hs[0][tuple(map(list, zip(*done)))])
         if decoding and self.decode_step is None:
-            for j, i in enumerate(rows):
-                if i in feed:
-                    ready.append(active[i])
-                    last_h.append(hs[-1][j, 0])
+            picked = [j for j, i in enumerate(span) if i in feed]
+            ready += [active[span[j]] for j in picked]
+            last_h.append(hs[-1][picked, 0])
         for s in decoding:
             s.n_cached += 1
         if ready:
-            logits = self.model.logits(torch.stack(last_h)).float()  # [R, V]
+            logits = self.model.logits(torch.cat(last_h)).float()  # [R, V]
             tokens, logprobs = self._sample(ready, logits)
             drawn += zip(ready, tokens.tolist(), logprobs.tolist())
         finished = []
