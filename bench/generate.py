@@ -3,6 +3,7 @@
     python -m bench.generate --quick          # CPU: demo model (random init), batch 1/16/64, 32 new tokens
     python -m bench.generate                  # CPU: batch 1/16/64/256, 64 new tokens
     python -m bench.generate --device cuda    # random Qwen2.5-1.5B-shaped model in bf16, 256 new tokens
+    python -m bench.generate --device cuda --quick --batches 64,256   # the batches of the targets, 128 tokens
 
 Throughput: the same weights (ours saved with ``nanotorl.checkpoint.save_model``, loaded by
 ``transformers.Qwen2ForCausalLM.from_pretrained``), the same equal-length prompts (no padding on either side),
@@ -220,6 +221,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer tokens and iterations")
+    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,16,64,256; 1,16,64 with --quick)")
     parser.add_argument("--new", type=int, default=None, help="new tokens per sequence")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (0: torch's default); "
                         "1 by default because on a busy machine idle-spinning OpenMP threads make timings erratic")
@@ -228,6 +230,8 @@ def main():
         raise SystemExit("--device cuda: no CUDA device visible to torch; run on a GPU machine or use --device cpu")
     cuda = args.device == "cuda"
     batches = (1, 16, 64) if args.quick else (1, 16, 64, 256)
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
     new = args.new or {(False, True): 32, (False, False): 64, (True, True): 128, (True, False): 256}[
         (cuda, args.quick)]
     iters = 2 if args.quick else 3

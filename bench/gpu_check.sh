@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run that fits a short device session (about 10 minutes on an H100):
-# the GPU tests, then the kernel and generator benchmarks on their quick shapes. Each part has its own time
-# limit, so one that hangs does not take the others with it. JSON results land in bench/results/ (and are
+# Everything that needs a GPU, in one run that fits a short device session: the GPU tests, then the kernel
+# and generator benchmarks on their quick shapes (the generator at the target batches). Each part has its own
+# time limit (11 minutes in all at most), so one that hangs does not take the others with it. JSON results land in bench/results/ (and are
 # copied to $OUT when it is set, e.g. on a lent device machine); the exit status is 1 if any part failed.
 #
 #     bash bench/gpu_check.sh            # python3 from PATH, or PYTHON=/path/to/python
@@ -18,11 +18,11 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit and re
     timeout "$limit" "$@" || failed+=("$name")
 }
 
-part 240 "gpu tests" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
-part 90 "bench.logprob" "$PY" -m bench.logprob --quick
-part 90 "bench.sampling" "$PY" -m bench.sampling --quick
-part 60 "bench.decode" "$PY" -m bench.decode --quick
-part 240 "bench.generate" "$PY" -m bench.generate --device cuda --quick
+part 180 "gpu tests" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+part 60 "bench.logprob" "$PY" -m bench.logprob --quick
+part 60 "bench.sampling" "$PY" -m bench.sampling --quick
+part 45 "bench.decode" "$PY" -m bench.decode --quick
+part 300 "bench.generate" "$PY" -m bench.generate --device cuda --quick --batches 1,64,256
 
 if [ -n "${OUT:-}" ]; then
     cp bench/results/*.json "$OUT"/ 2>/dev/null

@@ -62,8 +62,12 @@ class DecodeStep:
                 self._run()  # token 0 at position 0 of every slot: overwritten by each slot's first prefill
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run()
+        try:
+            with torch.cuda.graph(graph):
+                self._run()
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed: {e}\nSomething in the model's "
+                               "forward synchronises with the host or changes shape; run without cuda_graph") from e
         return graph
 
     def __call__(self, rows: list[tuple[int, int]]) -> tuple[list[int], list[float]]:
