@@ -6,6 +6,10 @@ fixed shapes, fixed addresses and no host synchronisation inside: so the step al
 cache (a slot that is not decoding feeds a filler token and its draw is dropped), reads token ids and
 positions from device buffers, keeps each slot's sampling parameters in device tensors, and runs the Triton
 decode-attention and sampling kernels, which take per-slot lengths and parameters from device memory.
+
+Why not ``torch.compile``: compiling this step (torch 2.13, inductor, on CPU) turned the in-place writes into
+the KV cache into a copy of the whole cache per step: 10.8 ms per step with a 96-position cache, 284 ms with
+2,048 positions, against 3.0 and 3.3 ms eager (demo model, 64 slots).
 """
 import torch
 
