@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run that fits a short device session: the GPU tests, then the kernel
-# and generator benchmarks on their quick shapes (the generator at the target batches). Each part has its own
-# time limit (11 minutes in all at most), so one that hangs does not take the others with it. JSON results land in bench/results/ (and are
-# copied to $OUT when it is set, e.g. on a lent device machine); the exit status is 1 if any part failed.
+# Everything that needs a GPU, in one run that fits a short device session: the GPU tests, then the
+# generator, decode-step and kernel benchmarks on their quick shapes (the generator at the target batches).
+# Each part has its own time limit (12 minutes in all at most), so one that hangs does not take the others
+# with it. JSON results land in bench/results/ (and are copied to $OUT when it is set, e.g. on a lent device
+# machine); the exit status is 1 if any part failed.
 #
 #     bash bench/gpu_check.sh            # python3 from PATH, or PYTHON=/path/to/python
 set -u
@@ -18,11 +19,12 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit and re
     timeout "$limit" "$@" || failed+=("$name")
 }
 
-part 180 "gpu tests" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
-part 60 "bench.logprob" "$PY" -m bench.logprob --quick
-part 60 "bench.sampling" "$PY" -m bench.sampling --quick
-part 45 "bench.decode" "$PY" -m bench.decode --quick
-part 300 "bench.generate" "$PY" -m bench.generate --device cuda --quick --batches 1,64,256
+part 150 "gpu tests" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+part 240 "bench.generate" "$PY" -m bench.generate --device cuda --quick --batches 1,64,256
+part 180 "bench.decode_step" "$PY" -m bench.decode_step --device cuda
+part 45 "bench.logprob" "$PY" -m bench.logprob --quick
+part 45 "bench.sampling" "$PY" -m bench.sampling --quick
+part 40 "bench.decode" "$PY" -m bench.decode --quick
 
 if [ -n "${OUT:-}" ]; then
     cp bench/results/*.json "$OUT"/ 2>/dev/null

@@ -7,9 +7,9 @@ cache (a slot that is not decoding feeds a filler token and its draw is dropped)
 positions from device buffers, keeps each slot's sampling parameters in device tensors, and runs the Triton
 decode-attention and sampling kernels, which take per-slot lengths and parameters from device memory.
 
-Why not ``torch.compile``: compiling this step (torch 2.13, inductor, on CPU) turned the in-place writes into
-the KV cache into a copy of the whole cache per step: 10.8 ms per step with a 96-position cache, 284 ms with
-2,048 positions, against 3.0 and 3.3 ms eager (demo model, 64 slots).
+Why not ``torch.compile``: compiled (torch 2.13, inductor, on CPU), the in-place writes into the KV cache
+became a copy of the whole cache per step, so a step's time grows with the cache length; ``python -m
+bench.decode_step`` measures eager, captured and compiled steps side by side.
 """
 import torch
 
@@ -29,7 +29,8 @@ class DecodeStep:
     into new memory for each rollout). Elsewhere (CPU, where the tests compare it with the plain path) the
     same step runs as it is."""
 
-    def __init__(self, model, cache: KVCache):
+    def __init__(self, model, cache: KVCache, graph: bool | None = None):
+        """``graph``: capture a CUDA graph (default: on CUDA)."""
         N, dev = cache.k.shape[1], cache.k.device
         self.model, self.cache = model, cache
         self.inputs = torch.zeros(2, N, dtype=torch.int64, device=dev)  # token ids, positions
@@ -37,7 +38,7 @@ class DecodeStep:
         self.params = {"temperature": torch.ones(N, device=dev), "top_k": torch.zeros(N, dtype=torch.int64, device=dev),
                        "top_p": torch.ones(N, device=dev), "min_p": torch.zeros(N, device=dev),
                        "seed": torch.zeros(N, dtype=torch.int64, device=dev)}
-        self.graph = self._capture() if dev.type == "cuda" else None
+        self.graph = self._capture() if (dev.type == "cuda" if graph is None else graph) else None
 
     def set_request(self, index: int, request):
         """Give slot ``index`` the sampling parameters and seed of ``request`` (a ``generate.Request``)."""

@@ -1,0 +1,84 @@
+"""One decoding step of every cache slot: eager, captured as a CUDA graph, and under ``torch.compile``.
+
+    python -m bench.decode_step                 # CPU: the demo model (random init), 64 slots, fp32
+    python -m bench.decode_step --device cuda   # a random Qwen2.5-1.5B-shaped model, bf16, 256 slots
+
+The step is :class:`nanotorl.decode_step.DecodeStep`: one token for every slot at position ``length / 2`` of
+a cache of ``length`` positions, then the next token of every slot sampled (temperature 1). Rows:
+  eager     the step as it runs without capture (the Triton kernels on CUDA, the PyTorch references on CPU)
+  graph     the same step captured once as a CUDA graph and replayed (CUDA only)
+  compiled  the eager step under ``torch.compile(dynamic=False)``, mode "reduce-overhead" on CUDA (inductor's
+            own CUDA graphs); compile_s is its first call
+ms = median wall time of one step, tokens read back to the host included; speedup_vs_eager in the same run.
+"""
+import argparse
+import time
+
+import torch
+
+from bench.common import measure, print_table, save_result
+from bench.generate import qwen25_15b
+from nanotorl.decode_step import DecodeStep
+from nanotorl.demo import demo_config
+from nanotorl.generate import Request, SamplingParams
+from nanotorl.model import KVCache, Qwen2
+
+COLUMNS = ["model", "slots", "length", "impl", "ms", "speedup_vs_eager", "compile_s"]
+
+
+def bench_case(name, model, slots: int, length: int, device: str, iters: int) -> list[dict]:
+    p = next(model.parameters())
+    cache = KVCache(model.cfg, slots, length, device=device, dtype=p.dtype)
+    rows = [(i % model.cfg.vocab_size, length // 2) for i in range(slots)]
+    steps = {"eager": DecodeStep(model, cache, graph=False)}
+    if device == "cuda":
+        steps["graph"] = DecodeStep(model, cache, graph=True)
+    for step in steps.values():
+        for i in range(slots):
+            step.set_request(i, Request([0], sampling=SamplingParams(temperature=1.0), seed=i))
+    eager = steps["eager"]
+    compiled = torch.compile(eager._run, dynamic=False, mode="reduce-overhead" if device == "cuda" else None)
+
+    def run_compiled():
+        eager.inputs.copy_(torch.tensor(rows).T)
+        compiled()
+        return eager.tokens.tolist()
+
+    t0 = time.perf_counter()
+    run_compiled()
+    compile_s = time.perf_counter() - t0
+    times = {impl: measure(lambda s=step: s(rows), warmup=2, iters=iters, device=device)["time_s"]
+             for impl, step in steps.items()}
+    times["compiled"] = measure(run_compiled, warmup=2, iters=iters, device=device)["time_s"]
+    return [{"model": name, "slots": slots, "length": length, "impl": impl, "ms": t * 1e3,
+             "speedup_vs_eager": times["eager"] / t, "compile_s": compile_s if impl == "compiled" else ""}
+            for impl, t in times.items()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch; run on a GPU machine or use --device cpu")
+    torch.manual_seed(0)
+    if args.device == "cuda":
+        name, cfg, dtype, cases, iters = "qwen2.5-1.5b-shape (bf16)", qwen25_15b(), torch.bfloat16, \
+            [(256, 2048)], 20
+    else:
+        torch.set_num_threads(1)
+        name, cfg, dtype, cases, iters = "demo (fp32)", demo_config(105), torch.float32, [(64, 128), (64, 2048)], 10
+    with torch.device(args.device), torch.no_grad():
+        model = Qwen2(cfg).init_weights().to(dtype).eval()
+        rows = []
+        for slots, length in cases:
+            rows += bench_case(name, model, slots, length, args.device, iters)
+            print_table(rows[-3 if args.device == "cuda" else -2:], COLUMNS)
+            torch._dynamo.reset()
+    print()
+    print_table(rows, COLUMNS)
+    save_result("decode_step", rows)
+
+
+if __name__ == "__main__":
+    main()
