@@ -11,8 +11,9 @@ tool observation. The loop, one step at a time:
      (the groups share every layer but attention). The decoding rows are consecutive slots, so attention
      reads their cache rows as a view, not a copy: slots in between that are not decoding (paused for the
      tool, prefilling, free) ride along with a filler token whose output is dropped. With ``cuda_graph`` the
-     decoding covers every slot with fixed shapes, as a CUDA graph captured once and replayed each step;
-  4. one sampler call draws the next token of every slot whose tokens are all cached;
+     decoding covers every slot with fixed shapes, as a CUDA graph captured per `generate` call and replayed;
+  4. one sampler call draws the next token of every slot whose tokens are all cached (with ``cuda_graph``
+     the decoding slots draw inside the captured step, slots that just finished a prefill in a second call);
   5. a slot whose policy text now closes a ```python block submits the code to the sandbox and pauses,
      without stalling the others; a slot that wrote eos or ran out of tokens is finished and freed.
 
