@@ -204,7 +204,8 @@ class Generator:
                     ready.append(s)
                     done.append((j, len(chunk) - 1))
             if done:
-                last_h.append(hs[0][tuple(map(list, zip(*done)))])
+                rows, cols = zip(*done)
+                last_h.append(hs[0][list(rows), list(cols)])
         if decoding and self.decode_step is None:
             picked = [j for j, i in enumerate(span) if i in feed]
             ready += [active[span[j]] for j in picked]

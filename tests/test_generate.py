@@ -324,8 +324,8 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(tok, dtype):
     reqs = [Request(prompt, max_new_tokens=n, seed=i, sampling=SamplingParams(temperature=float(i % 2)))
             for i, n in enumerate([3, 9, 60, 60, 60, 60, 40])]
     runs = {}
-    for name, device, graph in [("graph", "cuda", True), ("eager", "cuda", False)]:
-        m = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3)).to(device, dtype)
+    for name, graph in [("graph", True), ("eager", False)]:
+        m = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3)).to("cuda", dtype)
         runs[name] = Generator(m, tok, FakeSandbox(delay=0.03), slots=4, max_len=128,
                                cuda_graph=graph).generate(reqs)
     for g, e in zip(runs["graph"], runs["eager"]):
