@@ -1,4 +1,4 @@
-"""Hugging Face Qwen2 checkpoints in and out, without ``transformers``.
+"""Hugging Face Qwen2 / Qwen3 (dense) checkpoints in and out, without ``transformers``.
 
 A checkpoint directory holds ``config.json``, the weights as ``model.safetensors`` or as shards listed in
 ``model.safetensors.index.json``, and the tokenizer files. :func:`load_model` checks every tensor name and shape
@@ -9,6 +9,7 @@ reads one tensor at a time into a model built on the meta device: peak memory is
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,12 +19,29 @@ from safetensors.torch import save_file
 
 from nanotorl.model import Qwen2, Qwen2Config
 
-ARCHITECTURES = ("Qwen2ForCausalLM",)
-MODEL_TYPES = ("qwen2",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "special_tokens_map.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports wrote; we recompute them
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a supported ``model_type`` means for :class:`Qwen2Config`: its switches and transformers' class."""
+    architecture: str
+    qkv_bias: bool
+    qk_norm: bool
+    head_dim: int | None  # transformers' default when config.json has none (None: hidden_size // heads)
+
+
+FAMILIES = {"qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, qk_norm=False, head_dim=None),
+            "qwen3": Family("Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, head_dim=128)}
+SUPPORTED = "model_type 'qwen2' (Qwen2ForCausalLM: Qwen2, Qwen2.5) or 'qwen3' (Qwen3ForCausalLM: Qwen3 dense)"
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads")
+HF_DEFAULTS = {"max_position_embeddings": 32768, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+               "tie_word_embeddings": False}  # transformers' own, for keys a config.json leaves out
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def hf_name(name: str) -> str:
@@ -32,23 +50,57 @@ def hf_name(name: str) -> str:
 
 
 def load_config(path) -> Qwen2Config:
-    """Read ``config.json`` of a Qwen2/Qwen2.5 checkpoint; refuse any other architecture."""
+    """Read ``config.json`` of a Qwen2/Qwen2.5 or Qwen3 dense checkpoint; refuse anything else, naming it."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
-                                f"(Hugging Face Qwen2 format)")
+                                f"(Hugging Face Qwen2/Qwen3 format)")
     raw = json.loads(file.read_text())
-    archs, model_type = raw.get("architectures") or [], raw.get("model_type")
-    if model_type not in MODEL_TYPES or (archs and not set(archs) & set(ARCHITECTURES)):
-        raise ValueError(f"{file}: expected a Qwen2/Qwen2.5 model (model_type 'qwen2', architectures "
-                         f"{list(ARCHITECTURES)}), found model_type={model_type!r}, architectures={archs}")
+    family = _family(raw, file)
+    _check_supported(raw, file)
+    missing = [k for k in SHAPE_KEYS if raw.get(k) is None]
+    if missing:
+        raise ValueError(f"{file}: config.json lacks {missing}; a Hugging Face Qwen config sets all of {list(SHAPE_KEYS)}")
+    fields = {k: raw[k] for k in SHAPE_KEYS} | {k: raw.get(k, v) for k, v in HF_DEFAULTS.items()}
     rope = raw.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or (raw.get("rope_scaling") or {}).get("type") not in (None, "default"):
-        raise ValueError(f"{file}: rope scaling {rope or raw.get('rope_scaling')} is not supported")
-    fields = {k: raw[k] for k in Qwen2Config.__dataclass_fields__ if k in raw}
-    if "rope_theta" not in fields and "rope_theta" in rope:
+    if "rope_theta" not in raw and "rope_theta" in rope:
         fields["rope_theta"] = rope["rope_theta"]
-    return Qwen2Config(**fields)
+    head_dim = raw.get("head_dim") or family.head_dim
+    return Qwen2Config(**fields, head_dim=head_dim, qkv_bias=family.qkv_bias, qk_norm=family.qk_norm)
+
+
+def _family(raw: dict, file: Path) -> Family:
+    """The supported family of a config.json, or an error that says what was found and what is supported."""
+    archs, model_type = raw.get("architectures") or [], raw.get("model_type")
+    experts = {k: raw[k] for k in EXPERT_KEYS if raw.get(k)}
+    if experts or "moe" in str(model_type).lower():
+        raise ValueError(f"{file}: mixture-of-experts models are not supported (found model_type={model_type!r}, "
+                         f"architectures={archs}, {experts}); nanotorl supports dense models: {SUPPORTED}")
+    family = FAMILIES.get(model_type)
+    if family is None or (archs and family.architecture not in archs):
+        raise ValueError(f"{file}: expected {SUPPORTED}, found model_type={model_type!r}, architectures={archs}")
+    return family
+
+
+def _check_supported(raw: dict, file: Path) -> None:
+    """Refuse the options of a supported family that the model does not implement."""
+    sliding = [t for t in raw.get("layer_types") or [] if t != "full_attention"]
+    if raw.get("use_sliding_window") or sliding:
+        raise ValueError(f"{file}: sliding-window attention is not supported (found use_sliding_window="
+                         f"{raw.get('use_sliding_window')}, sliding_window={raw.get('sliding_window')}, layer types "
+                         f"{sorted(set(sliding))}); nanotorl attends over the whole context: set use_sliding_window "
+                         f"to false if the model was trained with full attention")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(key) or {}
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind != "default":
+            raise ValueError(f"{file}: {key} of type {kind!r} ({rope}) is not supported; supported: the default "
+                             f"RoPE (rope_scaling null, or rope_type 'default')")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{file}: hidden_act {raw['hidden_act']!r} is not supported; supported: 'silu'")
+    if raw.get("attention_bias"):
+        raise ValueError(f"{file}: attention_bias true (biased q/k/v/o projections in Qwen3) is not supported; "
+                         f"supported: Qwen3 dense without attention biases, as released")
 
 
 def checkpoint_dtype(path) -> torch.dtype | None:
@@ -119,12 +171,21 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
 
 
 def config_to_hf(cfg: Qwen2Config, dtype: torch.dtype) -> dict:
-    """``config.json`` content that transformers (v4 and v5) and vLLM read as Qwen2."""
+    """``config.json`` content that transformers (v4 and v5) and vLLM read as Qwen2 or Qwen3 (after the switches)."""
+    model_type = next((name for name, f in FAMILIES.items() if (f.qkv_bias, f.qk_norm) == (cfg.qkv_bias, cfg.qk_norm)),
+                      None)
+    if model_type is None:
+        raise ValueError(f"qkv_bias={cfg.qkv_bias} with qk_norm={cfg.qk_norm} is neither Qwen2 (biases, no q/k norm) "
+                         f"nor Qwen3 (q/k norm, no biases): no Hugging Face class could load it")
     name = {v: k for k, v in DTYPES.items()}[dtype]
-    raw = {"architectures": list(ARCHITECTURES), "model_type": "qwen2", "hidden_act": "silu",
+    raw = {"architectures": [FAMILIES[model_type].architecture], "model_type": model_type, "hidden_act": "silu",
            "torch_dtype": name, "dtype": name, "use_sliding_window": False, "attention_dropout": 0.0,
            "rope_scaling": None}
-    raw.update({k: getattr(cfg, k) for k in Qwen2Config.__dataclass_fields__})
+    raw.update({k: getattr(cfg, k) for k in SHAPE_KEYS + tuple(HF_DEFAULTS)})
+    if model_type == "qwen3" or cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        raw["head_dim"] = cfg.head_dim
+    if model_type == "qwen3":
+        raw["attention_bias"] = False
     return raw
 
 

@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5 written from scratch in plain PyTorch.
+"""Qwen2 / Qwen2.5 and Qwen3 (dense) written from scratch in plain PyTorch: one model, two switches.
 
 One forward serves every use:
   * training: full sequences ``[B, T]``, padded or packed; ``seq_ids [B, T]`` says which sequence each token
@@ -12,8 +12,11 @@ The model returns final hidden states ``h [B, T, D]``; :meth:`Qwen2.logits` appl
 never needs the ``[N, V]`` logits (the fused log-prob kernel takes ``h`` and the head weight), the generator
 only needs them for the last token of each row.
 
-Block (pre-norm):  x = x + o_proj(attn(rope(q), rope(k), v))  with q/k/v projections biased, o not;
+Block (pre-norm):  x = x + o_proj(attn(rope(q), rope(k), v))  with q, k, v = q/k/v_proj(rms(x)) per head;
                    x = x + down(silu(gate(rms(x))) * up(rms(x))).
+Qwen2 biases the q/k/v projections (``qkv_bias``); Qwen3 drops those biases and normalises each head of q and k
+before RoPE (``qk_norm``: q = rope(rms_q(q_h)), k = rope(rms_k(k_h)), one weight [d] shared by all heads), and
+sets ``head_dim`` itself (Qwen3-0.6B: 16 heads of 128 = 2048 wide from a hidden size of 1024).
 """
 import math
 from dataclasses import dataclass
@@ -30,7 +33,8 @@ from kernels.logprob import logprob
 
 @dataclass
 class Qwen2Config:
-    """Hyper-parameters of a Qwen2 model; field names follow Hugging Face's ``config.json``."""
+    """Hyper-parameters of a Qwen2 or Qwen3 dense model; field names follow Hugging Face's ``config.json``, but for
+    the two switches of the architecture (:mod:`nanotorl.checkpoint` maps ``model_type`` to them)."""
     vocab_size: int = 151936
     hidden_size: int = 1536
     intermediate_size: int = 8960
@@ -41,15 +45,18 @@ class Qwen2Config:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    head_dim: int | None = None     # None: hidden_size // num_attention_heads (Qwen2); Qwen3 sets it
+    qkv_bias: bool = True           # Qwen2: biased q/k/v projections; Qwen3: none
+    qk_norm: bool = False           # Qwen3: RMSNorm on each head of q and k before RoPE
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                 f"{self.num_attention_heads}: set head_dim")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
@@ -148,15 +155,19 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: each head of q and k normalised over its d dimensions
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps), RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, x, rot, seq_ids=None, windows: list[CacheWindow] | None = None):
         B, T, _ = x.shape
-        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), rot)
-        k = rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), rot)
+        q = rope(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), rot)  # [B, T, Hq, d]
+        k = rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), rot)    # [B, T, Hkv, d]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if windows is None:
             out = self._attend(q, k, v, sequence_mask(seq_ids) if seq_ids is not None else None)
@@ -220,8 +231,8 @@ class Block(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """The decoder. Parameter names are Hugging Face's ``Qwen2ForCausalLM`` names without the ``model.`` prefix
-    (``lm_head.weight`` keeps its name); :mod:`nanotorl.checkpoint` maps between the two."""
+    """The decoder. Parameter names are Hugging Face's ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` names without the
+    ``model.`` prefix (``lm_head.weight`` keeps its name); :mod:`nanotorl.checkpoint` maps between the two."""
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -298,11 +309,11 @@ class Qwen2(nn.Module):
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random initialisation for models trained from scratch (the demo): normal(0, std) weights,
-        zero biases, unit norms; output projections scaled by 1/sqrt(2 * layers) as in GPT-2."""
+        zero biases, unit norms (q/k norms included); output projections scaled by 1/sqrt(2 * layers) as in GPT-2."""
         scaled = ("o_proj.weight", "down_proj.weight")
         for name, p in self.named_parameters():
             with torch.no_grad():
-                if name.endswith("layernorm.weight") or name == "norm.weight":
+                if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 elif name.endswith(".bias"):
                     p.zero_()

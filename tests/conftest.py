@@ -1,4 +1,4 @@
-"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2 checkpoints, the path to ../shared."""
+"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2/Qwen3 checkpoints, the path to ../shared."""
 import importlib
 import importlib.util
 import json
@@ -68,15 +68,20 @@ def shared_path(*parts) -> Path:
     return path
 
 
-def make_hf_checkpoint(path, seed=0, dtype=torch.float32, **overrides):
-    """Save a random ``transformers`` Qwen2ForCausalLM with non-trivial weights (biases and norms included)."""
+def make_hf_checkpoint(path, seed=0, dtype=torch.float32, model_type="qwen2", **overrides):
+    """Save a random ``transformers`` Qwen2ForCausalLM (or Qwen3ForCausalLM for ``model_type="qwen3"``, head_dim
+    hidden/heads unless given) with non-trivial weights (biases and norms, q/k norms included)."""
     transformers = pytest.importorskip("transformers", reason="transformers is the parity reference (dev extra)")
     cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
                rms_norm_eps=1e-6)
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+    if model_type == "qwen3":
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

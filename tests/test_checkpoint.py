@@ -16,27 +16,40 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_save_then_load_round_trips_bit_exactly(ckpt, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_save_then_load_round_trips_bit_exactly(ckpt, tmp_path, family):
+    if family == "qwen3":
+        ckpt = tmp_path / "qwen3"
+        make_hf_checkpoint(ckpt, model_type="qwen3", head_dim=40)
     model = load_model(ckpt)
     save_model(model, tmp_path / "out")
     again = load_model(tmp_path / "out")
+    assert again.cfg == model.cfg
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
+FAMILIES = {"qwen2": {}, "qwen3": dict(model_type="qwen3", head_dim=24, num_key_value_heads=1)}
+CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("tied", [False, True])
-def test_transformers_loads_our_checkpoint_and_agrees(tmp_path, tied):
+def test_transformers_loads_our_checkpoint_and_agrees(tmp_path, tied, family):
+    """Save -> transformers' Auto class picks the same architecture from our config.json and computes the same
+    logits (weights changed after loading, so nothing passes by reading the original back)."""
     transformers = pytest.importorskip("transformers")
-    make_hf_checkpoint(tmp_path / "hf", tie_word_embeddings=tied)
+    make_hf_checkpoint(tmp_path / "hf", tie_word_embeddings=tied, **FAMILIES[family])
     ours = load_model(tmp_path / "hf")
     with torch.no_grad():  # change every weight so the comparison cannot pass by reading the original back
         for p in ours.parameters():
             p.mul_(1.5)
     save_model(ours, tmp_path / "ours", shard_bytes=20_000)  # force several shards
     assert (tmp_path / "ours" / "model.safetensors.index.json").is_file()
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(hf).__name__ == CLASSES[family] and hf.config.tie_word_embeddings == tied
     ids = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(ours(ids)), hf(ids).logits, atol=1e-5, rtol=0)
@@ -64,14 +77,6 @@ def test_missing_files_are_named(tmp_path):
         load_model(tmp_path)
 
 
-def test_other_architecture_is_refused_naming_what_was_found(ckpt, tmp_path):
-    raw = json.loads((ckpt / "config.json").read_text())
-    raw.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="found model_type='llama'.*LlamaForCausalLM"):
-        load_config(tmp_path)
-
-
 def test_missing_and_unexpected_tensors_are_listed(tmp_path):
     make_hf_checkpoint(tmp_path)
 
@@ -89,3 +94,60 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
     _rewrite_weights(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \[65\], the config implies \[64\]"):
         load_model(tmp_path)
+
+
+def _config_with(tmp_path, base, **changes):
+    raw = json.loads((base / "config.json").read_text()) | changes
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if v is not DROP}))
+    return tmp_path
+
+
+DROP = object()  # a key to leave out of config.json
+REFUSED = {  # config.json changes -> what the error must name (found, then supported)
+    "qwen3-moe": (dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=8),
+                  r"mixture-of-experts.*qwen3_moe.*Qwen3MoeForCausalLM.*'qwen3'"),
+    "qwen2-moe": (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]), r"mixture-of-experts.*qwen2_moe"),
+    "experts-in-dense-type": (dict(num_experts=4), r"mixture-of-experts.*'num_experts': 4"),
+    "sliding-window": (dict(use_sliding_window=True, sliding_window=256), r"sliding-window.*use_sliding_window=True"),
+    "sliding-layers": (dict(layer_types=["full_attention", "sliding_attention"]),
+                       r"sliding-window.*\['sliding_attention'\]"),
+    "yarn-scaling": (dict(rope_scaling={"type": "yarn", "factor": 4.0}), r"rope_scaling of type 'yarn'.*default"),
+    "linear-rope-type": (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), r"type 'linear'"),
+    "llama3-rope-parameters": (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
+                               r"rope_parameters of type 'llama3'"),
+    "unknown-model-type": (dict(model_type="llama", architectures=["LlamaForCausalLM"]),
+                           r"expected model_type 'qwen2'.*'qwen3'.*found model_type='llama'.*LlamaForCausalLM"),
+    "type-and-class-disagree": (dict(model_type="qwen3", architectures=["Qwen2ForCausalLM"]),
+                                r"found model_type='qwen3', architectures=\['Qwen2ForCausalLM'\]"),
+    "no-model-type": (dict(model_type=DROP), r"found model_type=None"),
+    "gelu": (dict(hidden_act="gelu"), r"hidden_act 'gelu'.*'silu'"),
+    "qwen3-attention-bias": (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=True),
+                             r"attention_bias"),
+    "missing-shape-key": (dict(num_key_value_heads=DROP), r"lacks \['num_key_value_heads'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_configs_are_refused_naming_what_was_found(ckpt, tmp_path, case):
+    changes, message = REFUSED[case]
+    with pytest.raises(ValueError, match=message):
+        load_config(_config_with(tmp_path, ckpt, **changes))
+
+
+@pytest.mark.parametrize("changes", [
+    dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=DROP, tie_word_embeddings=DROP),
+    dict(head_dim=DROP, tie_word_embeddings=DROP, rope_theta=DROP, max_position_embeddings=DROP, rms_norm_eps=DROP),
+    dict(head_dim=8, rope_theta=DROP, rope_parameters={"rope_type": "default", "rope_theta": 123.0}),
+    dict(architectures=DROP, use_sliding_window=False, sliding_window=4096, max_window_layers=21, rope_scaling=None),
+], ids=["qwen3-defaults", "qwen2-defaults", "rope-parameters", "qwen2.5-math-style"])
+def test_config_reads_as_transformers_does(ckpt, tmp_path, changes):
+    """Keys a config.json leaves out take transformers' defaults (Qwen3's head_dim is 128, not hidden/heads)."""
+    transformers = pytest.importorskip("transformers")
+    path = _config_with(tmp_path, ckpt, **changes)
+    ours, ref = load_config(path), transformers.AutoConfig.from_pretrained(path)
+    for key in ("vocab_size", "hidden_size", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings"):
+        assert getattr(ours, key) == getattr(ref, key), key
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+    assert ours.head_dim == (getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads)
+    assert (ours.qkv_bias, ours.qk_norm) == ((False, True) if ref.model_type == "qwen3" else (True, False))

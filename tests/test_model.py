@@ -1,16 +1,23 @@
-"""The hand-written Qwen2 against Hugging Face's, and its batched, packed and cached forwards against itself."""
+"""The hand-written Qwen2/Qwen3 against Hugging Face's, and its batched, packed and cached forwards against itself."""
+import copy
+
 import pytest
 import torch
 
 from conftest import interpreted, make_hf_checkpoint
 from nanotorl.checkpoint import load_model
-from nanotorl.model import KVCache
+from nanotorl.model import KVCache, Qwen2, Qwen2Config
 
 CONFIGS = {
     "untied-gqa2": dict(),
     "tied-mha": dict(tie_word_embeddings=True, num_key_value_heads=4, rope_theta=1_000_000.0),
     "gqa7-odd": dict(hidden_size=70, num_attention_heads=7, num_key_value_heads=1, intermediate_size=45,
                      rope_theta=500.0, num_hidden_layers=3),
+    # Qwen3: q/k norms, no q/k/v bias, head_dim set apart from hidden/heads (wider, narrower, not a power of 2)
+    "qwen3-untied-gqa2-hd24": dict(model_type="qwen3", head_dim=24),
+    "qwen3-tied-gqa4-hd40": dict(model_type="qwen3", tie_word_embeddings=True, hidden_size=48, num_attention_heads=4,
+                                 num_key_value_heads=1, head_dim=40, rope_theta=1_000_000.0),
+    "qwen3-tied-mha-hd8": dict(model_type="qwen3", tie_word_embeddings=True, num_key_value_heads=4, head_dim=8),
 }
 # Largest |ours - HF| on logits of magnitude ~5 measured when the test was written: fp32 0 (bit-identical),
 # bf16 0.115 (about 4 bf16 ulps at that magnitude: the two differ only in attention kernels' rounding).
@@ -33,25 +40,43 @@ def logits_of(model, ids, **kw):
 def test_logits_match_transformers(pair, dtype):
     hf, _, path = pair
     ours = load_model(path, dtype=dtype).eval()
-    hf = hf.to(dtype)
+    hf = copy.deepcopy(hf).to(dtype)  # the module's fp32 reference stays as it is
     ids = torch.randint(0, hf.config.vocab_size, (3, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits.float()
     got = logits_of(ours, ids)
     assert ref.abs().max() > 1.0, "weights too small for a meaningful comparison"
     torch.testing.assert_close(got, ref, atol=TOLERANCE[dtype], rtol=0)
-    hf.float()
+
+
+def test_token_logprobs_match_transformers(pair):
+    """The fused log-prob of each next token (as the trainer computes it) against log_softmax of HF's logits."""
+    hf, ours, _ = pair
+    ids = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+    targets = ids[:, 1:].clone()
+    targets[1, -3:] = -100  # ignored positions: log-prob 0
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(ids[:, :-1]).logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        got = ours.token_logprobs(ids[:, :-1], targets).view_as(ref)
+    ref[1, -3:] = 0.0
+    assert ref.abs().max() > 1.0, "log-probs too flat for a meaningful comparison"
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
 def test_perturbed_weight_breaks_parity(pair):
+    """Each architecture-specific weight matters: a q/k/v bias (Qwen2), a q-norm or k-norm weight (Qwen3)."""
     hf, ours, _ = pair
+    attn = ours.layers[0].self_attn
+    weights = [attn.q_norm.weight, attn.k_norm.weight] if ours.cfg.qk_norm else [attn.k_proj.bias, attn.q_proj.bias]
     ids = torch.randint(0, hf.config.vocab_size, (2, 9))
     with torch.no_grad():
-        ours.layers[0].self_attn.k_proj.bias[0] += 0.1
-        try:
-            assert (logits_of(ours, ids) - hf(ids).logits).abs().max() > 1e-3
-        finally:
-            ours.layers[0].self_attn.k_proj.bias[0] -= 0.1
+        for w in weights:
+            w[0] += 0.1
+            try:
+                assert (logits_of(ours, ids) - hf(ids).logits).abs().max() > 1e-3
+            finally:
+                w[0] -= 0.1
+        torch.testing.assert_close(logits_of(ours, ids), hf(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_padded_and_packed_rows_equal_unbatched(pair):
@@ -144,3 +169,16 @@ def test_activation_checkpointing_gives_same_gradients(pair):
     model.eval()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_init_weights_of_qwen3_has_unit_qk_norms_and_no_qkv_bias():
+    """The demo-style initialisation also covers Qwen3's extra weights (q/k norms start at 1, as in transformers)."""
+    cfg = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, qkv_bias=False, qk_norm=True)
+    model = Qwen2(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    attn = model.layers[1].self_attn
+    assert attn.q_proj.weight.shape == (4 * 12, 32) and attn.o_proj.weight.shape == (32, 4 * 12)
+    assert attn.q_norm.weight.shape == (12,) and not any(n.endswith(".bias") for n, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            assert torch.equal(p, torch.ones_like(p)), name
