@@ -17,9 +17,9 @@ Drawing: Gumbel-max, ``argmax_i (s_i + g_i)`` with ``g_i = -log(-log u_i)`` is d
 two levels over fixed vocabulary blocks of ``RNG_BLOCK`` tokens: pick block c by Gumbel-max over the block
 log-masses ``log Z_c + G_c``, then the token within block c by Gumbel-max over its survivors. Because
 ``P(i) = Z_c / Z_S * e^{s_i} / Z_c`` this is exact, and it needs noise only for the blocks and one block's
-tokens. Every uniform ``u`` is a hash of (seeds[b], offsets[b], index): a row draws the same token whatever
-batch it is in, and the reference and the Triton kernel draw the same token from the same logits (up to
-float rounding in near ties). ``u`` carries 23 random bits, so ``g`` lies in [-2.8, 16.6]: a token (block)
+tokens. Every uniform ``u`` is a hash of (seeds[b], offsets[b], index) (``kernels/rng.py``): a row draws the
+same token whatever batch it is in, and the reference and the Triton kernel draw the same token from the
+same logits (up to float rounding in near ties). ``u`` carries 23 random bits, so ``g`` lies in [-2.8, 16.6]: a token (block)
 more than 19.4 below the top of its block (the top block) is never drawn, a probability below 1e-5 in all.
 
 Thresholds without a sort (Triton): a search over values keeps ``lo <= tau <= hi`` with lo and hi data
@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 import kernels
+from kernels.rng import STREAM_BLOCK, STREAM_TOKEN, gumbel, gumbel_tl, row_key, row_key_tl
 
 RNG_BLOCK = 2048   # tokens per block of the two-level Gumbel-max; part of what a (seed, offset) means
 FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR
@@ -49,45 +50,9 @@ NPIV = 16          # pivots per search pass
 SEARCH_CAP = 16384  # the search moves to a per-row scratch copy once its bracket holds this few tokens
 _SEARCH_BLOCK = 256
 _BLOCKS_PER_PROGRAM = 4   # the block kernel reads 4 x 2048 logits per program (16-32 KiB in flight)
-_M32 = 0xFFFFFFFF
-_MIX = (0x7FEB352D, 0x846CA68B)   # lowbias32 multipliers (C. Wellons' integer hash)
-_STREAM_TOKEN, _STREAM_BLOCK = 0, 1
 
 
 # ----------------------------------------------------------------------------------------- reference
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), without overflowing int64."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MIX[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MIX[1])
-    return x ^ (x >> 16)
-
-
-def _hash32(*words: torch.Tensor) -> torch.Tensor:
-    """Absorb 32-bit words into a hash: h = mix(h ^ word) for each word, from h = 0."""
-    h = torch.zeros_like(words[0])
-    for w in words:
-        h = _mix32(h ^ w)
-    return h
-
-
-def _row_key(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """One 32-bit key per row from its 64-bit seed and offset: [B] int64 in [0, 2^32)."""
-    return _hash32(seeds & _M32, (seeds >> 32) & _M32, offsets & _M32, (offsets >> 32) & _M32)
-
-
-def _gumbel(key: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
-    """Gumbel noise for ``index`` ([B, n] int64) in the rows keyed by ``key`` ([B]): [B, n] float32."""
-    h = _hash32(index * 2 + stream, key[:, None].expand_as(index))
-    u = ((h >> 9) * 2 + 1).float() * 2.0 ** -24   # in (0, 1), exact in float32
-    return -torch.log(-torch.log(u))
-
 
 def _thresholds_ref(s: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
     """tau: [B], the smallest kept scaled logit of each row (-inf keeps all); s: [B, V] float32."""
@@ -146,14 +111,14 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     s.masked_fill_((s < tau[:, None]) & ~greedy[:, None], -math.inf)  # only survivors stay finite
     blocks = sp.view(B, nb, W)
     lse_c = torch.logsumexp(blocks, -1)                               # log Z_c: [B, nb]
-    key = _row_key(seeds, offsets)
+    key = row_key(seeds, offsets)
     bidx = torch.arange(nb, device=dev).expand(B, nb)
-    score = torch.where(greedy[:, None], blocks.amax(-1), lse_c + _gumbel(key, bidx, _STREAM_BLOCK))
+    score = torch.where(greedy[:, None], blocks.amax(-1), lse_c + gumbel(key, bidx, STREAM_BLOCK))
     c = score.argmax(-1)                                              # chosen block: [B]
     rows = torch.arange(B, device=dev)
     cand = blocks[rows, c]                                            # [B, W]
     tidx = c[:, None] * W + torch.arange(W, device=dev)
-    pick = torch.where(greedy[:, None], cand, cand + _gumbel(key, tidx, _STREAM_TOKEN)).argmax(-1)
+    pick = torch.where(greedy[:, None], cand, cand + gumbel(key, tidx, STREAM_TOKEN)).argmax(-1)
     tokens = c * W + pick
     logprobs = cand[rows, pick] - torch.logsumexp(lse_c, -1)
     return tokens, logprobs
@@ -174,42 +139,6 @@ def _check(logits, temperature, top_k, top_p, min_p, seeds, offsets):
 
 
 # ------------------------------------------------------------------------------------------- Triton
-
-@triton.jit
-def _row_key_tl(seed_ptr, off_ptr, row):
-    """_row_key for one row: absorb the 32-bit words of seed and offset into the lowbias32 hash."""
-    seed = tl.load(seed_ptr + row)
-    off = tl.load(off_ptr + row)
-    key = tl.zeros([], dtype=tl.uint32)
-    for w in tl.static_range(4):
-        if w < 2:
-            word = (seed >> (32 * w)) & 0xFFFFFFFF
-        else:
-            word = (off >> (32 * (w - 2))) & 0xFFFFFFFF
-        key ^= word.to(tl.uint32)
-        key ^= key >> 16
-        key *= 0x7FEB352D
-        key ^= key >> 15
-        key *= 0x846CA68B
-        key ^= key >> 16
-    return key
-
-
-@triton.jit
-def _gumbel_tl(key, index, stream: tl.constexpr):
-    """_gumbel: hash (2 * index + stream, key) into u in (0, 1), return -log(-log u)."""
-    h = (index * 2 + stream).to(tl.uint32)
-    for r in tl.static_range(2):
-        if r == 1:
-            h ^= key
-        h ^= h >> 16
-        h *= 0x7FEB352D
-        h ^= h >> 15
-        h *= 0x846CA68B
-        h ^= h >> 16
-    u = ((h >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08   # 2^-24
-    return -tl.log(-tl.log(u))
-
 
 @triton.jit
 def _pivot_pass(src, n, t, m, lo, hi, f_above, MASS: tl.constexpr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
@@ -320,7 +249,7 @@ def _prepare_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, 
         if use_q:
             tau = tl.maximum(tau, m + tl.log(q))
     tl.store(tau_ptr + row, tau)
-    tl.store(key_ptr + row, _row_key_tl(seed_ptr, off_ptr, row).to(tl.int64))
+    tl.store(key_ptr + row, row_key_tl(seed_ptr, off_ptr, row).to(tl.int64))
 
 
 @triton.jit
@@ -345,7 +274,7 @@ def _block_kernel(logits_ptr, stride, temp_ptr, tau_ptr, key_ptr, score_ptr, lse
     safe = tl.where(mx == float("-inf"), 0.0, mx)
     z = tl.sum(tl.exp(s - safe[:, None]), axis=1)                                   # >= 1 unless empty
     lse = tl.where(z > 0, safe + tl.log(tl.maximum(z, 1.0)), float("-inf"))
-    g = _gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), blk, 1)
+    g = gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), blk, 1)   # stream STREAM_BLOCK
     tl.store(score_ptr + row * NB + blk, tl.where(greedy, mx, lse + g), mask=blk < NB)
     tl.store(lse_ptr + row * NB + blk, lse, mask=blk < NB)
 
@@ -363,7 +292,7 @@ def _finish_kernel(logits_ptr, stride, temp_ptr, tau_ptr, key_ptr, score_ptr, ls
     log_z = lmax + tl.log(tl.sum(tl.exp(lse - lmax)))                                # log Z_S
     idx = c * RB + tl.arange(0, RB)
     s, greedy = _scaled_survivors(logits_ptr, stride, temp_ptr, tau_ptr, row, idx, V)    # [RB]
-    g = _gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), idx, 0)
+    g = gumbel_tl(tl.load(key_ptr + row).to(tl.uint32), idx, 0)   # stream STREAM_TOKEN
     pick = tl.argmax(tl.where(greedy, s, s + g), axis=0, tie_break_left=True)
     s_tok = tl.max(tl.where(tl.arange(0, RB) == pick, s, float("-inf")))
     tl.store(tok_ptr + row, (c * RB + pick).to(tl.int64))

@@ -1,4 +1,4 @@
-"""kernels/logprob.py: the Triton log-prob kernels against the PyTorch reference.
+"""kernels/logprob.py and kernels/logprob_logits.py: the Triton log-prob kernels against the PyTorch reference.
 
 On CPU the kernels run under the Triton interpreter (see ``interpreted`` in tests/conftest.py); with a
 CUDA device the compiled kernels run, and ``TestOnGPU`` adds the real shapes.
@@ -11,6 +11,7 @@ from conftest import DEV, assert_compiles_for_h100, interpreted
 
 ON_GPU = DEV == "cuda"
 lp = interpreted("kernels.logprob")
+lpl = interpreted("kernels.logprob_logits")  # after kernels.logprob: it imports that module's forward kernel
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
@@ -75,7 +76,7 @@ def check_from_logits(N, V, dtype, device, T):
         if ref:
             logp, ent = lp.logprob_from_logits_ref(x, targets, T, return_entropy=True)
         else:
-            logp, ent = lp.logprob_from_logits(x, targets, T, return_entropy=True)
+            logp, ent = lpl.logprob_from_logits(x, targets, T, return_entropy=True)
         (logp * upstream).sum().backward()
         results.append((logp.detach(), ent, x.grad.float()))
     (logp, ent, dx), (logp_ref, ent_ref, dx_ref) = results
@@ -156,8 +157,8 @@ def test_from_logits_reads_strided_rows_and_columns():
     logits = torch.randn(50, 9)  # stored [V, N]: the [N, V] view has column stride N
     targets = torch.randint(0, 50, (9,))
     want = lp.logprob_from_logits_ref(logits.T, targets, 1.0, return_entropy=False)
-    torch.testing.assert_close(lp.logprob_from_logits(logits.T, targets), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lp.logprob_from_logits(logits.T[::2], targets[::2]), want[::2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lpl.logprob_from_logits(logits.T, targets), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lpl.logprob_from_logits(logits.T[::2], targets[::2]), want[::2], atol=1e-5, rtol=0)
 
 
 def test_dispatcher_picks_triton_or_reference(monkeypatch):

@@ -1,4 +1,4 @@
-"""kernels/sampling.py: the reference and the Triton sampler against a brute-force definition.
+"""kernels/sampling.py (and its noise, kernels/rng.py): the reference and the Triton sampler against a brute-force definition.
 
 The brute force (``_filtered``) sorts one row in float64 and applies the documented filters one
 after the other; every test compares a path's tokens, thresholds or log-probs against it. On CPU
@@ -14,6 +14,7 @@ import torch
 
 from conftest import DEV, assert_compiles_for_h100, interpreted
 
+interpreted("kernels.rng")  # first: the sampling kernels call its noise functions
 S = interpreted("kernels.sampling")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 PATHS = {"ref": S.sample_ref, "triton": S.sample_triton}
