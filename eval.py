@@ -38,18 +38,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import print_table
 from nanotorl import dist
-from nanotorl.checkpoint import DTYPES, load_model
+from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_model
 from nanotorl.config import TrainConfig
 from nanotorl.data import Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems
-from nanotorl.generate import Completion, Generator, Request, SamplingParams
-from nanotorl.metrics import maj_at_k, mean_pass_at_k
+from nanotorl.generate import Generator, SamplingParams
+from nanotorl.metrics import maj_at_k, mean_pass_at_k, print_table
 from nanotorl.reward import is_equivalent
-from nanotorl.rollout import sample_seed, score_completion
+from nanotorl.rollout import Draw, Sample, rollout, tool_means
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
-from train import latest_checkpoint, shard_of
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 DATA_SUFFIXES = (".jsonl", ".parquet")
@@ -105,12 +103,12 @@ def deduplicated(name: str, problems: list[Problem], log) -> tuple[list[Problem]
 # ------------------------------------------------------------------------------------------ generation
 
 
-def to_record(name: str, problem: Problem, mode: str, index: int, completion: Completion, tok: Tokenizer) -> dict:
-    """One scored response as a JSON-able dict. The answer comes from the policy's own tokens (as in rollout)."""
-    scored = score_completion(problem, completion, tok.decode)
+def to_record(name: str, mode: str, index: int, sample: Sample, tok: Tokenizer) -> dict:
+    """One scored response as a JSON-able dict (its answer comes from the policy's own tokens, see rollout)."""
+    problem, completion = sample.problem, sample.completion
     return {"dataset": name, "id": problem.id, "mode": mode, "index": index, "problem": problem.problem,
-            "answer": problem.answer, "response": tok.decode(completion.response_ids), "extracted": scored.answer,
-            "correct": scored.correct, "reward": scored.reward,
+            "answer": problem.answer, "response": tok.decode(completion.response_ids), "extracted": sample.answer,
+            "correct": sample.correct, "reward": sample.reward,
             "tool_calls": [asdict(call) for call in completion.tool_calls],
             "finish_reason": completion.finish_reason, "response_tokens": len(completion.response_ids)}
 
@@ -120,16 +118,13 @@ def key(record: dict) -> tuple:
 
 
 def generate(gen: Generator, items: list[tuple], args, progress) -> list[dict]:
-    """Records for ``items`` = (dataset, problem index, problem, mode, sample index), in one batch."""
-    tok = gen.tokenizer
+    """Records for ``items`` = (dataset, problem index, problem, mode, sample index), in one rollout."""
     modes = {"greedy": SamplingParams(temperature=0.0),
              "sampled": SamplingParams(temperature=args.temperature, top_p=args.top_p)}
-    prompts = {text: tok.prompt_ids(text) for text in {p.problem for _, _, p, _, _ in items}}  # once per problem
-    requests = [Request(prompts[p.problem], max_new_tokens=args.max_new_tokens, sampling=modes[mode],
-                        seed=sample_seed(args.seed, i, j), max_tool_calls=args.max_tool_calls)
-                for _, i, p, mode, j in items]
-    completions = gen.generate(requests, progress=progress)
-    return [to_record(name, p, mode, j, c, tok) for (name, _, p, mode, j), c in zip(items, completions)]
+    draws = [Draw(p, i, j, modes[mode]) for _, i, p, mode, j in items]
+    samples = rollout(gen, draws, max_new_tokens=args.max_new_tokens, max_tool_calls=args.max_tool_calls,
+                      seed=args.seed, progress=progress)
+    return [to_record(name, mode, j, s, gen.tokenizer) for (name, _, _, mode, j), s in zip(items, samples)]
 
 
 def run_dataset(gen: Generator, name: str, problems: list[Problem], done: set, args, rank: int, world: int,
@@ -141,7 +136,7 @@ def run_dataset(gen: Generator, name: str, problems: list[Problem], done: set, a
             for i, p in enumerate(problems)]
     todo = [items for items in todo if items]
     per_chunk = args.chunk or max(1, 4 * args.slots * world // len(wanted))
-    chunks = [shard_of([it for items in todo[c:c + per_chunk] for it in items], rank, world)[0]
+    chunks = [dist.shard_of([it for items in todo[c:c + per_chunk] for it in items], rank, world)[0]
               for c in range(0, len(todo), per_chunk)]
     with tqdm(total=sum(map(len, chunks)), desc=name, disable=rank != 0, dynamic_ncols=True) as bar:
         for items in chunks:
@@ -204,13 +199,11 @@ def check_settings(out: Path, settings: dict) -> None:
 
 
 def tool_stats(records: list[dict]) -> dict:
-    """Tool use and length over ``records`` (the same quantities as rollout.finish_stats)."""
+    """Tool use and length over ``records``: rollout.tool_means, as training logs them, of the records' sums."""
     calls = [c for r in records for c in r["tool_calls"]]
-    n = max(len(records), 1)
-    return {"tool_fraction": sum(bool(r["tool_calls"]) for r in records) / n,
-            "calls_ok_fraction": sum(c["status"] == "ok" for c in calls) / len(calls) if calls else None,
-            "calls_per_response": len(calls) / n,
-            "response_length": sum(r["response_tokens"] for r in records) / n}
+    return tool_means({"n": len(records), "with_tool": sum(bool(r["tool_calls"]) for r in records),
+                       "calls": len(calls), "calls_ok": sum(c["status"] == "ok" for c in calls),
+                       "response_tokens": sum(r["response_tokens"] for r in records)})
 
 
 def summarize(records: dict, name: str, problems: list[Problem], k: int) -> dict:

@@ -11,8 +11,6 @@ generating), checkpoints are Hugging Face directories plus the optimizer, and a 
 the newest complete checkpoint in ``out_dir``.
 """
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,14 +19,14 @@ import torch
 from tqdm import tqdm
 
 from nanotorl import dist
-from nanotorl.checkpoint import load_model, save_state_dict
+from nanotorl.checkpoint import latest_checkpoint, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, load_problems
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import GRPOConfig, group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
 from nanotorl.metrics import mean_pass_at_k
-from nanotorl.rollout import finish_stats, rollout, rollout_stats
+from nanotorl.rollout import finish_stats, groups, rollout, rollout_stats
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 
@@ -54,13 +52,6 @@ def step_problems(problems, step: int, per_step: int, seed: int):
         order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         out.append(problems[int(order[i])])
     return out, start
-
-
-def shard_of(items: list, rank: int, world: int, group: int = 1) -> tuple[list, int]:
-    """This rank's contiguous share of ``items`` (in whole groups) and the index where it starts."""
-    groups = len(items) // group
-    lo, hi = groups * rank // world, groups * (rank + 1) // world
-    return items[lo * group:hi * group], lo * group
 
 
 def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, device, world: int) -> dict:
@@ -111,68 +102,23 @@ def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, devi
 
 def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -> dict:
     """Greedy accuracy and unbiased pass@k on this rank's share of the held-out set, summed over ranks."""
-    mine, first = shard_of(heldout, rank, world)
+    mine, first = dist.shard_of(heldout, rank, world)
+    budget = {"max_new_tokens": cfg.max_new_tokens, "max_tool_calls": cfg.max_tool_calls}
     with dist.gathered(model), torch.no_grad():
         model.eval()
-        greedy = rollout(generator, mine, group_size=1, sampling=SamplingParams(temperature=0.0),
-                         max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls, seed=cfg.seed,
-                         first_index=first) if mine else []
-        sampled = rollout(generator, mine, group_size=cfg.eval_k,
-                          sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
-                          max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls,
-                          seed=cfg.seed + 1, first_index=first) if mine and cfg.eval_k > 1 else []
+        greedy = rollout(generator, groups(mine, 1, SamplingParams(temperature=0.0), first),
+                         seed=cfg.seed, **budget) if mine else []
+        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
+        sampled = rollout(generator, groups(mine, cfg.eval_k, sampling, first),
+                          seed=cfg.seed + 1, **budget) if mine and cfg.eval_k > 1 else []
     sums = {key: rollout_stats(greedy)[key] for key in ("n", "correct", "with_tool")}
-    groups = [[s.correct for s in sampled[i:i + cfg.eval_k]] for i in range(0, len(sampled), cfg.eval_k)]
-    for k in range(1, cfg.eval_k + 1) if groups else []:
-        sums[f"pass@{k}"] = mean_pass_at_k(groups, k) * len(groups)
+    correct = [[s.correct for s in sampled[i:i + cfg.eval_k]] for i in range(0, len(sampled), cfg.eval_k)]
+    for k in range(1, cfg.eval_k + 1) if correct else []:
+        sums[f"pass@{k}"] = mean_pass_at_k(correct, k) * len(correct)
     sums = dist.all_sum(sums, device)
     n = max(sums.pop("n"), 1)
     out = {"eval_accuracy": sums.pop("correct") / n, "eval_tool_fraction": sums.pop("with_tool") / n}
     return out | {f"eval_{k}": v / n for k, v in sums.items()}
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The newest complete checkpoint (directories are renamed into place only once fully written)."""
-    root = Path(out_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "trainer.pt").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(model, optimizer, cfg: TrainConfig, step: int, rank: int, world: int, tok: Tokenizer):
-    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp`` then renamed."""
-    root = Path(cfg.out_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
-    weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tok.path, extra_config={"eos_token_id": tok.eos_id})
-        torch.save({"optimizer": opt_state, "step": step, "world": world, "config": asdict(cfg)}, tmp / "trainer.pt")
-    dist.barrier()
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
-    """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step."""
-    state = torch.load(ckpt / "trainer.pt", weights_only=False)
-    if state["world"] != world:
-        raise ValueError(f"{ckpt} was written by {state['world']} process(es), this run has {world}: resume with "
-                         f"--nproc_per_node={state['world']}, or start a new --out-dir from its weights (--model {ckpt})")
-    dist.load_optimizer_state(model, optimizer, state["optimizer"] if rank == 0 else {})
-    rng = ckpt / f"rng_rank{rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng)["torch"])
-    return state["step"]
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -206,7 +152,7 @@ class Log:
             f.write(json.dumps(record) + "\n")
         keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
                 "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
-        line = " ".join(f"{k}={record[k]:.3g}" for k in keys if k in record)
+        line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)
         if self.bar is not None and record["step"] > 0:
             self.bar.update(record["step"] - self.bar.n)
         tqdm.write(f"step {record['step']:4d} | {line}")
@@ -228,12 +174,9 @@ class Log:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
-    rank, world, device = dist.setup()
-    if cfg.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
-    torch.manual_seed(cfg.seed + rank)
+def load_policy(cfg: TrainConfig, rank: int, world: int, device):
+    """(model, optimizer, tokenizer, first step): the newest checkpoint in ``out_dir`` if there is one (resumed),
+    else ``--model``, else the demo's base model (built on first use); the model FSDP2-sharded over the ranks."""
     ckpt = latest_checkpoint(cfg.out_dir)
     base = Path(cfg.model or cfg.demo_base_dir or BASE_DIR)
     if ckpt is None and not cfg.model:
@@ -251,15 +194,28 @@ def main(argv=None):
     if rank == 0:
         tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
                    f"on {device.type} | out_dir {cfg.out_dir}")
+    return model, optimizer, Tokenizer(model_dir), start
 
-    tok = Tokenizer(model_dir)
+
+def fitting_problems(cfg: TrainConfig, tok: Tokenizer, rank: int):
+    """(train, held-out) problems whose prompts fit ``max_prompt_tokens`` (the training ones dropped are counted)."""
     train, heldout = load_data(cfg)
     fits = [p for p in train if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
     if rank == 0 and len(fits) < len(train):
         tqdm.write(f"dropped {len(train) - len(fits)} training problems longer than {cfg.max_prompt_tokens} tokens")
     if not fits:
         raise ValueError(f"no training problem fits max_prompt_tokens={cfg.max_prompt_tokens}")
-    heldout = [p for p in heldout if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
+    return fits, [p for p in heldout if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = dist.setup()
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
+    torch.manual_seed(cfg.seed + rank)
+    model, optimizer, tok, start = load_policy(cfg, rank, world, device)
+    fits, heldout = fitting_problems(cfg, tok, rank)
     grpo = GRPOConfig(cfg.clip_low, cfg.clip_high, cfg.std_normalize, cfg.aggregation, cfg.kl_coef,
                       cfg.skip_uniform_groups)
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
@@ -272,12 +228,12 @@ def main(argv=None):
         for step in range(start, cfg.steps):
             t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
             problems, first = step_problems(fits, step, cfg.prompts_per_step, cfg.seed)
-            mine, offset = shard_of(problems, rank, world)
+            mine, offset = dist.shard_of(problems, rank, world)
             with dist.gathered(model), torch.no_grad():
                 model.eval()
-                samples = rollout(gen, mine, group_size=cfg.group_size, sampling=sampling,
+                samples = rollout(gen, groups(mine, cfg.group_size, sampling, first + offset),
                                   max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls,
-                                  seed=cfg.seed, first_index=first + offset, code_penalty=cfg.code_penalty)
+                                  seed=cfg.seed, code_penalty=cfg.code_penalty)
             t1 = time.perf_counter()
             record = {"step": step + 1} | train_on(model, optimizer, samples, cfg, grpo, device, world)
             t2 = time.perf_counter()
@@ -289,7 +245,8 @@ def main(argv=None):
                 record |= evaluate(model, gen, heldout, cfg, rank, world, device)
             log(record)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(model, optimizer, cfg, step + 1, rank, world, tok)
+                save_checkpoint(model, optimizer, tok, cfg.out_dir, step + 1, asdict(cfg), cfg.keep_checkpoints,
+                                rank, world)
     log.close()
     if rank == 0:
         from nanotorl.plot import plot_metrics

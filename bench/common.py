@@ -1,4 +1,4 @@
-"""What every benchmark shares: timing, peak memory, a printed table and a JSON record."""
+"""What every benchmark shares: timing, peak memory and a JSON record (tables: nanotorl.metrics.print_table)."""
 import argparse
 import json
 import platform
@@ -57,19 +57,6 @@ def environment() -> dict:
         pass
     env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return env
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print ``rows`` as an aligned text table with the given columns."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
 def save_result(name: str, rows: list[dict], tag: str = "") -> Path:

@@ -18,9 +18,10 @@ over this row's, all measured in the same run. On GPU the table is saved as JSON
 import torch
 import torch.nn.functional as F
 
-from bench.common import copy_bandwidth, kernel_args, measure, print_table, save_result
+from bench.common import copy_bandwidth, kernel_args, measure, save_result
 from kernels import use_triton
 from kernels.decode_attention import decode_attention
+from nanotorl.metrics import print_table
 
 MODELS = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}   # name: (Hq, Hkv, d)
 CPU_MODELS = {"small-cpu": (12, 2, 64)}

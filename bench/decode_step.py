@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from bench.common import measure, print_table, save_result
+from bench.common import measure, save_result
 from bench.generate import qwen25_15b
 from nanotorl.decode_step import DecodeStep
 from nanotorl.demo import demo_config
 from nanotorl.generate import Request, SamplingParams
+from nanotorl.metrics import print_table
 from nanotorl.model import KVCache, Qwen2
 
 COLUMNS = ["model", "slots", "length", "impl", "ms", "speedup_vs_eager", "compile_s"]

@@ -33,11 +33,12 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.common import copy_bandwidth, measure, print_table, save_result
+from bench.common import copy_bandwidth, measure, save_result
 from nanotorl.checkpoint import save_model
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
 from nanotorl.generate import FENCE, Generator, Request, SamplingParams, format_observation
+from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
 

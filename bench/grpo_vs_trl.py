@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import print_table, save_result
+from bench.common import save_result
 from nanotorl.checkpoint import load_model, save_model
 from nanotorl.config import PRESETS
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.grpo import GRPOConfig as OurGRPOConfig
+from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2
 from nanotorl.rollout import Sample, sample_seed
 from nanotorl.tokenizer import Tokenizer

@@ -16,9 +16,10 @@ bound's, measured in the same run; maxdiff_vs_fp32 compares log-probs with the f
 
 import torch
 
-from bench.common import kernel_args, measure, print_table, save_result
+from bench.common import kernel_args, measure, save_result
 from kernels import use_triton
 from kernels.logprob import logprob, logprob_ref
+from nanotorl.metrics import print_table
 
 LM_HEADS = {"qwen2.5-1.5b": (1536, 151936), "qwen2.5-7b": (3584, 152064)}   # name: (D, V)
 CPU_HEADS = {"tiny-cpu": (128, 4096), "small-cpu": (256, 8192)}

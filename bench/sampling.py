@@ -17,9 +17,10 @@ under bench/results/.
 
 import torch
 
-from bench.common import kernel_args, measure, print_table, save_result
+from bench.common import kernel_args, measure, save_result
 from kernels import use_triton
 from kernels.sampling import sample
+from nanotorl.metrics import print_table
 
 CASES = {  # name: (temperature, top_k, top_p)
     "plain": (1.0, 0, 1.0),

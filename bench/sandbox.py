@@ -23,7 +23,8 @@ import time
 if not __package__:  # run as `python bench/sandbox.py`: put the repo root first, or this file shadows the package
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from bench.common import print_table, save_result  # noqa: E402
+from bench.common import save_result  # noqa: E402
+from nanotorl.metrics import print_table  # noqa: E402
 from sandbox import SandboxPool  # noqa: E402
 
 CODES = {"trivial": "print(1 + 1)",

@@ -5,6 +5,11 @@ A checkpoint directory holds ``config.json``, the weights as ``model.safetensors
 against the model before reading any weight (so a bad checkpoint fails whole, with nothing half-loaded), then
 reads one tensor at a time into a model built on the meta device: peak memory is the model plus one tensor.
 :func:`save_model` writes the same format, so a trained checkpoint opens in ``transformers`` and vLLM unchanged.
+
+A training checkpoint (:func:`save_checkpoint`) is such a directory, ``<out_dir>/checkpoints/step_N``, plus
+``trainer.pt`` (optimizer, step, world size, the run's config) and one ``rng_rank<R>.pt`` per rank. It is written
+as ``step_N.tmp`` and renamed once complete, so :func:`latest_checkpoint` never picks a torn one; :func:`resume`
+reads it back.
 """
 import json
 import os
@@ -17,6 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanotorl import dist
 from nanotorl.model import Qwen2, Qwen2Config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
@@ -239,3 +245,50 @@ def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None
 def save_model(model: Qwen2, path, tokenizer_dir=None, **kwargs) -> None:
     """Save a (non-sharded) model; see :func:`save_state_dict`."""
     save_state_dict(model.state_dict(), model.cfg, path, tokenizer_dir=tokenizer_dir, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ training checkpoints
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint (directories are renamed into place only once fully written)."""
+    root = Path(out_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                  and (p / "trainer.pt").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dict, keep: int, rank: int,
+                    world: int) -> None:
+    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp`` then renamed; only the
+    newest ``keep`` checkpoints stay. Every rank calls it (the full states are gathered on rank 0)."""
+    root = Path(out_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tokenizer.path,
+                        extra_config={"eos_token_id": tokenizer.eos_id})
+        torch.save({"optimizer": opt_state, "step": step, "world": world, "config": config}, tmp / "trainer.pt")
+    dist.barrier()
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
+    """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step."""
+    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    if state["world"] != world:
+        raise ValueError(f"{ckpt} was written by {state['world']} process(es), this run has {world}: resume with "
+                         f"--nproc_per_node={state['world']}, or start a new --out-dir from its weights (--model {ckpt})")
+    dist.load_optimizer_state(model, optimizer, state["optimizer"] if rank == 0 else {})
+    rng = ckpt / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng)["torch"])
+    return state["step"]

@@ -8,6 +8,8 @@
   copy of the weights) and each rank can run as many decode steps as its own sequences need.
 * :func:`full_state_dict` / :func:`optimizer_state` gather full states on rank 0 for checkpoints, and
   :func:`load_optimizer_state` spreads one back.
+* :func:`shard_of` is a rank's share of a list (problems, samples); :func:`all_sum` and :func:`all_max` add up
+  what the ranks measured.
 """
 import os
 from contextlib import contextmanager
@@ -112,6 +114,13 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def shard_of(items: list, rank: int, world: int, group: int = 1) -> tuple[list, int]:
+    """This rank's contiguous share of ``items`` (in whole groups) and the index where it starts."""
+    groups = len(items) // group
+    lo, hi = groups * rank // world, groups * (rank + 1) // world
+    return items[lo * group:hi * group], lo * group
 
 
 def all_sum(values: dict, device) -> dict:

@@ -1,4 +1,5 @@
-"""Sampling metrics for evaluation: unbiased pass@k and majority vote (maj@k).
+"""Sampling metrics for evaluation: unbiased pass@k and majority vote (maj@k), and the text table that eval.py and
+the benchmarks print them in.
 
 pass@k is the probability that at least one of k samples, drawn without replacement from the n generated for a
 problem (c of them correct), is correct (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"):
@@ -59,3 +60,16 @@ def maj_at_k(answers: list[str | None], truth: str, k: int,
         return False
     winner = max(groups, key=len)  # max keeps the first of equal-sized groups, i.e. the earliest
     return equivalent(winner[0], truth)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Print ``rows`` as an aligned text table with the given columns."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

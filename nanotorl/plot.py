@@ -15,7 +15,7 @@ def plot_metrics(jsonl, png) -> Path:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
     for ax, (title, keys) in zip(axes, PANELS):
         for key in keys:
-            points = [(r["step"], r[key]) for r in records if key in r]
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, ms=3, label=key)
         ax.set_title(title)

@@ -24,6 +24,7 @@ import sys
 import threading
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 # --------------------------------------------------------------------------------------------- answer extraction
 
@@ -314,10 +315,17 @@ def final_answer(segments: list[str]) -> str | None:
     return None
 
 
+class Score(NamedTuple):
+    answer: str | None   # the last \boxed{} of the policy's own text
+    correct: bool
+    reward: float
+
+
 def score(segments: list[str], truth: str, *, failed_code: bool = False, code_penalty: float = 0.0,
-          timeout: float = 5.0, verifier: Verifier | None = None) -> float:
-    """+1 if the last `\\boxed{}` over the policy's own `segments` is equivalent to `truth`, else -1;
-    minus `code_penalty` if `failed_code`. `segments` come from `policy_segments`: tool output is never in them."""
+          timeout: float = 5.0, verifier: Verifier | None = None) -> Score:
+    """The ToRL reward (module docstring) of one response: +1 if the last `\\boxed{}` over the policy's own
+    `segments` is equivalent to `truth`, else -1; minus `code_penalty` if `failed_code`. `segments` come from
+    `policy_segments`: tool output is never in them."""
     answer = final_answer(segments)
     correct = answer is not None and is_equivalent(answer, truth, timeout, verifier=verifier)
-    return (1.0 if correct else -1.0) - (code_penalty if failed_code else 0.0)
+    return Score(answer, correct, (1.0 if correct else -1.0) - (code_penalty if failed_code else 0.0))

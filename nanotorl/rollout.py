@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nanotorl.data import Problem
 from nanotorl.generate import Completion, Generator, Request, SamplingParams
-from nanotorl.reward import final_answer, is_equivalent, policy_segments
+from nanotorl.reward import policy_segments, score
 
 
 @dataclass
@@ -18,41 +18,46 @@ class Sample:
     correct: bool
     reward: float
 
-    @property
-    def failed_code(self) -> bool:
-        return any(c.status != "ok" for c in self.completion.tool_calls)
+
+@dataclass(frozen=True)
+class Draw:
+    """One response to generate: sample ``sample`` of the problem at ``index`` in the run (both feed its seed)."""
+    problem: Problem
+    index: int
+    sample: int
+    sampling: SamplingParams
 
 
 def sample_seed(seed: int, problem_index: int, sample_index: int) -> int:
     return (seed * 1_000_003 + problem_index) * 1_009 + sample_index
 
 
-def rollout(generator: Generator, problems: list[Problem], *, group_size: int, sampling: SamplingParams,
-            max_new_tokens: int, max_tool_calls: int, seed: int, first_index: int = 0,
-            code_penalty: float = 0.0, progress=None) -> list[Sample]:
-    """Generate ``group_size`` responses per problem (consecutive in the result) and score them.
+def groups(problems: list[Problem], group_size: int, sampling: SamplingParams, first_index: int = 0) -> list[Draw]:
+    """``group_size`` draws of every problem, consecutive; ``first_index`` is the index of ``problems[0]`` in the
+    whole run."""
+    return [Draw(p, first_index + i, j, sampling) for i, p in enumerate(problems) for j in range(group_size)]
 
-    ``first_index`` is the index of ``problems[0]`` in the whole run (it feeds the sampling seeds).
-    """
+
+def rollout(generator: Generator, draws: list[Draw], *, max_new_tokens: int, max_tool_calls: int, seed: int,
+            code_penalty: float = 0.0, progress=None) -> list[Sample]:
+    """Generate every draw in one batch and score it; the samples come back in the order of ``draws``."""
     tok = generator.tokenizer
-    prompts = [tok.prompt_ids(p.problem) for p in problems]  # encoded once per problem, shared by its group
-    requests = [Request(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                        seed=sample_seed(seed, first_index + i, j), max_tool_calls=max_tool_calls)
-                for i, prompt in enumerate(prompts) for j in range(group_size)]
+    prompts = {}  # each problem's prompt, encoded once and shared by its draws
+    for d in draws:
+        if d.problem.problem not in prompts:
+            prompts[d.problem.problem] = tok.prompt_ids(d.problem.problem)
+    requests = [Request(prompts[d.problem.problem], max_new_tokens=max_new_tokens, sampling=d.sampling,
+                        seed=sample_seed(seed, d.index, d.sample), max_tool_calls=max_tool_calls) for d in draws]
     completions = generator.generate(requests, progress=progress)
-    return [score_completion(problems[k // group_size], c, tok.decode, code_penalty)
-            for k, c in enumerate(completions)]
+    return [score_completion(d.problem, c, tok.decode, code_penalty) for d, c in zip(draws, completions)]
 
 
 def score_completion(problem: Problem, completion: Completion, decode, code_penalty: float = 0.0) -> Sample:
-    """The ToRL reward of one response: the last \\boxed{} of the policy's own tokens (never tool output)
-    against the ground truth, +1 or -1, minus ``code_penalty`` if a tool call failed."""
-    answer = final_answer(policy_segments(completion.response_ids, completion.loss_mask, decode))
-    correct = answer is not None and is_equivalent(answer, problem.answer)
-    s = Sample(problem, completion, answer, correct, 1.0 if correct else -1.0)
-    if s.failed_code:
-        s.reward -= code_penalty
-    return s
+    """One response scored by :func:`nanotorl.reward.score` on the policy's own tokens (never tool output); a
+    tool call that did not end 'ok' counts as failed code."""
+    failed = any(c.status != "ok" for c in completion.tool_calls)
+    segments = policy_segments(completion.response_ids, completion.loss_mask, decode)
+    return Sample(problem, completion, *score(segments, problem.answer, failed_code=failed, code_penalty=code_penalty))
 
 
 def rollout_stats(samples: list[Sample]) -> dict:
@@ -67,10 +72,17 @@ def rollout_stats(samples: list[Sample]) -> dict:
 
 
 def finish_stats(sums: dict) -> dict:
-    """Means from :func:`rollout_stats` sums: reward, accuracy, tool-call fraction, calls without error,
-    calls per response and mean response length."""
+    """Means from :func:`rollout_stats` sums: reward and accuracy, then :func:`tool_means`."""
     n = max(sums["n"], 1)
-    return {"reward": sums["reward"] / n, "accuracy": sums["correct"] / n,
-            "tool_fraction": sums["with_tool"] / n,
-            "calls_ok_fraction": sums["calls_ok"] / sums["calls"] if sums["calls"] else float("nan"),
+    return {"reward": sums["reward"] / n, "accuracy": sums["correct"] / n} | tool_means(sums)
+
+
+def tool_means(sums: dict) -> dict:
+    """Tool use and length from the sums ``n``, ``with_tool``, ``calls``, ``calls_ok`` and ``response_tokens``:
+    the fraction of responses that call the tool, the fraction of calls without error, calls per response and
+    mean response length. The fraction of calls without error is None (JSON null) when there was no call:
+    undefined rather than 0, and still valid JSON in metrics.jsonl and eval's results.json."""
+    n = max(sums["n"], 1)
+    return {"tool_fraction": sums["with_tool"] / n,
+            "calls_ok_fraction": sums["calls_ok"] / sums["calls"] if sums["calls"] else None,
             "calls_per_response": sums["calls"] / n, "response_length": sums["response_tokens"] / n}

@@ -42,7 +42,7 @@ def main(out):
     # plain SGD: the weights after one step show the gradient itself (Adam would blow up float noise in
     # gradients that are zero in exact arithmetic, like the key bias's)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    mine, _ = train.shard_of(global_batch(cfg), rank, world, cfg.group_size)
+    mine, _ = dist.shard_of(global_batch(cfg), rank, world, cfg.group_size)
     stats = train.train_on(model, opt, mine, cfg, GRPOConfig(), device, world)
     weights = dist.full_state_dict(model)
     if rank == 0:

@@ -19,6 +19,7 @@ from nanotorl.data import Problem, arithmetic_problems
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Completion, Generator, ToolCall
 from nanotorl.model import Qwen2, Qwen2Config
+from nanotorl.rollout import score_completion
 from nanotorl.tokenizer import Tokenizer
 
 
@@ -90,7 +91,7 @@ def test_record_answer_from_policy_tokens_and_tool_calls_kept(ckpt):
     mask = [m for (_, m), i in zip(parts, ids) for _ in i]
     call = ToolCall("print(2)\n", "ok", "\\boxed{9}", 0.01)
     c = Completion([1], [i for part in ids for i in part], mask, [0.0] * len(mask), [call], "eos")
-    r = ev.to_record("d", Problem("p", "What?", "9"), "sampled", 3, c, tok)
+    r = ev.to_record("d", "sampled", 3, score_completion(Problem("p", "What?", "9"), c, tok.decode), tok)
     assert r["response"] == "".join(text for text, _ in parts)  # the full text, tool block included
     assert r["extracted"] == "2" and r["correct"] is False and r["reward"] == -1.0  # printed 9 is not the answer
     assert r["tool_calls"] == [{"code": "print(2)\n", "status": "ok", "observation": "\\boxed{9}", "wall_time": 0.01}]

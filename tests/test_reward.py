@@ -61,20 +61,20 @@ def test_answer_only_in_tool_output_scores_minus_one():
     segments = policy_segments(ids, mask, decode)
     assert segments == [CODE, "The program printed it."]
     assert final_answer(segments) == "{{x}}"  # the policy's own last box is the f-string in its code
-    assert score(segments, "42") == -1.0
+    assert score(segments, "42").reward == -1.0
     # the same tokens decoded as one text (the leak this design prevents) would have scored +1
-    assert score([decode(ids)], "42") == 1.0
+    assert score([decode(ids)], "42").reward == 1.0
 
 
 def test_wrong_policy_answer_is_not_rescued_by_tool_output():
     ids, mask = fake_tokens([(CODE, 1), (TOOL, 0), ("So it is \\boxed{41}.", 1)])
-    assert score(policy_segments(ids, mask, decode), "42") == -1.0
+    assert score(policy_segments(ids, mask, decode), "42").reward == -1.0
 
 
 def test_policy_answer_after_tool_output_scores_plus_one():
     ids, mask = fake_tokens([(CODE, 1), (TOOL, 0), ("So the answer is $\\boxed{42}$.", 1)])
     ids, mask = np.array(ids), np.array(mask)  # arrays and tensors (anything with .tolist()) work too
-    assert score(policy_segments(ids, mask, decode), "42") == 1.0
+    assert score(policy_segments(ids, mask, decode), "42").reward == 1.0
 
 
 def test_policy_segments_rejects_mismatched_lengths():
@@ -83,11 +83,11 @@ def test_policy_segments_rejects_mismatched_lengths():
 
 
 def test_score_code_penalty_and_missing_answer():
-    assert score(["\\boxed{5}"], "5", failed_code=True, code_penalty=0.5) == 0.5
-    assert score(["\\boxed{6}"], "5", failed_code=True, code_penalty=0.5) == -1.5
-    assert score(["\\boxed{5}"], "5", failed_code=False, code_penalty=0.5) == 1.0
-    assert score(["no box", ""], "5") == -1.0
-    assert score([], "5") == -1.0
+    assert score(["\\boxed{5}"], "5", failed_code=True, code_penalty=0.5).reward == 0.5
+    assert score(["\\boxed{6}"], "5", failed_code=True, code_penalty=0.5) == ("6", False, -1.5)  # answer, correct
+    assert score(["\\boxed{5}"], "5", failed_code=False, code_penalty=0.5).reward == 1.0
+    assert score(["no box", ""], "5").reward == -1.0
+    assert score([], "5").reward == -1.0
 
 
 # ------------------------------------------------------------------------------------------------- equivalence
