@@ -275,9 +275,9 @@ def parse_args(argv=None):
 def demo_checkpoint() -> Path:
     """The newest complete checkpoint of the README's main job."""
     demo = TrainConfig()
-    ckpt = latest_checkpoint(demo.out_dir)
+    ckpt = latest_checkpoint(demo.log.out_dir)
     if ckpt is None:
-        raise FileNotFoundError(f"no demo checkpoint in {Path(demo.out_dir) / 'checkpoints'}: run the README's main "
+        raise FileNotFoundError(f"no demo checkpoint in {Path(demo.log.out_dir) / 'checkpoints'}: run the README's main "
                                 f"job first (torchrun --nproc_per_node=2 train.py), or pass --model DIR")
     return ckpt
 
@@ -285,7 +285,7 @@ def demo_checkpoint() -> Path:
 def demo_heldout() -> list[Problem]:
     """The held-out set the demo validates on during training."""
     cfg = TrainConfig()
-    return arithmetic_problems(cfg.eval_problems, cfg.seed, "heldout")
+    return arithmetic_problems(cfg.log.eval_problems, cfg.seed, "heldout")
 
 
 def main(argv=None) -> dict | None:
@@ -293,7 +293,7 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     model_dir = Path(args.model) if args.model else demo_checkpoint()
     if args.max_new_tokens is None:
-        args.max_new_tokens = PAPER_MAX_NEW_TOKENS if args.model else TrainConfig().max_new_tokens
+        args.max_new_tokens = PAPER_MAX_NEW_TOKENS if args.model else TrainConfig().rollout.max_new_tokens
     rank, world, device = dist.setup()
     log = tqdm.write if rank == 0 else (lambda _: None)
     if args.data:

@@ -24,7 +24,7 @@ from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, load_problems
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
-from nanotorl.grpo import GRPOConfig, group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
+from nanotorl.grpo import group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
 from nanotorl.metrics import mean_pass_at_k
 from nanotorl.rollout import finish_stats, groups, rollout, rollout_stats
 from nanotorl.tokenizer import Tokenizer
@@ -33,15 +33,15 @@ from sandbox import SandboxPool
 
 def load_data(cfg: TrainConfig):
     """(train problems, held-out problems): the demo's synthetic arithmetic, or files."""
-    if not cfg.data:
-        return (arithmetic_problems(cfg.demo_train_problems, cfg.seed, "train"),
-                arithmetic_problems(cfg.eval_problems, cfg.seed, "heldout"))
-    train = load_problems(cfg.data, skip_bad=cfg.skip_bad_rows)
-    heldout = load_problems(cfg.eval_data, skip_bad=cfg.skip_bad_rows) if cfg.eval_data else []
-    for name, loaded in ((cfg.data, train), (cfg.eval_data, heldout)):
+    if not cfg.inputs.data:
+        return (arithmetic_problems(cfg.inputs.demo_train_problems, cfg.seed, "train"),
+                arithmetic_problems(cfg.log.eval_problems, cfg.seed, "heldout"))
+    train = load_problems(cfg.inputs.data, skip_bad=cfg.inputs.skip_bad_rows)
+    heldout = load_problems(cfg.inputs.eval_data, skip_bad=cfg.inputs.skip_bad_rows) if cfg.inputs.eval_data else []
+    for name, loaded in ((cfg.inputs.data, train), (cfg.inputs.eval_data, heldout)):
         if getattr(loaded, "skipped", None):
             tqdm.write(f"{name}: skipped {len(loaded.skipped)} malformed rows, e.g. {loaded.skipped[0]}")
-    return train, heldout[:cfg.eval_problems]
+    return train, heldout[:cfg.log.eval_problems]
 
 
 def step_problems(problems, step: int, per_step: int, seed: int):
@@ -54,18 +54,20 @@ def step_problems(problems, step: int, per_step: int, seed: int):
     return out, start
 
 
-def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, device, world: int) -> dict:
+def train_on(model, optimizer, samples, cfg: TrainConfig, device, world: int) -> dict:
     """One optimizer step on this rank's samples (groups complete on every rank); returns summed statistics."""
+    grpo = cfg.grpo
     rewards = torch.tensor([s.reward for s in samples])
-    adv = group_advantages(rewards, cfg.group_size, grpo.std_normalize)
-    keep = ~uniform_groups(rewards, cfg.group_size) if grpo.skip_uniform_groups else torch.ones(len(samples), dtype=bool)
+    adv = group_advantages(rewards, cfg.grpo.group_size, grpo.std_normalize)
+    keep = (~uniform_groups(rewards, cfg.grpo.group_size) if grpo.skip_uniform_groups
+            else torch.ones(len(samples), dtype=bool))
     seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
                             s.completion.logprobs, float(a), grpo.aggregation)
             for s, a, k in zip(samples, adv.tolist(), keep.tolist()) if k]
     local = {"tokens": sum(sum(m > 0 for m in s["weight"]) for s in seqs), "sequences": len(seqs)}
     total = dist.all_sum(local, device)
     normalizer = total["tokens"] if grpo.aggregation == "token" else total["sequences"]
-    batches = micro_batches(seqs, cfg.micro_batch_tokens)
+    batches = micro_batches(seqs, cfg.optim.micro_batch_tokens)
     # FSDP needs the same number of passes on every rank: a rank that runs out makes passes with zero weight
     n_batches = int(dist.all_max(len(batches), device))
     batches += micro_batches([policy_sequence([0], [0], [0], [0.0], 0.0)], 1) * (n_batches - len(batches))
@@ -74,7 +76,7 @@ def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, devi
     model.train()
     for batch in batches:
         mb = {k: v.to(device) for k, v in batch.items()}
-        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], temperature=cfg.temperature,
+        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], temperature=cfg.rollout.temperature,
                                              return_entropy=True)
         old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
         loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, grpo, max(normalizer, 1.0))
@@ -87,7 +89,7 @@ def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, devi
         stats["gap_sum"] += float(gap.sum())
         stats["loss"] += float(loss.detach())
         gap_max = max(gap_max, float(gap.max()) if gap.numel() else 0.0)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
@@ -103,17 +105,17 @@ def train_on(model, optimizer, samples, cfg: TrainConfig, grpo: GRPOConfig, devi
 def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -> dict:
     """Greedy accuracy and unbiased pass@k on this rank's share of the held-out set, summed over ranks."""
     mine, first = dist.shard_of(heldout, rank, world)
-    budget = {"max_new_tokens": cfg.max_new_tokens, "max_tool_calls": cfg.max_tool_calls}
+    budget = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_tool_calls": cfg.rollout.max_tool_calls}
     with dist.gathered(model), torch.no_grad():
         model.eval()
         greedy = rollout(generator, groups(mine, 1, SamplingParams(temperature=0.0), first),
                          seed=cfg.seed, **budget) if mine else []
-        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
-        sampled = rollout(generator, groups(mine, cfg.eval_k, sampling, first),
-                          seed=cfg.seed + 1, **budget) if mine and cfg.eval_k > 1 else []
+        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        sampled = rollout(generator, groups(mine, cfg.log.eval_k, sampling, first),
+                          seed=cfg.seed + 1, **budget) if mine and cfg.log.eval_k > 1 else []
     sums = {key: rollout_stats(greedy)[key] for key in ("n", "correct", "with_tool")}
-    correct = [[s.correct for s in sampled[i:i + cfg.eval_k]] for i in range(0, len(sampled), cfg.eval_k)]
-    for k in range(1, cfg.eval_k + 1) if correct else []:
+    correct = [[s.correct for s in sampled[i:i + cfg.log.eval_k]] for i in range(0, len(sampled), cfg.log.eval_k)]
+    for k in range(1, cfg.log.eval_k + 1) if correct else []:
         sums[f"pass@{k}"] = mean_pass_at_k(correct, k) * len(correct)
     sums = dist.all_sum(sums, device)
     n = max(sums.pop("n"), 1)
@@ -129,7 +131,7 @@ class Log:
 
     def __init__(self, cfg: TrainConfig, rank: int, start: int):
         self.on = rank == 0
-        self.file = Path(cfg.out_dir) / "metrics.jsonl"
+        self.file = Path(cfg.log.out_dir) / "metrics.jsonl"
         self.tb = self.wandb = self.bar = None
         if not self.on:
             return
@@ -137,12 +139,12 @@ class Log:
         if self.file.exists():  # drop what a crashed run logged after its last checkpoint
             keep = [line for line in self.file.read_text().splitlines() if json.loads(line)["step"] <= start]
             self.file.write_text("".join(line + "\n" for line in keep))
-        if cfg.tensorboard:
+        if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(Path(cfg.out_dir) / "tensorboard")
-        if cfg.wandb_project:
+            self.tb = SummaryWriter(Path(cfg.log.out_dir) / "tensorboard")
+        if cfg.log.wandb_project:
             import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, config=asdict(cfg), resume="allow")
+            self.wandb = wandb.init(project=cfg.log.wandb_project, config=asdict(cfg), resume="allow")
         self.bar = tqdm(total=cfg.steps, initial=start, desc="ToRL", dynamic_ncols=True)
 
     def __call__(self, record: dict):
@@ -177,35 +179,37 @@ class Log:
 def load_policy(cfg: TrainConfig, rank: int, world: int, device):
     """(model, optimizer, tokenizer, first step): the newest checkpoint in ``out_dir`` if there is one (resumed),
     else ``--model``, else the demo's base model (built on first use); the model FSDP2-sharded over the ranks."""
-    ckpt = latest_checkpoint(cfg.out_dir)
-    base = Path(cfg.model or cfg.demo_base_dir or BASE_DIR)
-    if ckpt is None and not cfg.model:
+    ckpt = latest_checkpoint(cfg.log.out_dir)
+    base = Path(cfg.inputs.model or cfg.inputs.demo_base_dir or BASE_DIR)
+    if ckpt is None and not cfg.inputs.model:
         if rank == 0 and not (base / "config.json").is_file():
             build_base_model(base, log=tqdm.write)
         dist.barrier()
     model_dir = ckpt or base
     cuda = device.type == "cuda"
-    dtype = getattr(torch, cfg.dtype)
+    dtype = getattr(torch, cfg.optim.dtype)
     model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    model = dist.shard(model, param_dtype=dtype if cuda else None, cpu_offload=cfg.cpu_offload)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    model.activation_checkpointing = cfg.optim.activation_checkpointing
+    model = dist.shard(model, param_dtype=dtype if cuda else None, cpu_offload=cfg.optim.cpu_offload)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(0.9, 0.999))
     start = resume(model, optimizer, ckpt, rank, world) if ckpt else 0
     if rank == 0:
         tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
-                   f"on {device.type} | out_dir {cfg.out_dir}")
+                   f"on {device.type} | out_dir {cfg.log.out_dir}")
     return model, optimizer, Tokenizer(model_dir), start
 
 
 def fitting_problems(cfg: TrainConfig, tok: Tokenizer, rank: int):
     """(train, held-out) problems whose prompts fit ``max_prompt_tokens`` (the training ones dropped are counted)."""
     train, heldout = load_data(cfg)
-    fits = [p for p in train if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
+    limit = cfg.rollout.max_prompt_tokens
+    fits = [p for p in train if len(tok.prompt_ids(p.problem)) <= limit]
     if rank == 0 and len(fits) < len(train):
-        tqdm.write(f"dropped {len(train) - len(fits)} training problems longer than {cfg.max_prompt_tokens} tokens")
+        tqdm.write(f"dropped {len(train) - len(fits)} training problems longer than {limit} tokens")
     if not fits:
-        raise ValueError(f"no training problem fits max_prompt_tokens={cfg.max_prompt_tokens}")
-    return fits, [p for p in heldout if len(tok.prompt_ids(p.problem)) <= cfg.max_prompt_tokens]
+        raise ValueError(f"no training problem fits max_prompt_tokens={limit}")
+    return fits, [p for p in heldout if len(tok.prompt_ids(p.problem)) <= limit]
 
 
 def main(argv=None):
@@ -216,14 +220,13 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)
     model, optimizer, tok, start = load_policy(cfg, rank, world, device)
     fits, heldout = fitting_problems(cfg, tok, rank)
-    grpo = GRPOConfig(cfg.clip_low, cfg.clip_high, cfg.std_normalize, cfg.aggregation, cfg.kl_coef,
-                      cfg.skip_uniform_groups)
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
+    ro = cfg.rollout
+    sampling = SamplingParams(temperature=ro.temperature, top_p=ro.top_p)
     log = Log(cfg, rank, start)
-    with SandboxPool(workers=cfg.sandbox_workers, wall_time=cfg.sandbox_timeout, cpu_time=cfg.sandbox_timeout) as box:
-        gen = Generator(model, tok, box, slots=cfg.gen_slots, max_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-                        trigger=cfg.trigger, cuda_graph=cfg.cuda_graph)
-        if start == 0 and heldout and cfg.eval_every:
+    with SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout, cpu_time=ro.sandbox_timeout) as box:
+        gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
+                        trigger=ro.trigger, cuda_graph=ro.cuda_graph)
+        if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
         for step in range(start, cfg.steps):
             t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
@@ -231,27 +234,27 @@ def main(argv=None):
             mine, offset = dist.shard_of(problems, rank, world)
             with dist.gathered(model), torch.no_grad():
                 model.eval()
-                samples = rollout(gen, groups(mine, cfg.group_size, sampling, first + offset),
-                                  max_new_tokens=cfg.max_new_tokens, max_tool_calls=cfg.max_tool_calls,
-                                  seed=cfg.seed, code_penalty=cfg.code_penalty)
+                samples = rollout(gen, groups(mine, cfg.grpo.group_size, sampling, first + offset),
+                                  max_new_tokens=ro.max_new_tokens, max_tool_calls=ro.max_tool_calls, seed=cfg.seed,
+                                  code_penalty=ro.code_penalty)
             t1 = time.perf_counter()
-            record = {"step": step + 1} | train_on(model, optimizer, samples, cfg, grpo, device, world)
+            record = {"step": step + 1} | train_on(model, optimizer, samples, cfg, device, world)
             t2 = time.perf_counter()
             sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
             record |= finish_stats(sums)
             record |= {"time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
                        "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
-            if cfg.eval_every and heldout and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
                 record |= evaluate(model, gen, heldout, cfg, rank, world, device)
             log(record)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(model, optimizer, tok, cfg.out_dir, step + 1, asdict(cfg), cfg.keep_checkpoints,
-                                rank, world)
+            if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(model, optimizer, tok, cfg.log.out_dir, step + 1, asdict(cfg),
+                                cfg.log.keep_checkpoints, rank, world)
     log.close()
     if rank == 0:
         from nanotorl.plot import plot_metrics
-        png = plot_metrics(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "curves.png")
-        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.out_dir)}")
+        png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
+        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}")
     dist.teardown()
 
 

@@ -36,7 +36,6 @@ from nanotorl.config import PRESETS
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
-from nanotorl.grpo import GRPOConfig as OurGRPOConfig
 from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2
 from nanotorl.rollout import Sample, sample_seed
@@ -76,11 +75,12 @@ def time_ours(path, tok, problems, cfg, steps: int, warmup: int) -> dict:
     """train.py's step, reward excepted: generate every group, score, then one optimizer step with ``train_on``."""
     device = torch.device("cpu")
     model = load_model(path, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                  betas=(0.9, 0.999))
     prompt_len = len(tok.prompt_ids(problems[0].problem))
-    gen = Generator(model, tok, None, slots=cfg.gen_slots, max_len=prompt_len + cfg.max_new_tokens, stop_ids=[])
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
-    grpo = OurGRPOConfig(cfg.clip_low, cfg.clip_high, cfg.std_normalize, cfg.aggregation, cfg.kl_coef)
+    ro = cfg.rollout
+    gen = Generator(model, tok, None, slots=ro.gen_slots, max_len=prompt_len + ro.max_new_tokens, stop_ids=[])
+    sampling = SamplingParams(temperature=ro.temperature, top_p=ro.top_p)
     total, generate = [], []
     for step in range(warmup + steps):
         mine = problems[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step]
@@ -88,14 +88,14 @@ def time_ours(path, tok, problems, cfg, steps: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             model.eval()
-            requests = [Request(tok.prompt_ids(p.problem), max_new_tokens=cfg.max_new_tokens, sampling=sampling,
-                                seed=sample_seed(cfg.seed, first + i, j), max_tool_calls=cfg.max_tool_calls)
-                        for i, p in enumerate(mine) for j in range(cfg.group_size)]
+            requests = [Request(tok.prompt_ids(p.problem), max_new_tokens=ro.max_new_tokens, sampling=sampling,
+                                seed=sample_seed(cfg.seed, first + i, j), max_tool_calls=ro.max_tool_calls)
+                        for i, p in enumerate(mine) for j in range(cfg.grpo.group_size)]
             completions = gen.generate(requests)
-        samples = [Sample(mine[k // cfg.group_size], c, None, False, shared_reward(tok.decode(c.response_ids)))
+        samples = [Sample(mine[k // cfg.grpo.group_size], c, None, False, shared_reward(tok.decode(c.response_ids)))
                    for k, c in enumerate(completions)]
         t1 = time.perf_counter()
-        train_on(model, optimizer, samples, cfg, grpo, device, world=1)
+        train_on(model, optimizer, samples, cfg, device, world=1)
         if step >= warmup:
             total.append(time.perf_counter() - t0)
             generate.append(t1 - t0)
@@ -123,15 +123,15 @@ def time_trl(path, tok, problems, cfg, micro: int, steps: int, warmup: int, out_
     def reward_7(completions, **kwargs):
         return [shared_reward(c) for c in completions]
 
-    n = cfg.prompts_per_step * cfg.group_size
+    n, ro, grpo, optim = cfg.prompts_per_step * cfg.grpo.group_size, cfg.rollout, cfg.grpo, cfg.optim
     args = GRPOConfig(
         output_dir=str(out_dir), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=n // micro, num_generations=cfg.group_size,
-        max_completion_length=cfg.max_new_tokens, generation_kwargs={"min_new_tokens": cfg.max_new_tokens},
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, beta=0.0, num_iterations=1, loss_type="dapo",
-        scale_rewards="group" if cfg.std_normalize else "none", epsilon=cfg.clip_low, epsilon_high=cfg.clip_high,
-        learning_rate=cfg.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.weight_decay,
-        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=cfg.grad_clip, max_steps=warmup + steps,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=n // micro, num_generations=grpo.group_size,
+        max_completion_length=ro.max_new_tokens, generation_kwargs={"min_new_tokens": ro.max_new_tokens},
+        temperature=ro.temperature, top_p=ro.top_p, top_k=0, beta=0.0, num_iterations=1, loss_type="dapo",
+        scale_rewards="group" if grpo.std_normalize else "none", epsilon=grpo.clip_low, epsilon_high=grpo.clip_high,
+        learning_rate=optim.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=optim.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=optim.grad_clip, max_steps=warmup + steps,
         shuffle_dataset=False, seed=cfg.seed, logging_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, log_completions=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -185,8 +185,10 @@ def main():
         tok = make_checkpoint(path)
         problems = step_prompts(tok, prompts * (warmup + steps))
         prompt_len = len(tok.prompt_ids(problems[0].problem))
-        cfg = replace(PRESETS["demo"], prompts_per_step=prompts, group_size=args.group, max_new_tokens=new,
-                      micro_batch_tokens=micro * (prompt_len + new), gen_slots=n, kl_coef=0.0)
+        demo = PRESETS["demo"]
+        cfg = replace(demo, prompts_per_step=prompts, grpo=replace(demo.grpo, group_size=args.group, kl_coef=0.0),
+                      rollout=replace(demo.rollout, max_new_tokens=new, gen_slots=n),
+                      optim=replace(demo.optim, micro_batch_tokens=micro * (prompt_len + new)))
         print(f"CPU, {torch.get_num_threads()} thread(s): {prompts} prompts x {args.group} samples, prompt "
               f"{prompt_len} + {new} tokens, micro-batch {micro} sequences, {warmup} warm-up + {steps} timed steps")
         shape = {"prompts": prompts, "G": args.group, "new": new, "micro_batch": micro, "accum": n // micro}

@@ -1,28 +1,39 @@
-"""The training configuration: one dataclass, named presets, and CLI overrides generated from its fields.
+"""The training configuration: one dataclass per concern, presets as named instances, flags made from the fields.
 
-    python train.py --preset torl-1.5b --model DIR --data train.parquet --lr 2e-6
+    python train.py --preset torl-1.5b --model DIR --data train.parquet --lr 2e-6 --clip-high 0.28
+
+:class:`TrainConfig` holds the run's own numbers (steps, prompts per step, seed) and one dataclass per concern:
+``inputs`` (:class:`InputsConfig`: the base model and the problems), ``rollout`` (:class:`RolloutConfig`:
+generation and the tool), ``grpo`` (:class:`nanotorl.grpo.GRPOConfig`: groups, advantages and the loss),
+``optim`` (:class:`OptimConfig`: the optimizer, precision and memory) and ``log`` (:class:`LogConfig`:
+validation, checkpoints and logs).
+
+Flags stay flat: every field of every nested dataclass is one flag named after the field (``clip_high`` ->
+``--clip-high``, not ``--grpo.clip-high``), so commands read the same whatever concern a field belongs to, and
+field names are unique across the whole tree (tests/test_config.py checks it, and that every field has its flag).
+A flag overrides its field on top of the ``--preset``; booleans take true/false (also 1/0, yes/no, on/off).
 """
 import argparse
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+
+from nanotorl.grpo import GRPOConfig
 
 
 @dataclass
-class TrainConfig:
-    # what to train
+class InputsConfig:
     model: str = ""                 # Hugging Face Qwen2 directory; "" = the demo's base model, built on first use
     data: str = ""                  # JSONL {problem, answer} or ToRL parquet; "" = the demo's synthetic arithmetic
     eval_data: str = ""             # held-out set for validation (the demo uses its held-out arithmetic split)
-    out_dir: str = "runs/demo"
     skip_bad_rows: bool = False     # skip (and count) malformed data rows instead of stopping
-    # the run
-    steps: int = 60
-    prompts_per_step: int = 16      # global, over all ranks
-    group_size: int = 8             # responses per prompt
-    seed: int = 0
-    # rollouts
+    demo_base_dir: str = ""         # "" = the committed nanotorl/demo_base (rebuilt there if deleted)
+    demo_train_problems: int = 4000
+
+
+@dataclass
+class RolloutConfig:
     max_new_tokens: int = 96        # every token after the prompt, tool output included
     max_prompt_tokens: int = 400    # longer prompts are dropped from the training set (and counted)
-    temperature: float = 1.0
+    temperature: float = 1.0        # also the temperature of the trainer's log-probs
     top_p: float = 1.0
     max_tool_calls: int = 1         # C in the paper
     trigger: str = "fence"          # 'fence': run a block once closed; 'output': when the model writes ```output
@@ -31,21 +42,22 @@ class TrainConfig:
     sandbox_workers: int = 2
     sandbox_timeout: float = 5.0
     code_penalty: float = 0.0       # extra penalty for a failed tool call (the paper's ablation used 0.5)
-    # optimisation
+
+
+@dataclass
+class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096  # tokens per packed micro-batch (gradient accumulation over them)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    std_normalize: bool = True
-    aggregation: str = "token"      # 'token' | 'sequence'
-    kl_coef: float = 0.0
-    skip_uniform_groups: bool = False
     dtype: str = "float32"          # parameter dtype on CPU; on GPU: compute dtype under FSDP2 mixed precision
     activation_checkpointing: bool = False
     cpu_offload: bool = False
-    # validation, checkpoints, logging
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/demo"      # metrics.jsonl, curves.png, checkpoints/ (a rerun resumes from there)
     eval_every: int = 10
     eval_problems: int = 200
     eval_k: int = 4                 # samples per held-out problem for pass@k (1 = greedy only)
@@ -53,26 +65,61 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     wandb_project: str = ""
-    # the demo's base model and data
-    demo_base_dir: str = ""         # "" = the committed nanotorl/demo_base (rebuilt there if deleted)
-    demo_train_problems: int = 4000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    prompts_per_step: int = 16      # global, over all ranks (each gets grpo.group_size responses)
+    seed: int = 0
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def torl_recipe(size: str, gen_slots: int, micro_batch_tokens: int) -> TrainConfig:
+    """ToRL (arXiv 2503.23383) on Qwen2.5-Math-``size``: 128 prompts x 16 samples, lr 1e-6, no KL, T=1, top-p 1,
+    responses up to 3072 tokens, one tool call per response; the sizes differ only in what fits in memory."""
+    return TrainConfig(
+        steps=500, prompts_per_step=128,
+        rollout=RolloutConfig(max_new_tokens=3072, max_prompt_tokens=400, gen_slots=gen_slots, sandbox_workers=16,
+                              sandbox_timeout=10.0),
+        grpo=GRPOConfig(group_size=16),
+        optim=OptimConfig(lr=1e-6, weight_decay=0.01, micro_batch_tokens=micro_batch_tokens, dtype="bfloat16",
+                          activation_checkpointing=True),
+        log=LogConfig(out_dir=f"runs/torl-{size}", eval_every=20, eval_problems=500, eval_k=16, save_every=20))
 
 
 PRESETS = {
     "demo": TrainConfig(),
-    # ToRL (arXiv 2503.23383) on Qwen2.5-Math: 128 prompts x 16 samples, lr 1e-6, no KL, T=1, top-p 1,
-    # responses up to 3072 tokens, one tool call per response.
-    "torl-1.5b": TrainConfig(out_dir="runs/torl-1.5b", steps=500, prompts_per_step=128, group_size=16,
-                             max_new_tokens=3072, max_prompt_tokens=400, lr=1e-6, weight_decay=0.01,
-                             micro_batch_tokens=16384, dtype="bfloat16", activation_checkpointing=True,
-                             gen_slots=256, sandbox_workers=16, sandbox_timeout=10.0, eval_every=20,
-                             eval_problems=500, eval_k=16, save_every=20),
-    "torl-7b": TrainConfig(out_dir="runs/torl-7b", steps=500, prompts_per_step=128, group_size=16,
-                           max_new_tokens=3072, max_prompt_tokens=400, lr=1e-6, weight_decay=0.01,
-                           micro_batch_tokens=8192, dtype="bfloat16", activation_checkpointing=True,
-                           gen_slots=128, sandbox_workers=16, sandbox_timeout=10.0, eval_every=20,
-                           eval_problems=500, eval_k=16, save_every=20),
+    "torl-1.5b": torl_recipe("1.5b", gen_slots=256, micro_batch_tokens=16384),
+    "torl-7b": torl_recipe("7b", gen_slots=128, micro_batch_tokens=8192),
 }
+
+
+def flag_fields(cfg=None, path: tuple = ()) -> dict:
+    """{field name: (path of attribute names from the root, dataclass field)} for every leaf field of ``cfg``
+    (default: a :class:`TrainConfig`), e.g. ``"clip_high": (("grpo", "clip_high"), Field(...))``."""
+    cfg = TrainConfig() if cfg is None else cfg
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        leaves = flag_fields(value, path + (f.name,)) if is_dataclass(value) else {f.name: (path + (f.name,), f)}
+        for name, (where, _) in leaves.items():
+            if name in out:
+                raise ValueError(f"config field {name!r} is both {'.'.join(out[name][0])} and {'.'.join(where)}: "
+                                 f"flags are flat (--{name.replace('_', '-')}), so rename one of them")
+        out |= leaves
+    return out
+
+
+def with_value(cfg, path: tuple, value):
+    """A copy of ``cfg`` with the field at ``path`` (e.g. ``("grpo", "clip_high")``) set to ``value``."""
+    if len(path) == 1:
+        return replace(cfg, **{path[0]: value})
+    return replace(cfg, **{path[0]: with_value(getattr(cfg, path[0]), path[1:], value)})
 
 
 def _bool(text: str) -> bool:
@@ -84,13 +131,17 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    """``--preset NAME`` then ``--field value`` overrides for any field of :class:`TrainConfig`."""
+    """``--preset NAME`` then ``--field value`` overrides for any field of the config tree (module docstring)."""
     parser = argparse.ArgumentParser(description="ToRL training (GRPO with a Python tool)")
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    for f in fields(TrainConfig):
+    leaves = flag_fields()
+    for name, (_, f) in leaves.items():
         kind = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(
             f.type if isinstance(f.type, str) else f.type.__name__, str)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
     args = vars(parser.parse_args(argv))
-    preset = PRESETS[args.pop("preset")]
-    return replace(preset, **{k: v for k, v in args.items() if v is not None})
+    cfg = PRESETS[args.pop("preset")]
+    for name, value in args.items():
+        if value is not None:
+            cfg = with_value(cfg, leaves[name][0], value)
+    return cfg

@@ -22,6 +22,7 @@ import torch
 
 @dataclass
 class GRPOConfig:
+    group_size: int = 8              # G: responses per prompt, whose rewards are compared with each other
     clip_low: float = 0.2
     clip_high: float = 0.2
     std_normalize: bool = True

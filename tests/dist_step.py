@@ -6,7 +6,7 @@ import torch
 
 import train
 from nanotorl import dist
-from nanotorl.config import TrainConfig
+from nanotorl.config import OptimConfig, TrainConfig
 from nanotorl.data import Problem
 from nanotorl.generate import Completion, ToolCall
 from nanotorl.grpo import GRPOConfig
@@ -18,7 +18,7 @@ def global_batch(cfg: TrainConfig) -> list[Sample]:
     """Deterministic responses of varied lengths with tool tokens (mask 0) and varied rewards."""
     g = torch.Generator().manual_seed(0)
     samples = []
-    for i in range(cfg.prompts_per_step * cfg.group_size):
+    for i in range(cfg.prompts_per_step * cfg.grpo.group_size):
         prompt = torch.randint(1, 50, (3 + i % 3,), generator=g).tolist()
         n = 4 + (i * 7) % 9
         response = torch.randint(1, 50, (n,), generator=g).tolist()
@@ -34,16 +34,17 @@ def global_batch(cfg: TrainConfig) -> list[Sample]:
 
 def main(out):
     rank, world, device = dist.setup()
-    cfg = TrainConfig(prompts_per_step=4, group_size=4, micro_batch_tokens=40, lr=1.0)
+    cfg = TrainConfig(prompts_per_step=4, grpo=GRPOConfig(group_size=4),
+                      optim=OptimConfig(micro_batch_tokens=40, lr=1.0))
     torch.manual_seed(0)
     model = Qwen2(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2)
     model = dist.shard(model)
     # plain SGD: the weights after one step show the gradient itself (Adam would blow up float noise in
     # gradients that are zero in exact arithmetic, like the key bias's)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    mine, _ = dist.shard_of(global_batch(cfg), rank, world, cfg.group_size)
-    stats = train.train_on(model, opt, mine, cfg, GRPOConfig(), device, world)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    mine, _ = dist.shard_of(global_batch(cfg), rank, world, cfg.grpo.group_size)
+    stats = train.train_on(model, opt, mine, cfg, device, world)
     weights = dist.full_state_dict(model)
     if rank == 0:
         torch.save({"weights": weights, "stats": stats}, out)

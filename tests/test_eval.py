@@ -150,7 +150,7 @@ def test_no_arguments_evaluates_newest_demo_checkpoint_on_demo_heldout(tmp_path,
         shutil.copytree(ckpt, tmp_path / "runs/demo/checkpoints" / step)
         (tmp_path / "runs/demo/checkpoints" / step / "trainer.pt").write_bytes(b"")
     heldout = ev.demo_heldout()
-    assert len(heldout) == TrainConfig().eval_problems and all(p.source.startswith("arithmetic") for p in heldout)
+    assert len(heldout) == TrainConfig().log.eval_problems and all(p.source.startswith("arithmetic") for p in heldout)
     heldout = heldout[:12]  # a prefix keeps the run short
     monkeypatch.setattr(ev, "demo_heldout", lambda: heldout)
     res = ev.main(["--k", "1", "--max-new-tokens", "2", "--slots", "64", "--sandbox-workers", "1"])
