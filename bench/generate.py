@@ -105,7 +105,7 @@ def throughput(name, model, hf, tok, B, new, device, iters, bandwidth) -> list[d
         gens["ours+graph"] = Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[], cuda_graph=True)
     impls = {impl: gen.generate for impl, gen in gens.items()}
     impls["hf"] = lambda _: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                        do_sample=False, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
+                                        do_sample=False, pad_token_id=tok.pad_id, eos_token_id=tok.eos_ids)
     hf_out = impls["hf"](requests)[:, P:].tolist()
     same = {impl: sum(c.response_ids == h for c, h in zip(impls[impl](requests), hf_out)) / B for impl in gens}
     times = {impl: measure(lambda fn=fn: fn(requests), warmup=1, iters=iters, device=device)["time_s"]

@@ -56,7 +56,7 @@ def make_checkpoint(path: Path) -> Tokenizer:
     tok = Tokenizer(path)
     torch.manual_seed(0)
     save_model(Qwen2(demo_config(tok.vocab_size)).init_weights(), path, tokenizer_dir=path,
-               extra_config={"eos_token_id": tok.eos_id})
+               eos_ids=tok.eos_ids)
     return tok
 
 

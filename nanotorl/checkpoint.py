@@ -202,12 +202,12 @@ def _atomic_write(file: Path, write) -> None:
 
 
 def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None,
-                    shard_bytes: int = 4 << 30, extra_config: dict | None = None) -> None:
+                    shard_bytes: int = 4 << 30, eos_ids: list[int] | None = None) -> None:
     """Write our ``state_dict`` (model names) as a Hugging Face checkpoint in ``path``.
 
     Tensors are grouped into shards of at most ``shard_bytes`` (one ``model.safetensors`` when it all fits).
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file behind.
-    ``extra_config`` adds keys such as ``eos_token_id`` to config.json.
+    ``eos_ids`` (the tokenizer's) become config.json's ``eos_token_id``: one id, or the list when there are several.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,9 @@ def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(path / "model.safetensors.index.json", lambda f: f.write_text(json.dumps(index, indent=2)))
-    raw = config_to_hf(cfg, dtype) | (extra_config or {})
+    raw = config_to_hf(cfg, dtype)
+    if eos_ids:
+        raw["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
     _atomic_write(path / "config.json", lambda f: f.write_text(json.dumps(raw, indent=2)))
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != path.resolve():
         for name in TOKENIZER_FILES:
@@ -267,8 +269,7 @@ def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dic
     weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tokenizer.path,
-                        extra_config={"eos_token_id": tokenizer.eos_id})
+        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tokenizer.path, eos_ids=tokenizer.eos_ids)
         torch.save({"optimizer": opt_state, "step": step, "world": world, "config": config}, tmp / "trainer.pt")
     dist.barrier()
     torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 
-TORL_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
-    "User: Please integrate natural language reasoning with programs to solve the problem above, "
-    "and put your final answer within \\boxed{}.\n{problem}\nAssistant:"
-)
+TORL_INSTRUCTION = ("Please integrate natural language reasoning with programs to solve the problem above, "
+                    "and put your final answer within \\boxed{}.")
+TORL_TEMPLATE = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+                 "User: " + TORL_INSTRUCTION + "\n{problem}\nAssistant:")
 
 _HEAD, _TAIL = TORL_TEMPLATE.split("{problem}")
 # The template with any run of whitespace in it matching any run of whitespace (files differ in newlines).
@@ -43,6 +42,11 @@ class Problem:
 def torl_prompt(problem: str) -> str:
     """The ToRL prompt for a base model (no chat template): TORL_TEMPLATE with the problem filled in."""
     return TORL_TEMPLATE.replace("{problem}", problem)
+
+
+def torl_user_message(problem: str) -> str:
+    """The ToRL instruction and the problem, as one user message for a chat template (the paper's wording)."""
+    return f"{TORL_INSTRUCTION}\n{problem}"
 
 
 def bare_problem(text: str) -> str:

@@ -133,7 +133,7 @@ def build_base_model(path, phases=PHASES, batch_tokens: int = 1024, lr: float = 
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     log(f"demo base model: {steps} supervised steps, final loss {loss.item():.3f}")
-    save_model(model, tmp, tokenizer_dir=tmp, extra_config={"eos_token_id": tok.eos_id})
+    save_model(model, tmp, tokenizer_dir=tmp, eos_ids=tok.eos_ids)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return path

@@ -15,7 +15,8 @@ tool observation. The loop, one step at a time:
   4. one sampler call draws the next token of every slot whose tokens are all cached (with ``cuda_graph``
      the decoding slots draw inside the captured step, slots that just finished a prefill in a second call);
   5. a slot whose policy text now closes a ```python block submits the code to the sandbox and pauses,
-     without stalling the others; a slot that wrote eos or ran out of tokens is finished and freed.
+     without stalling the others; a slot that wrote an end id (any of the tokenizer's ``eos_ids``, unless
+     ``stop_ids`` says otherwise) or ran out of tokens is finished and freed.
 
 Only the observation tokens (plus the fence token sampled just before the pause) are prefilled on resume.
 """
@@ -113,7 +114,7 @@ class Generator:
             raise ValueError(f"trigger must be 'fence' or 'output', got {trigger!r}")
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
         self.slots, self.max_len, self.prefill_chunk, self.trigger = slots, max_len, prefill_chunk, trigger
-        self.stop_ids = set(stop_ids if stop_ids is not None else [tokenizer.eos_id])
+        self.stop_ids = set(stop_ids if stop_ids is not None else tokenizer.eos_ids)
         self.cache = None
         self.cuda_graph, self.decode_step = cuda_graph, None
         self.closed = False

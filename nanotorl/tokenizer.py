@@ -1,14 +1,20 @@
-"""A thin layer over the ``tokenizers`` library: a checkpoint's ``tokenizer.json`` plus its special ids.
+"""A thin layer over the ``tokenizers`` library: a checkpoint's ``tokenizer.json``, its special ids and its prompt.
 
-The special ids come from the checkpoint's own config files: ``eos`` from ``tokenizer_config.json``'s
-``eos_token`` (else ``config.json``'s ``eos_token_id``), ``pad`` from ``pad_token`` (else eos). Base Qwen2.5
-models end with ``<|endoftext|>`` (151643). Text is encoded without any added special tokens (the ToRL prompt
-has none) and decoded with every token kept, so decode(encode(s)) == s.
+The special ids come from the checkpoint's own config files. ``eos_id``, the one id for what needs one (the end
+of a supervised trace), is ``tokenizer_config.json``'s ``eos_token``, else the first ``eos_token_id`` of
+``config.json``, else of ``generation_config.json``. ``eos_ids`` are every id a response may end with: eos_id,
+then the ``eos_token_id`` lists of ``generation_config.json`` and ``config.json`` (instruct models end a turn with
+``<|im_end|>`` 151645 and also stop at ``<|endoftext|>`` 151643; base Qwen2.5 models have 151643 alone). ``pad``
+is ``pad_token``, else eos_id. Text is encoded without any added special tokens (a prompt's special tokens are in
+its text) and decoded with every token kept, so decode(encode(s)) == s. :meth:`Tokenizer.prompt` is the prompt of
+a problem, ToRL's or the checkpoint's chat template (:mod:`nanotorl.prompt`).
 """
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+
+from nanotorl.prompt import make_prompt
 
 
 def _token_text(value):
@@ -17,7 +23,8 @@ def _token_text(value):
 
 
 class Tokenizer:
-    def __init__(self, path):
+    def __init__(self, path, prompt_template: str = "torl", template_vars: dict | None = None):
+        """``prompt_template`` and ``template_vars``: see :mod:`nanotorl.prompt`."""
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
@@ -26,13 +33,26 @@ class Tokenizer:
         self.path = path
         self.tk = HFTokenizer.from_file(str(file))
         config = self._read(path / "tokenizer_config.json")
-        model_config = self._read(path / "config.json")
-        self.eos_id = self._special_id(config.get("eos_token"), model_config.get("eos_token_id"), "eos")
+        model_ids, generation_ids = (self._eos_list(path / name) for name in ("config.json", "generation_config.json"))
+        fallback = next(iter(model_ids + generation_ids), None)
+        self.eos_id = self._special_id(config.get("eos_token"), fallback, "eos")
+        self.eos_ids = list(dict.fromkeys([self.eos_id] + generation_ids + model_ids))  # in order, no repeats
         self.pad_id = self._special_id(config.get("pad_token"), None, "pad", default=self.eos_id)
+        self.prompt = make_prompt(prompt_template, path, config, template_vars)  # problem -> prompt text
 
     @staticmethod
     def _read(file: Path) -> dict:
         return json.loads(file.read_text()) if file.is_file() else {}
+
+    def _eos_list(self, file: Path) -> list[int]:
+        """The ``eos_token_id`` of a config file as a list (it is an id, a list of ids, or absent)."""
+        value = self._read(file).get("eos_token_id")
+        ids = [] if value is None else value if isinstance(value, list) else [value]
+        bad = [i for i in ids if type(i) is not int or not 0 <= i < self.vocab_size or self.tk.id_to_token(i) is None]
+        if bad:
+            raise ValueError(f"{file}: eos_token_id {value} holds {bad}, not ids of tokenizer.json's "
+                             f"{self.vocab_size} tokens; fix eos_token_id there")
+        return ids
 
     def _special_id(self, token, fallback_id, what, default=None) -> int:
         token = _token_text(token)
@@ -41,14 +61,12 @@ class Tokenizer:
             if token_id is None:
                 raise ValueError(f"{self.path}: {what} token {token!r} is not in tokenizer.json's vocabulary")
             return token_id
-        if isinstance(fallback_id, list):
-            fallback_id = fallback_id[0]
         if fallback_id is not None:
             return int(fallback_id)
         if default is not None:
             return default
         raise ValueError(f"{self.path}: no {what} token: set eos_token in tokenizer_config.json "
-                         f"or eos_token_id in config.json")
+                         f"or eos_token_id in config.json or generation_config.json")
 
     @property
     def vocab_size(self) -> int:
@@ -64,6 +82,5 @@ class Tokenizer:
         return self.tk.token_to_id(token)
 
     def prompt_ids(self, problem: str) -> list[int]:
-        """Token ids of the ToRL prompt for ``problem`` (see :data:`nanotorl.data.TORL_TEMPLATE`)."""
-        from nanotorl.data import torl_prompt
-        return self.encode(torl_prompt(problem))
+        """Token ids of the prompt for ``problem`` (:meth:`prompt`): what training and evaluation generate from."""
+        return self.encode(self.prompt(problem))

@@ -7,6 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_checkpoint
 from nanotorl.checkpoint import load_config, load_model, save_model
+from nanotorl.demo import save_demo_tokenizer
+from nanotorl.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +153,24 @@ def test_config_reads_as_transformers_does(ckpt, tmp_path, changes):
     assert ours.rope_theta == ref.rope_parameters["rope_theta"]
     assert ours.head_dim == (getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads)
     assert (ours.qkv_bias, ours.qk_norm) == ((False, True) if ref.model_type == "qwen3" else (True, False))
+
+
+@pytest.mark.parametrize("eos_ids, written", [([5], 5), ([7, 5], [7, 5])], ids=["one", "several"])
+def test_end_ids_are_written_as_transformers_reads_them(ckpt, tmp_path, eos_ids, written):
+    transformers = pytest.importorskip("transformers")
+    save_model(load_model(ckpt), tmp_path, eos_ids=eos_ids)
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == written
+    assert transformers.AutoConfig.from_pretrained(tmp_path).eos_token_id == written
+
+
+def test_saved_checkpoint_keeps_the_tokenizers_end_ids_and_chat_template(ckpt, tmp_path):
+    """What a trained checkpoint needs to be prompted and stopped as its base was: every end id (in config.json)
+    and the chat template (chat_template.jinja, transformers v5's file) travel with the weights."""
+    src = tmp_path / "src"
+    save_demo_tokenizer(src)
+    (src / "chat_template.jinja").write_text("{{ messages[0].content }}|{{ add_generation_prompt }}")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5]}))
+    tok = Tokenizer(src, "chat")
+    save_model(load_model(ckpt), tmp_path / "out", tokenizer_dir=src, eos_ids=tok.eos_ids)
+    again = Tokenizer(tmp_path / "out", "chat")
+    assert again.eos_ids == tok.eos_ids == [0, 5] and again.prompt("1+1") == tok.prompt("1+1")

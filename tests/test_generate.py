@@ -1,15 +1,17 @@
 """The generator against naive full-recompute loops, itself one request at a time, and scripted tool scenarios."""
 import contextlib
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 import torch
+from tokenizers import AddedToken
 
 from conftest import interpreted, shared_path
-from nanotorl.demo import save_demo_tokenizer
+from nanotorl.demo import demo_tokenizer, save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams, format_observation
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
@@ -22,10 +24,19 @@ def tok(tmp_path_factory):
     return Tokenizer(path)
 
 
-def tiny_model(vocab, seed=0):
+QWEN3 = dict(head_dim=12, qkv_bias=False, qk_norm=True)  # Qwen3's switches, head_dim apart from hidden/heads
+
+
+def tiny_model(vocab, seed=0, **arch):
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return Qwen2(cfg).init_weights(std=0.3, generator=torch.Generator().manual_seed(seed)).eval()
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **arch)
+    g = torch.Generator().manual_seed(seed)
+    model = Qwen2(cfg).init_weights(std=0.3, generator=g).eval()
+    with torch.no_grad():  # q/k norm weights away from 1, so that they count
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +102,13 @@ class FakeSandbox:
         return self.pool.submit(self._run, code)
 
 
-def naive_greedy(model, prompt, max_new, eos):
+def naive_greedy(model, prompt, max_new, end_ids):
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(max_new):
             nxt = int(model.logits(model(torch.tensor([ids]))[0, -1]).argmax())
             ids.append(nxt)
-            if nxt == eos:
+            if nxt in end_ids:
                 break
     return ids[len(prompt):]
 
@@ -106,12 +117,49 @@ def prompts(tok, n):
     return [tok.encode(f"What is {i * 37 % 101} + {i}?") for i in range(n)]
 
 
-def test_greedy_equals_naive_full_recompute(model, tok):
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["span", "decode-step"])
+@pytest.mark.parametrize("arch", [{}, QWEN3], ids=["qwen2", "qwen3"])
+def test_greedy_equals_naive_full_recompute(tok, arch, cuda_graph):
+    model = tiny_model(tok.vocab_size, **arch)
     reqs = [Request(p, max_new_tokens=12, sampling=SamplingParams(temperature=0.0)) for p in prompts(tok, 5)]
-    outs = Generator(model, tok, slots=3, max_len=64, prefill_chunk=4).generate(reqs)
+    outs = Generator(model, tok, slots=3, max_len=64, prefill_chunk=4, cuda_graph=cuda_graph).generate(reqs)
     for r, o in zip(reqs, outs):
-        assert o.response_ids == naive_greedy(model, r.prompt_ids, 12, tok.eos_id)
+        assert o.response_ids == naive_greedy(model, r.prompt_ids, 12, tok.eos_ids)
         assert o.prompt_ids == r.prompt_ids and o.loss_mask == [1] * len(o.response_ids)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    """The demo tokenizer with an instruct model's end ids: <|im_end|> (eos_token) and <|endoftext|>, as
+    generation_config.json lists them, plus "!" from config.json."""
+    path = tmp_path_factory.mktemp("chat_tok")
+    tk = demo_tokenizer()
+    tk.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    tk.save(str(path / "tokenizer.json"))
+    im_end, endoftext, bang = tk.token_to_id("<|im_end|>"), tk.token_to_id("<|endoftext|>"), tk.token_to_id("!")
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    (path / "config.json").write_text(json.dumps({"eos_token_id": bang}))
+    tok = Tokenizer(path)
+    assert tok.eos_ids == [im_end, endoftext, bang]
+    return tok
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["span", "decode-step"])
+def test_stops_at_each_end_id(chat_tok, cuda_graph):
+    """One batch, each response scripted to write a different end id (then more text): each stops right there."""
+    tok, prompt = chat_tok, chat_tok.encode("Q: 6 * 7?")
+    text = tok.encode("The answer is 42")
+    scripts = [prompt + text + [end] + tok.encode(" and more") for end in tok.eos_ids]
+    scripts.append(prompt + text + tok.encode(" and more text, no end"))
+    for script in scripts:
+        new = len(script) - len(prompt)  # the whole scripted response fits
+        out = Generator(Forced(script, tok.vocab_size), tok, slots=2, max_len=64, cuda_graph=cuda_graph).generate(
+            [Request(prompt, max_new_tokens=new, sampling=SamplingParams(temperature=0.0))] * 2)
+        ends = script[len(prompt) + len(text)] in tok.eos_ids
+        for o in out:
+            assert o.finish_reason == ("eos" if ends else "length")
+            assert o.response_ids == script[len(prompt):len(prompt) + len(text) + 1 if ends else len(script)]
 
 
 def test_batched_sampling_equals_one_at_a_time(model, tok):

@@ -33,6 +33,38 @@ def test_special_ids_come_from_the_checkpoint_config(qwen, tmp_path):
         Tokenizer(tmp_path)
 
 
+def _configs(path, tokenizer_config=None, config=None, generation_config=None):
+    shutil.copy(shared_path("tokenizers", "qwen2.5", "tokenizer.json"), path)
+    for name, content in [("tokenizer_config.json", tokenizer_config), ("config.json", config),
+                          ("generation_config.json", generation_config)]:
+        (path / name).unlink(missing_ok=True)
+        if content is not None:
+            (path / name).write_text(json.dumps(content))
+    return Tokenizer(path)
+
+
+@pytest.mark.parametrize("files, eos_id, eos_ids", [
+    # Qwen2.5-Instruct / Qwen3 instruct: <|im_end|> ends a turn, generation_config also stops at <|endoftext|>
+    (({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, {"eos_token_id": 151645},
+      {"eos_token_id": [151645, 151643]}), 151645, [151645, 151643]),
+    # a base model: one id everywhere
+    (({"eos_token": "<|endoftext|>"}, {"eos_token_id": 151643}, {"eos_token_id": 151643}), 151643, [151643]),
+    # no eos_token: the first id of config.json is the primary one, every listed id ends a response
+    ((None, {"eos_token_id": [151643, 151645]}, {"eos_token_id": 151644}), 151643, [151643, 151644, 151645]),
+    ((None, None, {"eos_token_id": [151645, 151643]}), 151645, [151645, 151643]),
+    (({"eos_token": {"content": "<|im_end|>"}}, {"eos_token_id": None}, {}), 151645, [151645]),
+], ids=["instruct", "base", "config-list", "generation-config-only", "token-only"])
+def test_every_end_id_is_kept_and_eos_id_is_the_primary_one(tmp_path, files, eos_id, eos_ids):
+    tok = _configs(tmp_path, *files)
+    assert (tok.eos_id, tok.eos_ids) == (eos_id, eos_ids)
+
+
+@pytest.mark.parametrize("bad", [999_999, "151645", [151645, -1], True])
+def test_end_ids_that_are_not_tokens_are_refused_naming_the_file(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id .* not ids of tokenizer.json's"):
+        _configs(tmp_path, {"eos_token": "<|im_end|>"}, None, {"eos_token_id": bad})
+
+
 def test_unknown_special_token_is_a_clear_error(tmp_path):
     shutil.copy(shared_path("tokenizers", "qwen2.5", "tokenizer.json"), tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
