@@ -5,7 +5,7 @@
         print(pool.run("print(2**100)").stdout)
 
 Files: pool.py (the API), server.py (the fork server), child.py (confinement of one run),
-policy.py (the seccomp table and its BPF compiler). ``python -m sandbox CODE`` tries code by hand.
+policy.py (the seccomp table and its BPF compiler), protocol.py (the framing between pool and server). ``python -m sandbox CODE`` tries code by hand.
 """
 from sandbox.pool import DEFAULT_PRELOAD, Result, SandboxPool
 

@@ -14,7 +14,6 @@ and every run; if the trainer dies outright, the server sees EOF on its socket a
 import concurrent.futures
 import itertools
 import json
-import marshal
 import os
 import select
 import signal
@@ -28,7 +27,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 
-from sandbox.server import HEADER
+from sandbox import protocol
 
 DEFAULT_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
 # Run once in the server after the preload imports: sympy imports submodules and fills its caches on
@@ -146,24 +145,11 @@ class _Server:
         return bool(poller.poll(timeout * 1000))
 
     def send(self, msg: dict) -> None:
-        body = marshal.dumps(msg)
-        self.sock.sendall(HEADER.pack(len(body)) + body)
+        self.sock.sendall(protocol.encode(msg))
 
     def recv(self) -> dict | None:
         """One whole message, or None at EOF."""
-        head = self._read(HEADER.size)
-        body = head and self._read(HEADER.unpack(head)[0])
-        return marshal.loads(body) if body is not None else None
-
-    def _read(self, n: int) -> bytes | None:
-        chunks = []
-        while n:
-            data = self.sock.recv(min(n, 1 << 20))
-            if not data:
-                return None
-            chunks.append(data)
-            n -= len(data)
-        return b"".join(chunks)
+        return protocol.read_frame(self.sock)
 
     def stop(self, grace: float = 5.0) -> None:
         """Close the socket (the server then kills its runs and exits), reap it; SIGKILL if it lingers."""
@@ -315,7 +301,7 @@ class SandboxPool:
                 continue
             try:
                 msg = server.recv()
-            except OSError:
+            except (OSError, protocol.ProtocolError):
                 msg = None
             if msg is None:
                 break

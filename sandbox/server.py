@@ -22,28 +22,22 @@ A run that passes its wall-time deadline or writes more than ``max_output`` byte
 SIGKILLed with its process group at once. EOF on the control socket (the pool closed, or its process
 died) kills every child and ends the server: no orphans, no zombies.
 
-Protocol, both directions: 4-byte little-endian length + ``marshal`` of a dict.
-    pool -> server  {"id": int, "code": str}
-    server -> pool  {"ready": info} or {"error": message} once at start, then per run
-                    {"id", "stdout", "stderr" (bytes), "stdout_truncated", "stderr_truncated", "exit_code",
-                     "signal", "wall_time", "cpu_time", "reason" (None | "timeout" | "output_limit" | "killed")}
+Messages in both directions are framed by sandbox/protocol.py.
 """
 import collections
 import ctypes
 import gc
 import importlib
 import json
-import marshal
 import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
 
-from sandbox import child
+from sandbox import child, protocol
 from sandbox.policy import RUN, SERVER, Filter
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
@@ -62,7 +56,6 @@ for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 
 """  # one SERVER rule and one RUN rule must both hold
 CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-HEADER = struct.Struct("<I")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -307,20 +300,14 @@ class Zygote:
 
     # -- the loop ----------------------------------------------------------------------------------
     def send(self, msg: dict) -> None:
-        body = marshal.dumps(msg)
-        self.ctrl.sendall(HEADER.pack(len(body)) + body)
+        self.ctrl.sendall(protocol.encode(msg))
 
     def on_control(self) -> None:
         data = self.ctrl.recv(1 << 20)
         if not data:
             raise EOFError("the pool closed the control socket")
         self.inbox += data
-        while len(self.inbox) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self.inbox)
-            if len(self.inbox) < HEADER.size + size:
-                break
-            msg = marshal.loads(bytes(self.inbox[HEADER.size:HEADER.size + size]))
-            del self.inbox[:HEADER.size + size]
+        for msg in protocol.split_frames(self.inbox):
             self.submit(msg["id"], msg["code"])
 
     def step(self) -> None:
@@ -373,7 +360,7 @@ def main() -> None:
             return
         while True:
             zygote.step()
-    except (EOFError, OSError):  # the pool went away: end every run with us
+    except (EOFError, OSError, protocol.ProtocolError):  # the pool went away or is not a pool: end every run
         pass
     finally:
         zygote.shutdown()

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from sandbox import SandboxPool
+from sandbox import SandboxPool, protocol
 from sandbox.policy import NUMBERS, POLICY, RUN, SELF, SERVER, compile_policy
 
 ARCH = platform.machine()
@@ -452,7 +452,7 @@ def test_close_ends_everything_and_later_runs_raise():
 TRAINER = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from sandbox import SandboxPool
+from sandbox import SandboxPool, protocol
 with SandboxPool(workers=1, wall_time=60.0, cpu_time=60.0, preload=()) as pool:
     fut = pool.submit("import time\\ntime.sleep(60)")
     print(pool.server_pid, "pid" in pool.info["namespaces"], flush=True)
@@ -480,7 +480,7 @@ def test_no_orphans_when_the_trainer_is_interrupted_or_killed(sig):
 
 NO_NAMESPACES = """
 import ctypes, json, platform
-from sandbox import SandboxPool
+from sandbox import SandboxPool, protocol
 from sandbox.policy import SockFilter, SockFprog
 unshare = {"x86_64": 272, "aarch64": 97}[platform.machine()]  # make unshare() fail, as in many containers
 prog = (SockFilter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, unshare), (0x06, 0, 0, 0x50001), (0x06, 0, 0, 0x7FFF0000))
@@ -509,7 +509,7 @@ def test_runs_stay_confined_where_namespaces_are_unavailable(tmp_path):
 
 NO_SECCOMP = """
 import ctypes, json, platform, warnings
-from sandbox import SandboxPool
+from sandbox import SandboxPool, protocol
 from sandbox.policy import SockFilter, SockFprog
 prctl, seccomp = {"x86_64": (157, 317), "aarch64": (167, 277)}[platform.machine()]
 einval, allow = 0x50000 | 22, 0x7FFF0000  # answer like a kernel built without seccomp
@@ -555,3 +555,20 @@ def test_cli_runs_code_files_and_stdin(tmp_path):
     assert cli(str(script), "--preload", "math")[1]["stdout"] == f"{2432902008176640000}\n"
     rc, res = cli("-", "--preload", "", stdin="x")
     assert rc == 1 and res["error_line"] == "NameError: name 'x' is not defined"
+
+
+# -- protocol --------------------------------------------------------------------------------------------
+
+def test_protocol_frames_survive_any_split_and_reject_garbage():
+    msgs = [{"id": i, "code": "print('é')" * i} for i in range(5)]
+    stream = b"".join(protocol.encode(m) for m in msgs)
+    for cut in range(len(stream) + 1):  # bytes arrive in two arbitrary pieces
+        buf, got = bytearray(stream[:cut]), []
+        got += protocol.split_frames(buf)
+        buf += stream[cut:]
+        got += protocol.split_frames(buf)
+        assert got == msgs and buf == b""
+    for garbage in (protocol.HEADER.pack(3) + b"\xff\xff\xff", protocol.HEADER.pack(2**31) + b"x",
+                    protocol.encode([1, 2])):  # undecodable, absurd length, not a dict
+        with pytest.raises(protocol.ProtocolError):
+            protocol.split_frames(bytearray(garbage))
