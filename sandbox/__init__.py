@@ -7,6 +7,7 @@
 Files: pool.py (the API), server.py (the fork server), child.py (confinement of one run),
 policy.py (the seccomp table and its BPF compiler), protocol.py (the framing between pool and server). ``python -m sandbox CODE`` tries code by hand.
 """
-from sandbox.pool import DEFAULT_PRELOAD, Result, SandboxPool
+from sandbox.pool import DEFAULT_PRELOAD, SandboxPool
+from sandbox.result import Result
 
 __all__ = ["DEFAULT_PRELOAD", "Result", "SandboxPool"]

@@ -1,12 +1,13 @@
-"""Try code by hand: ``python -m sandbox 'print(2**100)'``, ``python -m sandbox file.py``, or code on stdin
-with ``python -m sandbox -``.
+"""Try code by hand: ``python -m sandbox 'print(2**100)'``, a file with ``python -m sandbox -f file.py``, or
+code on stdin with ``python -m sandbox -``.
 
-Prints the Result as JSON; exits 0 when its status is "ok", 1 otherwise.
+CODE is always taken literally, even when it happens to name a file: only ``-f`` reads one (outside
+the sandbox, as the user who typed the command). Prints the Result as JSON, ASCII only (every control
+character escaped); exits 0 when its status is "ok", 1 otherwise.
 """
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 from sandbox.pool import DEFAULT_PRELOAD, SandboxPool
@@ -14,7 +15,9 @@ from sandbox.pool import DEFAULT_PRELOAD, SandboxPool
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sandbox", description="Run Python code in the nanotorl sandbox.")
-    p.add_argument("code", help="code to run, a path to a .py file, or - to read stdin")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("code", nargs="?", help="code to run, taken literally; - reads it from stdin")
+    source.add_argument("-f", "--file", help="read the code to run from this file")
     p.add_argument("--wall-time", type=float, default=5.0, help="seconds before the run is killed (default 5)")
     p.add_argument("--cpu-time", type=float, default=5.0, help="CPU seconds allowed (default 5)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address space the run may add (default 1024)")
@@ -23,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated modules the server imports once (default: %(default)s)")
     p.add_argument("--info", action="store_true", help="also print how the runs are confined")
     args = p.parse_args(argv)
-    if args.code == "-":
-        code = sys.stdin.read()
-    elif os.path.isfile(args.code):
-        with open(args.code) as f:
+    if args.file is not None:
+        with open(args.file) as f:
             code = f.read()
+    elif args.code == "-":
+        code = sys.stdin.read()
     else:
         code = args.code
     preload = tuple(m for m in args.preload.split(",") if m)
@@ -35,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_output=args.max_output, preload=preload) as pool:
         result = pool.run(code)
         if args.info:
-            print(json.dumps(pool.info, indent=1))
-    print(json.dumps(dataclasses.asdict(result), indent=1))
+            print(json.dumps(pool.info, indent=1, ensure_ascii=True))
+    print(json.dumps(dataclasses.asdict(result), indent=1, ensure_ascii=True))
     return 0 if result.status == "ok" else 1
 
 

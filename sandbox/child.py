@@ -5,28 +5,45 @@ seccomp program is installed last, and only then does the untrusted code start:
 
     own process group      -> the server can SIGKILL the whole run on wall-time expiry
     parent-death signal    -> the run dies with the server, never lingers as an orphan
+    signal dispositions    -> those of a fresh ``python -c`` (the server ignores the ones that would stop it)
     stdio = the pipe the code arrives on (EOF once read) + two capped pipes; every other fd closed
-    read-only empty working directory
-    setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps
-    all capabilities dropped (matters when the trainer runs as root)
-    the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py)
+        except the server's import directories (sandbox/isolation.py)
+    read-only empty working directory; first in line for the OOM killer; its own pids cgroup if any
+    setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps, and (as its
+        own uid) a cap on its tasks, threads included
+    identity: no supplementary groups, then gid and uid of its slot (an unprivileged uid no one else
+        uses); every capability is gone with uid 0, and dropped again for good measure
+    every pseudo-random generator the server holds (random's, numpy's, sympy's...) reseeded from os.urandom
+    the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py); it sets
+        no_new_privs
+    one byte "ready" on stdout (the server strips it: a run without it never started)
     -- the child is now a spare: it waits here until the server writes its code to stdin --
     exec(code) in a fresh __main__, then os._exit: no interpreter teardown, no atexit of the server
 """
 import builtins
 import ctypes
+import gc
 import math
 import os
+import random
 import resource
 import signal
 import sys
 import types
+from dataclasses import dataclass
 
 FILENAME = "<code>"
+READY = b"\x06"  # ASCII ACK: the first byte every confined child writes on stdout
 PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
 MAX_FD = os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 1 << 20
+# what the server ignores (it must outlive any signal that reaches it); a run gets them back
+SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
+               signal.SIGABRT}
+KEPT = SYNCHRONOUS | {signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE,
+                      signal.SIGXFSZ, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
+SERVER_IGNORES = sorted(s for s in signal.valid_signals() if s not in KEPT)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 prctl, capset = _libc.prctl, _libc.capset  # resolved once in the server, not in every child
@@ -41,20 +58,37 @@ def _check(ret: int, what: str) -> None:
         raise OSError(e, f"{what} failed: {os.strerror(e)}")
 
 
+def ignore_stopping_signals() -> None:
+    """In the server: ignore every signal that would end or stop it, but SIGTERM, SIGKILL and SIGSTOP."""
+    for sig in SERVER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def restore_signals() -> None:
+    """In a run: the dispositions of a fresh ``python -c`` (Ctrl-C raises KeyboardInterrupt, the rest default)."""
+    for sig in SERVER_IGNORES:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
 def drop_capabilities() -> None:
-    """capset(effective = permitted = inheritable = 0): a root child keeps uid 0 but loses every privilege."""
+    """capset(effective = permitted = inheritable = 0)."""
     _check(capset(_CAP_HEADER, _CAP_DATA), "capset")
 
 
-def resource_limits(cpu_time: float, address_space: int) -> list[tuple[int, tuple[int, int]]]:
-    """(resource, (soft, hard)) for every run, never above what the server itself may use."""
+def resource_limits(cpu_time: float, address_space: int, tasks: int | None) -> list[tuple[int, tuple[int, int]]]:
+    """(resource, (soft, hard)) for every run, never above what the server itself may use. ``tasks`` caps
+    the processes and threads of the run's uid (None: the run keeps the server's uid, where the count
+    would include the trainer's own threads, so only a pids cgroup can cap them)."""
     cpu = math.ceil(cpu_time)
+    wanted = [(resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at soft, SIGKILL at hard
+              (resource.RLIMIT_AS, address_space, address_space),
+              (resource.RLIMIT_FSIZE, 0, 0),
+              (resource.RLIMIT_NOFILE, OPEN_FILES, OPEN_FILES),
+              (resource.RLIMIT_CORE, 0, 0)]
+    if tasks is not None:
+        wanted.append((resource.RLIMIT_NPROC, tasks, tasks))
     limits = []
-    for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU at soft, SIGKILL at hard
-                            (resource.RLIMIT_AS, address_space, address_space),
-                            (resource.RLIMIT_FSIZE, 0, 0),
-                            (resource.RLIMIT_NOFILE, OPEN_FILES, OPEN_FILES),
-                            (resource.RLIMIT_CORE, 0, 0)):
+    for res, soft, hard in wanted:
         cap = resource.getrlimit(res)[1]
         if cap != resource.RLIM_INFINITY:
             soft, hard = min(soft, cap), min(hard, cap)
@@ -62,25 +96,71 @@ def resource_limits(cpu_time: float, address_space: int) -> list[tuple[int, tupl
     return limits
 
 
-def confine(stdio: tuple[int, int, int], server_pid: int, workdir: str, limits: list, seccomp) -> None:
+def generators() -> list:
+    """Every pseudo-random generator object in this process: random.Random instances (the module's own,
+    sympy's, any library's) and numpy's RandomState / Generator. Called once in the server."""
+    kinds = [random.Random]
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        kinds += [numpy_random.RandomState, numpy_random.Generator]
+    return [g for g in gc.get_objects() if isinstance(g, tuple(kinds)) and not isinstance(g, random.SystemRandom)]
+
+
+def reseed(gens: list) -> None:
+    """Give every generator fresh state from os.urandom, so no two runs share a random sequence."""
+    for g in gens:
+        if isinstance(g, random.Random):
+            g.seed(os.urandom(32))
+        elif hasattr(g, "bit_generator"):  # numpy Generator: a new bit generator of the same kind
+            g.bit_generator.state = type(g.bit_generator)(int.from_bytes(os.urandom(16), "little")).state
+        else:  # numpy RandomState
+            g.seed([int.from_bytes(os.urandom(4), "little") for _ in range(8)])
+
+
+@dataclass
+class Confinement:
+    """What the server decided once for every run; ``confine`` applies it in each child."""
+    workdir: str
+    limits: list                 # from resource_limits
+    seccomp: object              # the RUN bpf.Filter, or None when allowed to run unconfined
+    keep_fds: tuple = ()         # the import directories (sandbox/isolation.py), open in every run
+    cgroup: str | None = None    # a pids cgroup directory that holds one subdirectory per slot
+    switch_uid: bool = False     # whether the server may give runs an identity of their own
+    generators: tuple = ()
+
+
+def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid: int, slot: int) -> None:
     """Confine this just-forked child; raise if any step fails (the caller then exits, never runs code).
 
-    ``stdio``: descriptors for fds 0, 1, 2. ``limits``: from ``resource_limits``. ``seccomp``: the
-    RUN ``policy.Filter``, or None when the pool was explicitly allowed to run unconfined.
-    """
+    ``stdio``: descriptors for fds 0, 1, 2. ``uid``: the run's own uid (and gid), used when
+    ``cfg.switch_uid``; ``slot``: its pids cgroup, when ``cfg.cgroup``."""
     os.setpgid(0, 0)
     _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != server_pid:  # the server died between fork and prctl
         os._exit(1)
+    restore_signals()
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
-    os.closerange(3, MAX_FD)
-    os.chdir(workdir)
-    for res, soft_hard in limits:
+    keep = sorted(fd for fd in cfg.keep_fds if fd > 2)
+    for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
+        os.closerange(lo, hi)
+    os.chdir(cfg.workdir)
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+    if cfg.cgroup:
+        with open(os.path.join(cfg.cgroup, str(slot), "cgroup.procs"), "w") as f:
+            f.write("0")
+    for res, soft_hard in cfg.limits:
         resource.setrlimit(res, soft_hard)
+    if cfg.switch_uid:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
     drop_capabilities()
-    if seccomp is not None:
-        seccomp.install(os.getpid())
+    reseed(cfg.generators)
+    if cfg.seccomp is not None:
+        cfg.seccomp.install(os.getpid())
+    os.write(1, READY)
 
 
 def read_code() -> str:

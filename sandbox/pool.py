@@ -6,9 +6,10 @@
 
 One server process (sandbox/server.py) per pool; one reader thread per server turns its messages
 into Results and resolves futures. The pool never raises for anything the code does: every outcome
-is a Result. If the server dies (or makes no progress for ``2 * wall_time + 10`` seconds while runs
-are outstanding, in which case we kill it), every outstanding run resolves as ``killed`` and a new
-server is started. ``close()`` (or leaving the ``with`` block, or interpreter exit) ends the server
+is a Result (sandbox/result.py), and ``Result.infra_error`` tells the sandbox's own failures from the
+code's. If the server dies, sends what is not the protocol, or makes no progress for ``watchdog``
+seconds while runs are outstanding (then we kill it), every outstanding run resolves as ``killed``
+with ``infra_error`` and a new server is started. ``close()`` (or leaving the ``with`` block, or interpreter exit) ends the server
 and every run; if the trainer dies outright, the server sees EOF on its socket and does the same.
 """
 import concurrent.futures
@@ -16,7 +17,6 @@ import itertools
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -25,9 +25,9 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
 
-from sandbox import protocol
+from sandbox import isolation, protocol
+from sandbox.result import Result, infra_failure, to_result
 
 DEFAULT_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
 # Run once in the server after the preload imports: sympy imports submodules and fills its caches on
@@ -42,60 +42,7 @@ sympy.summation(x, (x, 1, 10)), sympy.Matrix([[1, 2], [3, 4]]).det(), sympy.N(sy
 """
 START_TIMEOUT = 120.0  # seconds for a server to import its preload modules and answer
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclass(frozen=True)
-class Result:
-    """The outcome of one run.
-
-    status: ok (exit 0) | error (non-zero exit: an exception, sys.exit(n)) | timeout (wall or CPU
-    time) | memory (MemoryError at the address-space limit) | output_limit (a stream passed
-    max_output bytes) | killed (a signal we did not send, or the server died) | denied (the sandbox
-    refused an operation: a PermissionError ended the run, or the filter killed it with SIGSYS).
-    stdout/stderr are decoded as UTF-8 with replacement and hold at most max_output bytes each.
-    error_line: the last line of stderr when the run ended with a non-zero exit code, e.g.
-    "NameError: name 'x' is not defined" (what ToRL feeds back to the model), else None.
-    """
-    status: str
-    stdout: str = ""
-    stderr: str = ""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    exit_code: int | None = None
-    signal: int | None = None
-    wall_time: float = 0.0
-    cpu_time: float = 0.0
-    error_line: str | None = None
-
-
-LOST = Result("killed", stderr="sandbox: the server died before this run finished\n")
-
-
-def to_result(msg: dict, cpu_limit: float) -> Result:
-    """Turn a server message into a Result, deciding its status."""
-    stdout, stderr = (msg[k].decode("utf-8", "replace") for k in ("stdout", "stderr"))
-    exit_code, sig, cpu = msg["exit_code"], msg["signal"], msg["cpu_time"]
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    error_line = lines[-1].strip() if exit_code and lines else None
-    error_type = (error_line or "").split(":")[0]
-    if msg["reason"]:
-        status = msg["reason"]
-    elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit):
-        status = "timeout"  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
-    elif sig == signal.SIGSYS:
-        status = "denied"
-    elif sig is not None:
-        status = "killed"
-    elif exit_code == 0:
-        status = "ok"
-    elif error_type.endswith("MemoryError"):  # also numpy's _ArrayMemoryError
-        status = "memory"
-    elif error_type == "PermissionError":
-        status = "denied"
-    else:
-        status = "error"
-    return Result(status, stdout, stderr, msg["stdout_truncated"], msg["stderr_truncated"], exit_code, sig,
-                  msg["wall_time"], cpu, error_line)
+SERVER_MAIN = "from sandbox.server import main; main()"  # what `python -c` runs; a pool keeps the one it saw
 
 
 def check_hello(hello: dict) -> dict:
@@ -113,14 +60,14 @@ def check_hello(hello: dict) -> dict:
 class _Server:
     """One server process, its control socket and the futures of the runs sent to it."""
 
-    def __init__(self, cfg: dict, workdir: str):
+    def __init__(self, cfg: dict, workdir: str, main: str):
         ours, theirs = socket.socketpair()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1",
                "PYTHONIOENCODING": "utf-8:backslashreplace",
                "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-c", "from sandbox.server import main; main()",
+        self.proc = subprocess.Popen([sys.executable, "-c", main,
                                       json.dumps(dict(cfg, fd=theirs.fileno()))],
                                      env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      pass_fds=(theirs.fileno(),), start_new_session=True)
@@ -129,11 +76,13 @@ class _Server:
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.last_progress = time.monotonic()
         self.reader: threading.Thread | None = None
+        self.cgroup_name, self.cgroup = cfg["cgroup_name"], None
         try:
             hello = self.recv() if self.readable(START_TIMEOUT) else None
             if hello is None:
                 raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s "
                                    f"(exit code {self.proc.poll()}); its stderr above says why")
+            self.cgroup = (hello.get("ready") or hello).get("cgroup")
             self.info = check_hello(hello)
         except BaseException:
             self.stop()
@@ -163,6 +112,10 @@ class _Server:
             self.proc.kill()
             self.proc.wait()
         self.sock.close()
+        if self.cgroup and os.path.basename(self.cgroup) == self.cgroup_name:
+            deadline = time.monotonic() + grace  # runs die with the server, a moment after it
+            while not isolation.remove_cgroup(self.cgroup) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 def _clean_up(servers: set, workdir: str) -> None:
@@ -188,13 +141,16 @@ class SandboxPool:
         preloaded, else nothing).
     allow_unconfined: on a kernel that cannot seccomp, run anyway with a loud warning instead of
         refusing to start. Never the default.
+    watchdog: seconds without any result, while runs are outstanding, after which the server is
+        presumed stuck, killed and replaced (default ``2 * wall_time + 10``).
     """
 
     def __init__(self, workers: int = 4, wall_time: float = 5.0, cpu_time: float = 5.0, memory_mb: int = 1024,
                  max_output: int = 65536, preload: tuple[str, ...] = DEFAULT_PRELOAD, allow_unconfined: bool = False,
-                 warmup: str | None = None):
+                 warmup: str | None = None, watchdog: float | None = None):
+        watchdog = 2 * wall_time + 10.0 if watchdog is None else watchdog
         for name, value in (("workers", workers), ("wall_time", wall_time), ("cpu_time", cpu_time),
-                            ("memory_mb", memory_mb), ("max_output", max_output)):
+                            ("memory_mb", memory_mb), ("max_output", max_output), ("watchdog", watchdog)):
             if not value > 0:
                 raise ValueError(f"SandboxPool: {name} must be positive, got {value!r}")
         if isinstance(preload, str) or not all(isinstance(m, str) for m in preload):
@@ -203,8 +159,11 @@ class SandboxPool:
                     "memory_mb": int(memory_mb), "max_output": int(max_output), "preload": list(preload),
                     "allow_unconfined": bool(allow_unconfined),
                     "warmup": (SYMPY_WARMUP if "sympy" in preload else "") if warmup is None else warmup}
-        self.watchdog = 2 * wall_time + 10.0
+        self.watchdog = watchdog
+        self._server_main = SERVER_MAIN
         self._workdir = tempfile.mkdtemp(prefix="nanotorl-sandbox-")
+        os.chmod(self._workdir, 0o755)  # runs (another uid) may list it: it stays empty, they cannot write
+        self.cfg["cgroup_name"] = os.path.basename(self._workdir)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
@@ -237,7 +196,13 @@ class SandboxPool:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
         with self._lock:
-            server = self._ensure_server()
+            try:
+                server = self._ensure_server()
+            except (RuntimeError, OSError) as e:
+                if self._closed:
+                    raise
+                fut.set_result(infra_failure(f"could not start a server: {e}"))
+                return fut
             rid = next(self._ids)
             if not server.pending:
                 server.last_progress = time.monotonic()
@@ -284,7 +249,7 @@ class SandboxPool:
         return self._server
 
     def _start(self) -> _Server:
-        server = _Server(self.cfg, self._workdir)
+        server = _Server(self.cfg, self._workdir, self._server_main)
         self._procs.add(server.proc)
         server.reader = threading.Thread(target=self._read_loop, args=(server,), daemon=True,
                                          name=f"sandbox-reader-{server.proc.pid}")
@@ -293,22 +258,28 @@ class SandboxPool:
 
     def _read_loop(self, server: _Server) -> None:
         """Resolve futures from server messages until EOF; then fail what is left and restart."""
-        cpu_limit = self.cfg["cpu_time"]
+        cpu_limit, why = self.cfg["cpu_time"], "the server died before this run finished"
         while True:
             if not server.readable(1.0):
                 if server.pending and time.monotonic() - server.last_progress > self.watchdog:
+                    why = f"the server gave no result for {self.watchdog:g} s and was replaced"
                     server.proc.kill()  # stuck: no result for far longer than any run may take
                 continue
             try:
                 msg = server.recv()
-            except (OSError, protocol.ProtocolError):
+                with self._lock:
+                    fut = msg and server.pending.pop(msg.get("id"), None)
+                if msg and fut is None:
+                    raise protocol.ProtocolError(f"a result for run {msg.get('id')!r}, which is not outstanding")
+                result = msg and to_result(msg, cpu_limit)
+            except (OSError, protocol.ProtocolError, KeyError, TypeError, AttributeError) as e:
+                why = f"protocol error, the server was replaced ({e})"
+                server.proc.kill()
                 msg = None
             if msg is None:
                 break
             server.last_progress = time.monotonic()
-            with self._lock:
-                fut = server.pending.pop(msg["id"])
-            fut.set_result(to_result(msg, cpu_limit))
+            fut.set_result(result)
         with self._lock:
             lost, server.pending = server.pending, {}
             if self._server is server:
@@ -316,7 +287,7 @@ class SandboxPool:
         server.stop()
         self._procs.discard(server.proc)
         for fut in lost.values():
-            fut.set_result(LOST)
+            fut.set_result(infra_failure(why))
         with self._lock:  # restart now, so the next submit finds a warm server
             if not self._closed and self._server is None:
                 try:

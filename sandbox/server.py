@@ -3,29 +3,34 @@
 ``SandboxPool`` starts it as ``python -c "from sandbox.server import main; main()" CONFIG``, in its
 own session, with a minimal environment and an empty working directory. Start-up, once per server:
 
-    unshare(pid, mount, net, ipc [, user when not root])  where the kernel allows it (detected, not assumed)
+    ignore every signal that would end or stop it (but SIGTERM, and SIGKILL/SIGSTOP, which cannot be)
+    unshare(pid, mount, net, ipc [, user when not root])  where the kernel allows it (sandbox/isolation.py)
     fork -> the "zygote", pid 1 of the new pid namespace, mounts a fresh /proc: runs see no process
             outside the sandbox, and when the zygote dies the kernel kills every run with it.
             The outer process only waits (kill it and PR_SET_PDEATHSIG kills the zygote).
-    import the preload modules, run the warm-up code, gc.freeze(), huge pages, not dumpable (no run
-        can read the server's or another run's memory through /proc), a minimal os.environ
+    import the preload modules, run the warm-up code, find every random generator, share the import
+        directories by descriptor, gc.freeze(), huge pages, not dumpable (no run can read the server's
+        or another run's memory through /proc), a minimal os.environ, a pids cgroup where available
     install the SERVER seccomp program (sandbox/policy.py); every run inherits it
-    probe: one real run checks that both seccomp programs hold; refuse to serve if they do not,
-           unless the pool was explicitly allowed to run unconfined
+    probe: one real run checks that both seccomp programs and the run's identity hold; refuse to serve
+           if they do not, unless the pool was explicitly allowed to run unconfined
 
-Then one single-threaded event loop (epoll) over the control socket and the running children. The
-server keeps ``workers`` spare children, forked and confined ahead of time and blocked reading their
-code from stdin, so a run starts with one write (fork and confinement stay off its latency). A run
-is watched through its stdout pipe, its stderr pipe and its pidfd (readable when it exits; signals
-through it cannot hit a recycled pid). At most ``workers`` run at once; the rest wait in a queue.
-A run that passes its wall-time deadline or writes more than ``max_output`` bytes on a stream is
-SIGKILLed with its process group at once. EOF on the control socket (the pool closed, or its process
-died) kills every child and ends the server: no orphans, no zombies.
-
-Messages in both directions are framed by sandbox/protocol.py.
+Then one single-threaded event loop (epoll) over the control socket and the children. The server
+keeps ``workers`` spare children, forked and confined ahead of time and blocked reading their code
+from stdin, so a run starts with one write (fork and confinement stay off its latency). Each child
+holds a slot: its uid and its pids cgroup, free again once the child is reaped. A spare that dies is
+reaped and replaced at once (its pidfd is watched); one that was stopped is found when it is picked,
+killed and skipped. Writes of code to a child never block: what a full pipe does not take is written
+when it drains, and a child that never reads meets its deadline. A run is watched through its stdout
+pipe, its stderr pipe and its pidfd (readable when it exits; signals through it cannot hit a recycled
+pid). At most ``workers`` run at once; the rest wait in a queue. A run that passes its wall-time
+deadline or writes more than ``max_output`` bytes on a stream is SIGKILLed with its process group at
+once. EOF on the control socket (the pool closed, or its process died) kills every child and ends the
+server: no orphans, no zombies. Messages in both directions are framed by sandbox/protocol.py.
 """
 import collections
 import ctypes
+import fcntl
 import gc
 import importlib
 import json
@@ -37,13 +42,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from sandbox import child, protocol
-from sandbox.policy import RUN, SERVER, Filter
+from sandbox import child, isolation, protocol
+from sandbox.bpf import Filter
+from sandbox.policy import RUN, SERVER
 
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 PR_SET_DUMPABLE = 4
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 MADV_COLLAPSE, HUGE_PAGE = 25, 2 << 20
 PROBE_ID = -1
 PROBE = """import os, socket
@@ -53,32 +56,15 @@ for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 
         raise SystemExit(f"{name}() was allowed: a seccomp filter is not active")
     except PermissionError:
         pass
-"""  # one SERVER rule and one RUN rule must both hold
+ids = os.getresuid() + os.getresgid()
+if any(i not in UIDS for i in ids) or len(set(ids)) != 1 or os.getgroups():
+    raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected one id in UIDS and none")
+"""  # one SERVER rule, one RUN rule and the run's identity must all hold
 CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def enter_namespaces() -> list[str]:
-    """unshare() into fresh pid, mount, network and IPC namespaces (plus a user namespace when not root).
-
-    Returns the namespaces entered; [] where the kernel or a container forbids it."""
-    uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | (CLONE_NEWUSER if uid else 0)) != 0:
-        return []
-    if uid:  # map our own ids into the user namespace, so files keep their owners
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    return ["user"] * bool(uid) + ["pid", "mount", "net", "ipc"]
-
-
-def mount_fresh_proc() -> bool:
-    """Make every mount private to this namespace, then mount a /proc that shows only our processes."""
-    return (_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0
-            and _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0)
 
 
 def use_huge_pages() -> None:
@@ -97,17 +83,20 @@ def use_huge_pages() -> None:
                     _libc.madvise(lo, hi - lo, MADV_COLLAPSE)
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
     """One child: spawned (confined, waiting for its code on stdin), then dispatched (running)."""
     pid: int
     pidfd: int
-    code_w: int                                    # write end of the child's stdin
+    code_w: int                                    # write end of the child's stdin (non-blocking)
     pipes: dict                                    # read ends of stdout and stderr: fd -> "stdout" | "stderr"
+    slot: int
     id: int = 0
     start: float = 0.0
     deadline: float = 0.0
+    code: memoryview = memoryview(b"")             # what is still to be written to the child's stdin
     output: dict = field(default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray()})
+    ready: bool = False                            # the child's READY byte arrived: its code could run
     truncated: set = field(default_factory=set)    # streams that passed the cap
     status: int | None = None                      # wait status, once reaped
     wall_time: float = 0.0
@@ -122,19 +111,20 @@ class Zygote:
         self.cfg, self.ctrl, self.namespaces = cfg, ctrl, namespaces
         self.epoll = select.epoll()
         self.epoll.register(ctrl.fileno(), select.EPOLLIN)
-        self.owner: dict[int, Run] = {}  # watched fd (pipe or pidfd) -> its run
+        self.owner: dict[int, Run] = {}  # watched fd (pipe, pidfd, code pipe) -> its child
         self.inbox = bytearray()
         self.queue: collections.deque[tuple[int, str]] = collections.deque()  # (id, code) waiting for a child
         self.spare: collections.deque[Run] = collections.deque()  # confined children waiting for code
         self.spares_wanted = 0  # ``workers`` once start-up has settled how runs are confined
         self.running: dict[int, Run] = {}
+        self.children: set[Run] = set()  # every child not yet reaped: spare, running or being killed
+        self.free_slots = list(range(3 * cfg["workers"] + 2))  # spares, runs, and children killed but not yet reaped
         self.probe: dict | None = None
-        self.workdir = os.getcwd()
-        self.seccomp = None
+        self.jail: child.Confinement | None = None
 
     # -- start-up ---------------------------------------------------------------------------------
     def start_up(self) -> dict:
-        """Preload, probe the filter; return the ready message (or an error message)."""
+        """Preload, set up what runs share, install and probe the filter; return the ready message."""
         try:
             os.close(os.pidfd_open(os.getpid()))
         except (AttributeError, OSError) as e:
@@ -149,32 +139,47 @@ class Zygote:
             exec(compile(self.cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
         except Exception as e:
             return {"error": f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"}
+        workdir = os.getcwd()
+        switch_uid = os.geteuid() == 0
+        cgroup, no_cgroup = isolation.make_pids_cgroup(self.cfg["cgroup_name"], len(self.free_slots),
+                                                       isolation.TASKS)
+        self.jail = child.Confinement(workdir, [], None, isolation.share_import_roots(workdir), cgroup,
+                                      switch_uid, tuple(child.generators()))
         gc.freeze()  # children never touch the preloaded objects' GC headers: fewer copy-on-write faults
         use_huge_pages()
         child.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # runs (which inherit this) cannot read our memory or each other's
         os.environ.clear()
-        os.environ.update(CHILD_ENV, HOME=self.workdir, TMPDIR=self.workdir)
+        os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
         base = self.vm_bytes()
-        self.limits = child.resource_limits(self.cfg["cpu_time"], base + (self.cfg["memory_mb"] << 20))
-        problem = None
-        try:
-            Filter(SERVER).install(os.getpid())
-            self.seccomp = Filter(RUN)
-            self.submit(PROBE_ID, PROBE)
-            while self.probe is None:
-                self.step()
-            if self.probe["exit_code"] != 0:
-                problem = "the probe run failed: " + self.probe["stderr"].decode(errors="replace").strip()
-        except (OSError, RuntimeError) as e:
-            problem = str(e)
+        self.jail.limits = child.resource_limits(self.cfg["cpu_time"], base + (self.cfg["memory_mb"] << 20),
+                                                 isolation.TASKS if switch_uid else None)
+        problem = self.install_and_probe()
         if problem:
             if not self.cfg["allow_unconfined"]:
                 return {"error": f"sandbox: cannot confine runs on this machine ({problem}). Refusing to run "
-                                 "untrusted code unconfined; pass allow_unconfined=True to do it anyway."}
-            self.seccomp = None
+                                 "untrusted code unconfined; pass allow_unconfined=True to do it anyway.",
+                        "cgroup": cgroup}
+            self.jail.seccomp = None
         self.spares_wanted = self.cfg["workers"]
-        return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.seccomp is not None,
-                          "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine}}
+        return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
+                          "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine,
+                          "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
+                          "import_roots": len(self.jail.keep_fds)}}
+
+    def install_and_probe(self) -> str | None:
+        """Install the SERVER program, then run the probe; None if every rule it checks holds."""
+        try:
+            Filter(SERVER).install(os.getpid())
+            self.jail.seccomp = Filter(RUN)
+            uids = isolation.RUN_UIDS if self.jail.switch_uid else range(os.getuid(), os.getuid() + 1)
+            self.submit(PROBE_ID, PROBE.replace("UIDS", repr(uids)))
+            while self.probe is None:
+                self.step()
+        except (OSError, RuntimeError, ValueError) as e:
+            return str(e)
+        if self.probe["exit_code"] != 0:
+            return "the probe run failed: " + self.probe["stderr"].decode(errors="replace").strip()
+        return None
 
     @staticmethod
     def vm_bytes() -> int:
@@ -182,14 +187,17 @@ class Zygote:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
-    # -- runs --------------------------------------------------------------------------------------
+    # -- children ----------------------------------------------------------------------------------
     def submit(self, rid: int, code: str) -> None:
         self.queue.append((rid, code))
 
     def spawn(self) -> Run:
         """Fork a child that confines itself, then blocks reading its code from stdin until EOF.
         Forking and confining ahead of time keeps both out of a run's latency."""
+        if not self.free_slots:
+            raise OSError("no free slot (every uid of this server is held by a child)")
         fds: list[int] = []
+        slot = self.free_slots.pop()
         try:
             fds = [*os.pipe(), *os.pipe(), *os.pipe()]
             server = os.getpid()
@@ -197,12 +205,14 @@ class Zygote:
         except OSError:
             for fd in fds:
                 os.close(fd)
+            self.free_slots.append(slot)
             raise
         code_r, code_w, out_r, out_w, err_r, err_w = fds
         if pid == 0:  # the child: never returns into this loop
             status = 125
             try:
-                child.confine((code_r, out_w, err_w), server, self.workdir, self.limits, self.seccomp)
+                uid = isolation.run_uid(slot)
+                child.confine((code_r, out_w, err_w), server, self.jail, uid, slot)
                 status = child.execute(child.read_code())
             except BaseException as e:  # confinement failed: say so, never run the code
                 try:
@@ -213,30 +223,64 @@ class Zygote:
                 os._exit(status)
         for fd in (code_r, out_w, err_w):
             os.close(fd)
-        return Run(pid, os.pidfd_open(pid), code_w, {out_r: "stdout", err_r: "stderr"})
+        fcntl.fcntl(code_w, fcntl.F_SETFL, os.O_NONBLOCK)
+        run = Run(pid, os.pidfd_open(pid), code_w, {out_r: "stdout", err_r: "stderr"}, slot)
+        self.watch(run, run.pidfd)
+        self.children.add(run)
+        return run
+
+    def watch(self, run: Run, fd: int, events: int = select.EPOLLIN) -> None:
+        self.epoll.register(fd, events)
+        self.owner[fd] = run
+
+    def unwatch(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+        del self.owner[fd]
+        os.close(fd)
+
+    def healthy_spare(self) -> Run | None:
+        """A spare that is neither dead nor stopped; the others are killed (and reaped when they exit)."""
+        while self.spare:
+            run = self.spare.popleft()
+            state = os.waitid(os.P_PIDFD, run.pidfd, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+            if state is None:
+                return run
+            signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
+        return None
 
     def dispatch(self, rid: int, code: str) -> None:
         """Hand ``code`` to a spare child (or a new one) and start its clock."""
         try:
-            run = self.spare.popleft() if self.spare else self.spawn()
+            run = self.healthy_spare() or self.spawn()
         except OSError as e:  # out of processes, memory or descriptors: this run fails, the server goes on
             self.deliver({"id": rid, "stdout": b"", "stderr": f"sandbox: could not start the run: {e}\n".encode(),
                           "stdout_truncated": False, "stderr_truncated": False, "exit_code": None, "signal": None,
-                          "wall_time": 0.0, "cpu_time": 0.0, "reason": "killed"})
+                          "wall_time": 0.0, "cpu_time": 0.0, "reason": "not_started"})
             return
         run.id, run.start = rid, time.monotonic()
         run.deadline = run.start + self.cfg["wall_time"]
-        data = memoryview(code.encode("utf-8", "surrogatepass"))
+        run.code = memoryview(code.encode("utf-8", "surrogatepass"))
+        for fd in run.pipes:
+            self.watch(run, fd)
+        self.running[run.pid] = run
+        self.write_code(run)
+        if run.code_w >= 0:  # the pipe is full: go on when the child has read some
+            self.watch(run, run.code_w, select.EPOLLOUT)
+
+    def write_code(self, run: Run) -> None:
+        """Write what the pipe takes now, never blocking; close it once all is written (the child sees EOF)."""
         try:
-            while data:
-                data = data[os.write(run.code_w, data):]
+            while run.code:
+                run.code = run.code[os.write(run.code_w, run.code):]
+        except BlockingIOError:
+            return
         except BrokenPipeError:  # the child died before reading its code; its exit status will tell why
             pass
-        os.close(run.code_w)
-        for fd in (*run.pipes, run.pidfd):
-            self.epoll.register(fd, select.EPOLLIN)
-            self.owner[fd] = run
-        self.running[run.pid] = run
+        if run.code_w in self.owner:
+            self.unwatch(run.code_w)
+        else:
+            os.close(run.code_w)
+        run.code_w = -1
 
     def kill(self, run: Run, reason: str) -> None:
         """SIGKILL the run's process group and the run itself (not reaped yet, so its pid is still ours)."""
@@ -247,61 +291,74 @@ class Zygote:
             pass
         signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # the run itself (safe even as a zombie)
 
-    def close_pipe(self, run: Run, fd: int) -> None:
-        self.epoll.unregister(fd)
-        del self.owner[fd]
-        os.close(fd)
-        del run.pipes[fd]
-
-    def on_readable(self, run: Run, fd: int) -> None:
-        if fd != run.pidfd:
+    def on_event(self, run: Run, fd: int) -> None:
+        if fd == run.code_w:
+            self.write_code(run)
+        elif fd != run.pidfd:
             self.read_pipe(run, fd)
-            return
-        # it exited: reap it and drain its pipes (nobody holds their write ends now, so this cannot block)
+        elif run.pid in self.running:
+            self.reap(run)
+            while run.pipes:  # nobody holds their write ends now, so this cannot block
+                self.read_pipe(run, next(iter(run.pipes)))
+            self.finish(run)
+        else:  # a spare died (or was killed for being stopped): forget it; step() forks another
+            if run in self.spare:
+                self.spare.remove(run)
+            self.reap(run)
+            for pipe in run.pipes:
+                os.close(pipe)
+
+    def reap(self, run: Run) -> None:
+        """Collect the child's exit status and usage, release its pidfd, code pipe and slot."""
         _, run.status, usage = os.wait4(run.pid, 0)
         run.wall_time = time.monotonic() - run.start
         run.cpu_time = usage.ru_utime + usage.ru_stime
-        self.epoll.unregister(fd)
-        del self.owner[fd]
-        os.close(fd)
-        while run.pipes:
-            self.read_pipe(run, next(iter(run.pipes)))
-        self.finish(run)
+        self.unwatch(run.pidfd)
+        if run.code_w >= 0:
+            if run.code_w in self.owner:
+                self.unwatch(run.code_w)
+            else:
+                os.close(run.code_w)
+            run.code_w = -1
+        self.children.discard(run)
+        self.free_slots.append(run.slot)
 
     def read_pipe(self, run: Run, fd: int) -> None:
         data = os.read(fd, 1 << 16)
         if not data:
-            self.close_pipe(run, fd)
+            self.unwatch(fd)
+            del run.pipes[fd]
             return
         name = run.pipes[fd]
+        if name == "stdout" and not run.ready:
+            run.ready, data = data[:1] == child.READY, data[1:]  # the child's READY byte is not output
         room = self.cfg["max_output"] - len(run.output[name])
         run.output[name] += data[:room]
         if len(data) > room:  # over the cap: stop reading and end the run now
             run.truncated.add(name)
             self.kill(run, "output_limit")
             for open_fd in list(run.pipes):
-                self.close_pipe(run, open_fd)
+                self.unwatch(open_fd)
+                del run.pipes[open_fd]
 
     def finish(self, run: Run) -> None:
         del self.running[run.pid]
         st = run.status
+        reason = run.reason if run.ready or run.reason else "not_started"
         msg = {"id": run.id, "stdout": bytes(run.output["stdout"]), "stderr": bytes(run.output["stderr"]),
                "stdout_truncated": "stdout" in run.truncated, "stderr_truncated": "stderr" in run.truncated,
                "exit_code": os.WEXITSTATUS(st) if os.WIFEXITED(st) else None,
                "signal": os.WTERMSIG(st) if os.WIFSIGNALED(st) else None,
-               "wall_time": run.wall_time, "cpu_time": run.cpu_time, "reason": run.reason}
+               "wall_time": run.wall_time, "cpu_time": run.cpu_time, "reason": reason}
         self.deliver(msg)
 
     def deliver(self, msg: dict) -> None:
         if msg["id"] == PROBE_ID:
             self.probe = msg
         else:
-            self.send(msg)
+            self.ctrl.sendall(protocol.encode(msg))
 
     # -- the loop ----------------------------------------------------------------------------------
-    def send(self, msg: dict) -> None:
-        self.ctrl.sendall(protocol.encode(msg))
-
     def on_control(self) -> None:
         data = self.ctrl.recv(1 << 20)
         if not data:
@@ -324,7 +381,7 @@ class Zygote:
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for fd, _ in self.epoll.poll(-1 if timeout is None else timeout):
             if fd in self.owner:
-                self.on_readable(self.owner[fd], fd)
+                self.on_event(self.owner[fd], fd)
             elif fd == self.ctrl.fileno():
                 self.on_control()
         now = time.monotonic()
@@ -334,7 +391,7 @@ class Zygote:
 
     def shutdown(self) -> None:
         """Kill and reap every child, running or spare."""
-        for run in (*self.running.values(), *self.spare):
+        for run in list(self.children):
             self.kill(run, "killed")
             os.waitpid(run.pid, 0)
 
@@ -342,7 +399,8 @@ class Zygote:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     ctrl = socket.socket(fileno=cfg["fd"])
-    namespaces = enter_namespaces()
+    child.ignore_stopping_signals()
+    namespaces = isolation.enter_namespaces()
     if "pid" in namespaces:
         zygote = os.fork()
         if zygote:  # the outer process: wait, and take the zygote down with us if we are killed
@@ -350,12 +408,12 @@ def main() -> None:
             _, status = os.waitpid(zygote, 0)
             os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
         child.prctl(child.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if mount_fresh_proc():
+        if isolation.mount_fresh_proc():
             namespaces.append("proc")
     zygote = Zygote(cfg, ctrl, namespaces)
     try:
         hello = zygote.start_up()
-        zygote.send(hello)
+        zygote.ctrl.sendall(protocol.encode(hello))
         if "error" in hello:
             return
         while True:

@@ -91,3 +91,43 @@ def make_hf_checkpoint(path, seed=0, dtype=torch.float32, model_type="qwen2", **
     model = model.to(dtype).eval()
     model.save_pretrained(path)
     return model
+
+
+# The sandbox in both namespace modes. "no-namespaces" starts each server under a seccomp filter that makes
+# unshare() fail with EPERM, as many containers do: the server really is refused and confines runs without them.
+REFUSE_UNSHARE = """import ctypes, platform
+from sandbox.bpf import SockFilter, SockFprog
+unshare = {"x86_64": 272, "aarch64": 97}[platform.machine()]
+prog = (SockFilter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, unshare), (0x06, 0, 0, 0x50001), (0x06, 0, 0, 0x7FFF0000))
+libc = ctypes.CDLL(None)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(SockFprog(4, prog)), 0, 0) == 0
+"""
+
+
+def sandbox_pool(mode: str, **kwargs):
+    """A SandboxPool whose servers start with namespaces, or with unshare() refused (``mode``)."""
+    import sandbox.pool
+    main = sandbox.pool.SERVER_MAIN
+    if mode == "no-namespaces":
+        sandbox.pool.SERVER_MAIN = REFUSE_UNSHARE + main
+    try:
+        pool = sandbox.pool.SandboxPool(**kwargs)
+    finally:
+        sandbox.pool.SERVER_MAIN = main
+    expected = mode == "namespaces"
+    assert ("pid" in pool.info["namespaces"]) == expected, f"{mode}: the server entered {pool.info['namespaces']}"
+    return pool
+
+
+@pytest.fixture(scope="module")
+def sandbox_pool_factory():
+    """sandbox_pool(mode, **kwargs), closed at the end of the module."""
+    pools = []
+
+    def make(mode: str, **kwargs):
+        pools.append(sandbox_pool(mode, **kwargs))
+        return pools[-1]
+
+    yield make
+    for pool in pools:
+        pool.close()
