@@ -16,8 +16,10 @@ seccomp program is installed last, and only then does the untrusted code start:
     every pseudo-random generator the server holds (random's, numpy's, sympy's...) reseeded from os.urandom
     the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py); it sets
         no_new_privs
-    one byte "ready" on stdout (the server strips it: a run without it never started)
+    one byte READY on stdout
     -- the child is now a spare: it waits here until the server writes its code to stdin --
+    one byte STARTED on stdout once the code is read (the server strips both bytes; a child that dies
+        before STARTED never ran its code, and the server gives the code to another child)
     exec(code) in a fresh __main__, then os._exit: no interpreter teardown, no atexit of the server
 """
 import builtins
@@ -33,7 +35,7 @@ import types
 from dataclasses import dataclass
 
 FILENAME = "<code>"
-READY = b"\x06"  # ASCII ACK: the first byte every confined child writes on stdout
+READY, STARTED = b"\x06", b"\x02"  # written on stdout once confined, and once the code has arrived
 PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
@@ -165,10 +167,11 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
 
 def read_code() -> str:
     """The run's code: everything the server writes to stdin before closing it (so input() then
-    meets EOF, as with no stdin at all)."""
+    meets EOF, as with no stdin at all); then say STARTED."""
     chunks = []
     while chunk := os.read(0, 1 << 16):
         chunks.append(chunk)
+    os.write(1, STARTED)
     return b"".join(chunks).decode("utf-8", "surrogatepass")
 
 

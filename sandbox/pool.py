@@ -272,7 +272,9 @@ class SandboxPool:
                 if msg and fut is None:
                     raise protocol.ProtocolError(f"a result for run {msg.get('id')!r}, which is not outstanding")
                 result = msg and to_result(msg, cpu_limit)
-            except (OSError, protocol.ProtocolError, KeyError, TypeError, AttributeError) as e:
+            except OSError:  # the connection broke: the server died (or the watchdog killed it)
+                msg = None
+            except (protocol.ProtocolError, KeyError, TypeError, AttributeError) as e:
                 why = f"protocol error, the server was replaced ({e})"
                 server.proc.kill()
                 msg = None

@@ -49,6 +49,8 @@ from sandbox.policy import RUN, SERVER
 PR_SET_DUMPABLE = 4
 MADV_COLLAPSE, HUGE_PAGE = 25, 2 << 20
 PROBE_ID = -1
+MARKERS = child.READY + child.STARTED
+RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
 PROBE = """import os, socket
 for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 0))):
     try:
@@ -94,9 +96,11 @@ class Run:
     id: int = 0
     start: float = 0.0
     deadline: float = 0.0
+    source: str = ""                               # the run's code
+    tries: int = 0                                 # children that died before they could run it
     code: memoryview = memoryview(b"")             # what is still to be written to the child's stdin
     output: dict = field(default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray()})
-    ready: bool = False                            # the child's READY byte arrived: its code could run
+    markers: int = 0                               # of READY + STARTED seen on stdout (2: the code ran)
     truncated: set = field(default_factory=set)    # streams that passed the cap
     status: int | None = None                      # wait status, once reaped
     wall_time: float = 0.0
@@ -113,7 +117,7 @@ class Zygote:
         self.epoll.register(ctrl.fileno(), select.EPOLLIN)
         self.owner: dict[int, Run] = {}  # watched fd (pipe, pidfd, code pipe) -> its child
         self.inbox = bytearray()
-        self.queue: collections.deque[tuple[int, str]] = collections.deque()  # (id, code) waiting for a child
+        self.queue: collections.deque[tuple] = collections.deque()  # (id, code, tries) waiting for a child
         self.spare: collections.deque[Run] = collections.deque()  # confined children waiting for code
         self.spares_wanted = 0  # ``workers`` once start-up has settled how runs are confined
         self.running: dict[int, Run] = {}
@@ -189,7 +193,7 @@ class Zygote:
 
     # -- children ----------------------------------------------------------------------------------
     def submit(self, rid: int, code: str) -> None:
-        self.queue.append((rid, code))
+        self.queue.append((rid, code, 0))
 
     def spawn(self) -> Run:
         """Fork a child that confines itself, then blocks reading its code from stdin until EOF.
@@ -248,7 +252,7 @@ class Zygote:
             signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
         return None
 
-    def dispatch(self, rid: int, code: str) -> None:
+    def dispatch(self, rid: int, code: str, tries: int) -> None:
         """Hand ``code`` to a spare child (or a new one) and start its clock."""
         try:
             run = self.healthy_spare() or self.spawn()
@@ -257,7 +261,7 @@ class Zygote:
                           "stdout_truncated": False, "stderr_truncated": False, "exit_code": None, "signal": None,
                           "wall_time": 0.0, "cpu_time": 0.0, "reason": "not_started"})
             return
-        run.id, run.start = rid, time.monotonic()
+        run.id, run.source, run.tries, run.start = rid, code, tries, time.monotonic()
         run.deadline = run.start + self.cfg["wall_time"]
         run.code = memoryview(code.encode("utf-8", "surrogatepass"))
         for fd in run.pipes:
@@ -330,8 +334,8 @@ class Zygote:
             del run.pipes[fd]
             return
         name = run.pipes[fd]
-        if name == "stdout" and not run.ready:
-            run.ready, data = data[:1] == child.READY, data[1:]  # the child's READY byte is not output
+        while name == "stdout" and run.markers < 2 and data[:1] == MARKERS[run.markers:run.markers + 1]:
+            run.markers, data = run.markers + 1, data[1:]  # the child's READY and STARTED bytes are not output
         room = self.cfg["max_output"] - len(run.output[name])
         run.output[name] += data[:room]
         if len(data) > room:  # over the cap: stop reading and end the run now
@@ -343,8 +347,12 @@ class Zygote:
 
     def finish(self, run: Run) -> None:
         del self.running[run.pid]
+        started = run.markers == 2
+        if not started and run.reason in (None, "timeout") and run.tries < RETRIES:
+            self.queue.appendleft((run.id, run.source, run.tries + 1))  # it died (or hung) before the code ran
+            return
         st = run.status
-        reason = run.reason if run.ready or run.reason else "not_started"
+        reason = run.reason if started or run.reason == "output_limit" else "not_started"
         msg = {"id": run.id, "stdout": bytes(run.output["stdout"]), "stderr": bytes(run.output["stderr"]),
                "stdout_truncated": "stdout" in run.truncated, "stderr_truncated": "stderr" in run.truncated,
                "exit_code": os.WEXITSTATUS(st) if os.WIFEXITED(st) else None,
