@@ -183,9 +183,17 @@ def test_a_child_stopped_while_its_code_is_written_does_not_block_the_server(poo
     server = pool.server_pid
     big = "x = 1\n" + "#" * (32 << 20) + "\nprint('big done')"  # 32 MiB: hundreds of pipe buffers
     fut = pool.submit(big)
-    _, kids = zygote_and_children(pool)
-    for pid in kids:  # the child reading the big program (and the spares): stopped, mid-transfer
-        os.kill(pid, signal.SIGSTOP)
+    reader, deadline = None, time.monotonic() + 30
+    while reader is None and time.monotonic() < deadline:  # the child that has read 1 MiB of it: stop it there
+        for pid in zygote_and_children(pool)[1]:
+            try:
+                with open(f"/proc/{pid}/io") as f:
+                    if int(f.read().split()[1]) > 1 << 20:  # rchar
+                        reader = pid
+            except OSError:
+                pass
+    assert reader is not None, "no child started reading the program"
+    os.kill(reader, signal.SIGSTOP)
     res = pool.run("print('meanwhile')")  # a server blocked in write() would never get here
     assert (res.status, res.stdout, res.infra_error) == ("ok", "meanwhile\n", False), res
     assert not fut.result().infra_error, fut.result()  # timed out, then given to another child
@@ -226,6 +234,7 @@ def test_runs_have_an_unprivileged_identity_of_their_own(pool, host):
 
 
 TASK_BOMB = """import threading, time
+threading.stack_size(64 << 10)  # small stacks: the memory limit alone would not stop them
 n = 0
 try:
     while n < 500:
