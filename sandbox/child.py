@@ -5,10 +5,10 @@ seccomp program is installed last, and only then does the untrusted code start:
 
     own process group      -> the server can SIGKILL the whole run on wall-time expiry
     parent-death signal    -> the run dies with the server, never lingers as an orphan
-    signal dispositions    -> those of a fresh ``python -c`` (the server ignores the ones that would stop it)
+    signal mask            -> empty, as in a fresh ``python -c`` (the server blocks the signals that would stop it)
     stdio = the pipe the code arrives on (EOF once read) + two capped pipes; every other fd closed
         except the server's import directories (sandbox/isolation.py)
-    read-only empty working directory; first in line for the OOM killer; its own pids cgroup if any
+    read-only empty working directory; its own pids cgroup if any
     setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps, and (as its
         own uid) a cap on its tasks, threads included
     identity: no supplementary groups, then gid and uid of its slot (an unprivileged uid no one else
@@ -40,12 +40,12 @@ PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
 MAX_FD = os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 1 << 20
-# what the server ignores (it must outlive any signal that reaches it); a run gets them back
+# what the server blocks (it must outlive any signal that reaches it); a run unblocks them
 SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
                signal.SIGABRT}
 KEPT = SYNCHRONOUS | {signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE,
                       signal.SIGXFSZ, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
-SERVER_IGNORES = sorted(s for s in signal.valid_signals() if s not in KEPT)
+SERVER_BLOCKS = sorted(s for s in signal.valid_signals() if s not in KEPT)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 prctl, capset = _libc.prctl, _libc.capset  # resolved once in the server, not in every child
@@ -60,21 +60,22 @@ def _check(ret: int, what: str) -> None:
         raise OSError(e, f"{what} failed: {os.strerror(e)}")
 
 
-def ignore_stopping_signals() -> None:
-    """In the server: ignore every signal that would end or stop it, but SIGTERM, SIGKILL and SIGSTOP."""
-    for sig in SERVER_IGNORES:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def restore_signals() -> None:
-    """In a run: the dispositions of a fresh ``python -c`` (Ctrl-C raises KeyboardInterrupt, the rest default)."""
-    for sig in SERVER_IGNORES:
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+def block_stopping_signals() -> None:
+    """In the server: block every signal that would end or stop it, but SIGTERM and the faults it may
+    cause itself (SIGKILL and SIGSTOP cannot be blocked; no run can send them). Blocked, not ignored:
+    a forked child starts with no pending signal, so one sigprocmask gives a run back a fresh mask."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SERVER_BLOCKS)
 
 
 def drop_capabilities() -> None:
     """capset(effective = permitted = inheritable = 0)."""
     _check(capset(_CAP_HEADER, _CAP_DATA), "capset")
+
+
+def vm_bytes() -> int:
+    """Current address-space size of this process (VmSize)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def resource_limits(cpu_time: float, address_space: int, tasks: int | None) -> list[tuple[int, tuple[int, int]]]:
@@ -140,15 +141,13 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != server_pid:  # the server died between fork and prctl
         os._exit(1)
-    restore_signals()
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
     keep = sorted(fd for fd in cfg.keep_fds if fd > 2)
     for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
         os.closerange(lo, hi)
     os.chdir(cfg.workdir)
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")
     if cfg.cgroup:
         with open(os.path.join(cfg.cgroup, str(slot), "cgroup.procs"), "w") as f:
             f.write("0")

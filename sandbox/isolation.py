@@ -11,6 +11,8 @@ process (the kernel checks uids before the filter is even asked), and RLIMIT_NPR
 tasks alone. A trainer that is not root cannot hand out other uids (an unprivileged user namespace
 maps only one): runs then keep the trainer's uid, and the seccomp policy is what keeps them apart.
 
+Huge pages for the server's memory, so that forking it is cheap (``use_huge_pages``).
+
 A pids cgroup (where a writable cgroup v1 or v2 pids controller is available): one directory per
 slot with ``pids.max``, a second cap on a run's tasks that holds whatever its uid.
 
@@ -32,7 +34,10 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 RUN_UIDS = range(2**31 - 2**16, 2**31)
 TASKS = 64  # processes and threads one run may have (the threads of numpy, sympy or the code itself)
 
+MADV_COLLAPSE, HUGE_PAGE = 25, 2 << 20
+
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def enter_namespaces() -> list[str]:
@@ -53,6 +58,22 @@ def mount_fresh_proc() -> bool:
     """Make every mount private to this namespace, then mount a /proc that shows only our processes."""
     return (_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0
             and _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0)
+
+
+def use_huge_pages() -> None:
+    """Back the server's anonymous memory with 2 MiB pages (MADV_COLLAPSE, Linux 6.1+; best effort).
+
+    fork() copies, and each child's exit tears down, one page-table entry per 4 KiB page the server
+    maps: ~14k entries with sympy loaded. Huge pages cut that 512-fold for the regions the server
+    does not write to later (its own writes after a fork split a huge page back), which still saves
+    ~0.5 of ~3 CPU-ms per run here (~20% throughput). Where the kernel says no, nothing changes."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()  # address perms offset dev inode [path]
+            if fields[1].startswith("rw") and (len(fields) == 5 or fields[5] == "[heap]"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if hi - lo >= HUGE_PAGE:
+                    _libc.madvise(lo, hi - lo, MADV_COLLAPSE)
 
 
 def run_uid(slot: int) -> int:

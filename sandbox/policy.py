@@ -80,6 +80,7 @@ CLONE = When(Arg(0, mask=THREAD | CLONE_PIDFD | CLONE_PTRACE | CLONE_VFORK | CLO
                  value=THREAD))  # a thread of this process, nothing else
 WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | O_ASYNC  # O_WRONLY | O_RDWR | O_CREAT | O_TRUNC (same on both archs)
 ITSELF = When(Arg(0, one_of=(SELF,)))  # a thread group id that must be the run's own
+GETRLIMIT = When((Arg(0, one_of=(0, SELF)), Arg(2, null=True)))  # read its own limits, set none
 
 # -- the table ----------------------------------------------------------------------------------------
 # (syscalls, what a run may do, what the server may do). Frequent calls come first (the program tests
@@ -117,7 +118,7 @@ POLICY = [
     ("getpid getppid getuid geteuid getgid getegid getresuid getresgid getgroups getpgrp getpgid getsid "
      "uname sysinfo getrlimit getrusage getpriority getrandom getcpu capget sched_getparam "
      "sched_getscheduler sched_get_priority_max sched_get_priority_min",      ALLOW,         ALLOW),
-    ("prlimit64",                                                              When(Arg(2, null=True)), ALLOW),
+    ("prlimit64",                                                              GETRLIMIT,     ALLOW),
     ("prctl",                                                                  PRCTL,         ALLOW),
     # the server only: fork runs, confine them (group, limits, identity), watch and end them, talk to the pool
     ("setpgid setrlimit capset setgroups setresuid setresgid wait4 waitid pidfd_open pidfd_send_signal "

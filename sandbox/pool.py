@@ -286,6 +286,8 @@ class SandboxPool:
             lost, server.pending = server.pending, {}
             if self._server is server:
                 self._server = None
+            if self._closed:
+                why = "the pool was closed before this run finished"
         server.stop()
         self._procs.discard(server.proc)
         for fut in lost.values():

@@ -3,7 +3,7 @@
 ``SandboxPool`` starts it as ``python -c "from sandbox.server import main; main()" CONFIG``, in its
 own session, with a minimal environment and an empty working directory. Start-up, once per server:
 
-    ignore every signal that would end or stop it (but SIGTERM, and SIGKILL/SIGSTOP, which cannot be)
+    block every signal that would end or stop it (but SIGTERM, and SIGKILL/SIGSTOP, which cannot be)
     unshare(pid, mount, net, ipc [, user when not root])  where the kernel allows it (sandbox/isolation.py)
     fork -> the "zygote", pid 1 of the new pid namespace, mounts a fresh /proc: runs see no process
             outside the sandbox, and when the zygote dies the kernel kills every run with it.
@@ -18,9 +18,9 @@ own session, with a minimal environment and an empty working directory. Start-up
 Then one single-threaded event loop (epoll) over the control socket and the children. The server
 keeps ``workers`` spare children, forked and confined ahead of time and blocked reading their code
 from stdin, so a run starts with one write (fork and confinement stay off its latency). Each child
-holds a slot: its uid and its pids cgroup, free again once the child is reaped. A spare that dies is
-reaped and replaced at once (its pidfd is watched); one that was stopped is found when it is picked,
-killed and skipped. Writes of code to a child never block: what a full pipe does not take is written
+holds a slot (its uid and pids cgroup) until it is reaped. A spare that dies is replaced at once (its
+pidfd is watched), one that was stopped is killed when it is picked; a child that dies before its code
+ran hands the code to another. Writes of code never block: what a full pipe does not take is written
 when it drains, and a child that never reads meets its deadline. A run is watched through its stdout
 pipe, its stderr pipe and its pidfd (readable when it exits; signals through it cannot hit a recycled
 pid). At most ``workers`` run at once; the rest wait in a queue. A run that passes its wall-time
@@ -29,7 +29,6 @@ once. EOF on the control socket (the pool closed, or its process died) kills eve
 server: no orphans, no zombies. Messages in both directions are framed by sandbox/protocol.py.
 """
 import collections
-import ctypes
 import fcntl
 import gc
 import importlib
@@ -47,7 +46,6 @@ from sandbox.bpf import Filter
 from sandbox.policy import RUN, SERVER
 
 PR_SET_DUMPABLE = 4
-MADV_COLLAPSE, HUGE_PAGE = 25, 2 << 20
 PROBE_ID = -1
 MARKERS = child.READY + child.STARTED
 RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
@@ -59,30 +57,12 @@ for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 
     except PermissionError:
         pass
 ids = os.getresuid() + os.getresgid()
-if any(i not in UIDS for i in ids) or len(set(ids)) != 1 or os.getgroups():
-    raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected one id in UIDS and none")
+if not (IDENTITY):
+    raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected IDENTITY")
 """  # one SERVER rule, one RUN rule and the run's identity must all hold
+OWN_ID = f"len(set(ids)) == 1 and ids[0] in {isolation.RUN_UIDS!r} and not os.getgroups()"
 CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def use_huge_pages() -> None:
-    """Back the server's anonymous memory with 2 MiB pages (MADV_COLLAPSE, Linux 6.1+; best effort).
-
-    fork() copies, and each child's exit tears down, one page-table entry per 4 KiB page the server
-    maps: ~14k entries with sympy loaded. Huge pages cut that 512-fold for the regions the server
-    does not write to later (its own writes after a fork split a huge page back), which still saves
-    ~0.5 of ~3 CPU-ms per run here (~20% throughput). Where the kernel says no, nothing changes."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()  # address perms offset dev inode [path]
-            if fields[1].startswith("rw") and (len(fields) == 5 or fields[5] == "[heap]"):
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if hi - lo >= HUGE_PAGE:
-                    _libc.madvise(lo, hi - lo, MADV_COLLAPSE)
 
 
 @dataclass(eq=False)
@@ -150,11 +130,11 @@ class Zygote:
         self.jail = child.Confinement(workdir, [], None, isolation.share_import_roots(workdir), cgroup,
                                       switch_uid, tuple(child.generators()))
         gc.freeze()  # children never touch the preloaded objects' GC headers: fewer copy-on-write faults
-        use_huge_pages()
+        isolation.use_huge_pages()
         child.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # runs (which inherit this) cannot read our memory or each other's
         os.environ.clear()
         os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
-        base = self.vm_bytes()
+        base = child.vm_bytes()
         self.jail.limits = child.resource_limits(self.cfg["cpu_time"], base + (self.cfg["memory_mb"] << 20),
                                                  isolation.TASKS if switch_uid else None)
         problem = self.install_and_probe()
@@ -175,8 +155,8 @@ class Zygote:
         try:
             Filter(SERVER).install(os.getpid())
             self.jail.seccomp = Filter(RUN)
-            uids = isolation.RUN_UIDS if self.jail.switch_uid else range(os.getuid(), os.getuid() + 1)
-            self.submit(PROBE_ID, PROBE.replace("UIDS", repr(uids)))
+            same_ids = f"ids == {os.getresuid() + os.getresgid()!r}"  # a trainer that is not root: its own ids
+            self.submit(PROBE_ID, PROBE.replace("IDENTITY", OWN_ID if self.jail.switch_uid else same_ids))
             while self.probe is None:
                 self.step()
         except (OSError, RuntimeError, ValueError) as e:
@@ -184,12 +164,6 @@ class Zygote:
         if self.probe["exit_code"] != 0:
             return "the probe run failed: " + self.probe["stderr"].decode(errors="replace").strip()
         return None
-
-    @staticmethod
-    def vm_bytes() -> int:
-        """Current address-space size of this process (VmSize)."""
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
     # -- children ----------------------------------------------------------------------------------
     def submit(self, rid: int, code: str) -> None:
@@ -280,9 +254,12 @@ class Zygote:
             return
         except BrokenPipeError:  # the child died before reading its code; its exit status will tell why
             pass
+        self.close_code_pipe(run)
+
+    def close_code_pipe(self, run: Run) -> None:
         if run.code_w in self.owner:
             self.unwatch(run.code_w)
-        else:
+        elif run.code_w >= 0:
             os.close(run.code_w)
         run.code_w = -1
 
@@ -318,12 +295,7 @@ class Zygote:
         run.wall_time = time.monotonic() - run.start
         run.cpu_time = usage.ru_utime + usage.ru_stime
         self.unwatch(run.pidfd)
-        if run.code_w >= 0:
-            if run.code_w in self.owner:
-                self.unwatch(run.code_w)
-            else:
-                os.close(run.code_w)
-            run.code_w = -1
+        self.close_code_pipe(run)
         self.children.discard(run)
         self.free_slots.append(run.slot)
 
@@ -407,7 +379,7 @@ class Zygote:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     ctrl = socket.socket(fileno=cfg["fd"])
-    child.ignore_stopping_signals()
+    child.block_stopping_signals()
     namespaces = isolation.enter_namespaces()
     if "pid" in namespaces:
         zygote = os.fork()
