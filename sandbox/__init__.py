@@ -4,8 +4,11 @@
     with SandboxPool(workers=4) as pool:
         print(pool.run("print(2**100)").stdout)
 
-Files: pool.py (the API), server.py (the fork server), child.py (confinement of one run),
-policy.py (the seccomp table and its BPF compiler), protocol.py (the framing between pool and server). ``python -m sandbox CODE`` tries code by hand.
+Files: pool.py (the API), result.py (what a run gives back), server.py (the fork server), child.py
+(confinement of one run), isolation.py (namespaces, identities, pids cgroup, imports), policy.py (the
+seccomp allowlist), bpf.py (its compiler), syscalls.py (syscall numbers), protocol.py (the framing
+between pool and server). ``python -m sandbox CODE`` tries code by hand; docs/sandbox.md is the
+threat model.
 """
 from sandbox.pool import DEFAULT_PRELOAD, SandboxPool
 from sandbox.result import Result
