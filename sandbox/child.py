@@ -34,6 +34,8 @@ import sys
 import types
 from dataclasses import dataclass
 
+from sandbox.isolation import RUN_UIDS
+
 FILENAME = "<code>"
 READY, STARTED = b"\x06", b"\x02"  # written on stdout once confined, and once the code has arrived
 PR_SET_PDEATHSIG = 1
@@ -46,6 +48,22 @@ SYNCHRONOUS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, sign
 KEPT = SYNCHRONOUS | {signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE,
                       signal.SIGXFSZ, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 SERVER_BLOCKS = sorted(s for s in signal.valid_signals() if s not in KEPT)
+
+# The first run of every server checks its own confinement: one SERVER rule, one RUN rule, its identity.
+PROBE = """import os, socket
+for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 0))):
+    try:
+        call()
+        raise SystemExit(f"{name}() was allowed: a seccomp filter is not active")
+    except PermissionError:
+        pass
+ids = os.getresuid() + os.getresgid()
+if not (IDENTITY):
+    raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected IDENTITY")
+"""
+OWN_ID = f"len(set(ids)) == 1 and ids[0] in {RUN_UIDS!r} and not os.getgroups()"
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 prctl, capset = _libc.prctl, _libc.capset  # resolved once in the server, not in every child

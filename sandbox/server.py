@@ -49,20 +49,6 @@ PR_SET_DUMPABLE = 4
 PROBE_ID = -1
 MARKERS = child.READY + child.STARTED
 RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
-PROBE = """import os, socket
-for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 0))):
-    try:
-        call()
-        raise SystemExit(f"{name}() was allowed: a seccomp filter is not active")
-    except PermissionError:
-        pass
-ids = os.getresuid() + os.getresgid()
-if not (IDENTITY):
-    raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected IDENTITY")
-"""  # one SERVER rule, one RUN rule and the run's identity must all hold
-OWN_ID = f"len(set(ids)) == 1 and ids[0] in {isolation.RUN_UIDS!r} and not os.getgroups()"
-CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(eq=False)
@@ -133,7 +119,7 @@ class Zygote:
         isolation.use_huge_pages()
         child.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # runs (which inherit this) cannot read our memory or each other's
         os.environ.clear()
-        os.environ.update(CHILD_ENV, HOME=workdir, TMPDIR=workdir)
+        os.environ.update(child.ENV, HOME=workdir, TMPDIR=workdir)
         base = child.vm_bytes()
         self.jail.limits = child.resource_limits(self.cfg["cpu_time"], base + (self.cfg["memory_mb"] << 20),
                                                  isolation.TASKS if switch_uid else None)
@@ -156,7 +142,7 @@ class Zygote:
             Filter(SERVER).install(os.getpid())
             self.jail.seccomp = Filter(RUN)
             same_ids = f"ids == {os.getresuid() + os.getresgid()!r}"  # a trainer that is not root: its own ids
-            self.submit(PROBE_ID, PROBE.replace("IDENTITY", OWN_ID if self.jail.switch_uid else same_ids))
+            self.submit(PROBE_ID, child.PROBE.replace("IDENTITY", child.OWN_ID if self.jail.switch_uid else same_ids))
             while self.probe is None:
                 self.step()
         except (OSError, RuntimeError, ValueError) as e:
