@@ -24,6 +24,7 @@ from kernels.decode_attention import decode_attention
 from nanotorl.metrics import print_table
 
 MODELS = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}   # name: (Hq, Hkv, d)
+GPU_DTYPE = torch.bfloat16
 CPU_MODELS = {"small-cpu": (12, 2, 64)}
 COLUMNS = ["model", "B", "context", "impl", "ms", "GB/s", "pct_copy_bw", "speedup_vs_sdpa", "maxdiff_vs_sdpa"]
 
@@ -64,12 +65,17 @@ def bench_case(model, Hq, Hkv, d, B, ctx, dtype, device, iters, copy_bw):
     return rows
 
 
+def gpu_shapes(quick: bool) -> tuple[tuple, tuple]:
+    """(batches, contexts) measured on a GPU."""
+    return ((16, 256), (1024, 4096)) if quick else ((1, 16, 64, 256), (512, 1024, 4096))
+
+
 def main():
     args = kernel_args(__doc__)
     cuda = torch.cuda.is_available()
     if cuda:
-        device, dtype, models = "cuda", torch.bfloat16, MODELS
-        batches, contexts = ((16, 256), (1024, 4096)) if args.quick else ((1, 16, 64, 256), (512, 1024, 4096))
+        device, dtype, models = "cuda", GPU_DTYPE, MODELS
+        batches, contexts = gpu_shapes(args.quick)
         iters = 5 if args.quick else 20
     else:
         print("no GPU: small CPU shapes in fp32, 'ours' is the PyTorch reference path")
@@ -83,9 +89,8 @@ def main():
                 rows += bench_case(model, Hq, Hkv, d, B, ctx, dtype, device, iters, copy_bw)
                 if cuda:
                     torch.cuda.empty_cache()
+                    save_result("decode", rows)  # after every case: a run stopped at its time limit keeps them
     print_table(rows, COLUMNS)
-    if cuda:
-        save_result("decode", rows)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from kernels.logprob import logprob, logprob_ref
 from nanotorl.metrics import print_table
 
 LM_HEADS = {"qwen2.5-1.5b": (1536, 151936), "qwen2.5-7b": (3584, 152064)}   # name: (D, V)
+GPU_DTYPE = torch.bfloat16
 CPU_HEADS = {"tiny-cpu": (128, 4096), "small-cpu": (256, 8192)}
 COLUMNS = ["model", "N", "impl", "fwd_ms", "fwd_tflops", "fwd_peak_mb", "fwd_x_naive", "fwd_x_matmul",
            "fwdbwd_ms", "fwdbwd_tflops", "fwdbwd_peak_mb", "fwdbwd_x_naive", "fwdbwd_x_matmul", "maxdiff_vs_fp32"]
@@ -125,12 +126,17 @@ def bench_head(model, D, V, ns, device, dtype, iters, impls):
     return rows
 
 
+def gpu_sizes(quick: bool) -> tuple:
+    """Token counts N measured on a GPU."""
+    return (1024, 8192) if quick else (1024, 8192, 32768)
+
+
 def main():
     args = kernel_args(__doc__)
     cuda = torch.cuda.is_available()
     if cuda:
-        device, dtype, heads = "cuda", torch.bfloat16, LM_HEADS
-        ns, iters = ((1024, 8192), 5) if args.quick else ((1024, 8192, 32768), 10)
+        device, dtype, heads, ns = "cuda", GPU_DTYPE, LM_HEADS, gpu_sizes(args.quick)
+        iters = 5 if args.quick else 10
     else:
         print("no GPU: small CPU shapes in fp32, 'ours' is the PyTorch reference path")
         device, dtype, heads, ns, iters = "cpu", torch.float32, CPU_HEADS, (128, 512), 3
@@ -140,9 +146,9 @@ def main():
     rows = []
     for model, (D, V) in heads.items():
         rows += bench_head(model, D, V, ns, device, dtype, iters, impls)
+        if cuda:
+            save_result("logprob", rows)  # after every head: a run stopped at its time limit keeps them
     print_table(rows, COLUMNS)
-    if cuda:
-        save_result("logprob", rows)
 
 
 if __name__ == "__main__":

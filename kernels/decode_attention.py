@@ -142,9 +142,9 @@ def _reduce_kernel(o_ptr, lse_ptr, out_ptr, so_b, so_h, NSPLIT, D,
     tl.store(out_ptr + b.to(tl.int64) * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def _num_splits(B, Hkv, S, block_n, device):
+def _num_splits(B, Hkv, S, block_n, q):
     """Enough programs to fill the device (about 4 per SM) without chunks shorter than 4 tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     return max(1, min(triton.cdiv(4 * sms, B * Hkv), triton.cdiv(S, 4 * block_n)))
 
 
@@ -157,8 +157,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None, num
         raise ValueError("decode_attention: the head dimension of q, k_cache and v_cache must be contiguous")
     scale = d ** -0.5 if scale is None else scale
     block_n, warps = _config(q.dtype)
-    nsplit = num_splits or _num_splits(B, Hkv, S, block_n, q.device)
-    block_d = triton.next_power_of_2(d)
+    nsplit = num_splits or _num_splits(B, Hkv, S, block_n, q)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16; the kernels mask d < D
     o_part = torch.empty(B, Hq, nsplit, block_d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, Hq, nsplit, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)

@@ -26,7 +26,9 @@ Each program of the backward owns one (BLOCK_N x BLOCK_V) tile: it recomputes z,
 registers and adds its share of dh and dW with fp32 atomic adds over BLOCK_D slices, so no N x V
 tensor ever exists. Extra memory: the forward keeps lse [N]; the backward an fp32 dh [N, D] and
 an fp32 dW scratch for one slice of the vocabulary at a time (``_DW_SCRATCH_BYTES``). The price is
-(BLOCK_N + BLOCK_V) x D atomic adds per tile next to its 3 x 2 BLOCK_N BLOCK_V D flops.
+(BLOCK_N + BLOCK_V) x D atomic adds per tile next to its 3 x 2 BLOCK_N BLOCK_V D flops. The adds
+are relaxed: a sum needs no ordering with other memory operations, and the default (acquire-release)
+would fence every one of them.
 
 Rows whose target is ``IGNORE_INDEX`` (-100) get logp 0 and no gradient. The entropy is a detached
 diagnostic (no gradient flows through it, in the reference and in the kernel alike).
@@ -211,7 +213,7 @@ def _fused_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, coef_ptr, dh_ptr, d
     onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     dz = coef[:, None] * (onehot - tl.exp(z - lse[:, None]))      # [BLOCK_N, BLOCK_V], 0 out of bounds
     if HAS_BIAS:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_ok)
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, 0), mask=col_ok, sem="relaxed")
     dz_in = dz.to(h_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -221,11 +223,11 @@ def _fused_bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, coef_ptr, dh_ptr, d
         if NEED_DH:  # dh[rows, d] += dz @ W[cols, d]
             wb = tl.load(w_ptr + cols[:, None] * D + d[None, :], mask=col_mask, other=0.0)
             tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], _dot(dz_in, wb, None, PRECISION, UPCAST),
-                          mask=row_mask)
+                          mask=row_mask, sem="relaxed")
         if NEED_DW:  # dW[cols, d] += dz.T @ h[rows, d]
             hb = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=row_mask, other=0.0)
             tl.atomic_add(dw_ptr + (cols - v_start)[:, None] * D + d[None, :],
-                          _dot(tl.trans(dz_in), hb, None, PRECISION, UPCAST), mask=col_mask)
+                          _dot(tl.trans(dz_in), hb, None, PRECISION, UPCAST), mask=col_mask, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -235,11 +237,12 @@ def _config(t, backward):
 
     16-bit on GPU: 128 x 128 tiles, pipelined wgmma on sm_90 without register spills (checked by
     compiling for sm_90, see tests). fp32 (exact products, CUDA cores) is the correctness path: smaller
-    tiles so that it does not spill either. The CPU interpreter gets the smallest tiles tl.dot takes.
+    tiles so that it does not spill either, and so does 16-bit data whose D is not a multiple of 16 (rows
+    not aligned for wide loads: the large tiles spill). The interpreter gets the smallest tiles tl.dot takes.
     """
     if not t.is_cuda:
         return 16, 32, 16, 1, 1
-    if t.dtype == torch.float32:
+    if t.dtype == torch.float32 or t.shape[-1] % 16:
         return 64, 64, (16 if backward else 32), 8, 2
     return 128, 128, 64, 8, (2 if backward else 3)
 

@@ -201,6 +201,9 @@ def _search_tl(row_ptr, scratch_ptr, V, t, m, lo, hi, target, frac, MASS: tl.con
         passes += 1
         lo, hi, f_above, inside = _narrow(f, cnt, above_min, below_max, target, hi, NPIV)
     if lo < hi:
+        # The scratch is written and read back by different threads of this program: barriers order the copy
+        # after every read of an earlier search's scratch, and every read after the copy.
+        tl.debug_barrier()
         n = tl.zeros([], dtype=tl.int32)
         for start in range(0, V, BLOCK):
             idx = start + tl.arange(0, BLOCK)
@@ -208,6 +211,7 @@ def _search_tl(row_ptr, scratch_ptr, V, t, m, lo, hi, target, frac, MASS: tl.con
             keep = (s >= lo) & (s <= hi)
             tl.store(scratch_ptr + n + tl.cumsum(keep.to(tl.int32), axis=0) - 1, s, mask=keep)
             n += tl.sum(keep.to(tl.int32))
+        tl.debug_barrier()
         while lo < hi:   # the scratch holds every token of [lo, hi]; f_above counts those above it
             f, cnt, above_min, below_max = _pivot_pass(scratch_ptr, n, 1.0 + 0.0 * m, m, lo, hi, f_above, MASS,
                                                        NPIV, BLOCK)

@@ -1,5 +1,6 @@
 """Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2/Qwen3 checkpoints, the path to ../shared."""
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import sm90
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -25,15 +28,29 @@ if DEV == "cpu":
     del os.environ["TRITON_INTERPRET"]
 
 
+def _release(version: str) -> tuple:
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+
+
+if DEV == "cpu" and _release(triton.__version__) < (3, 7) and _release(importlib.metadata.version("numpy")) >= (2, 4):
+    raise RuntimeError(f"the Triton {triton.__version__} interpreter, which runs the kernel tests on CPU, calls int() "
+                       f"on one-element arrays, an error with numpy {importlib.metadata.version('numpy')}: "
+                       "pip install 'numpy<2.4' (or triton >= 3.7)")
+
+
 def interpreted(name: str):
     """Import the kernel module ``name`` with its kernels defined for the interpreter on CPU."""
     module = importlib.import_module(name)
     if DEV == "cpu":
+        before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
         try:
             module = importlib.reload(module)
-        finally:
-            del os.environ["TRITON_INTERPRET"]
+        finally:  # as it was: a test that runs kernels keeps it set (the triton_interpreter fixture)
+            if before is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = before
     return module
 
 
@@ -44,20 +61,25 @@ def triton_interpreter(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def assert_compiles_for_h100(script: str) -> None:
-    """Run ``script`` (which compiles kernels for sm_90 and prints {kernel: {"stack", "shared"}} as its last line)
-    with the NVIDIA backend tools of this Triton install, no GPU needed: no local-memory stack (register spills)
-    and shared memory within the 227 KiB of an H100 SM."""
+def assert_compiles_for_h100(launches: list[dict]) -> None:
+    """Compile each launch recorded by ``sm90.record_launches`` for sm_90 with the NVIDIA backend tools of this
+    Triton install, no GPU needed: each must compile, keep everything in registers (no local-memory stack), fit
+    the 227 KiB of shared memory of an H100 SM, use no acquire-release atomics and read back nothing it stored
+    without a barrier between (see tests/sm90.py)."""
     nvidia = importlib.util.find_spec("triton.backends.nvidia")
     cuobjdump = nvidia and os.path.join(os.path.dirname(nvidia.origin), "bin", "cuobjdump")
     if not cuobjdump or not os.path.exists(cuobjdump):
         pytest.skip("this Triton install has no NVIDIA backend tools (ptxas, cuobjdump) to compile with")
+    assert launches, "no kernel launch was recorded: the code under test did not reach a Triton kernel"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", script, cuobjdump], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "tests.sm90", cuobjdump], input=json.dumps(launches), env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    for name, usage in json.loads(run.stdout.strip().splitlines()[-1]).items():
-        assert usage["stack"] == 0 and usage["shared"] <= 227 * 1024, f"{name}: {usage}"
+    bad = [f"{sm90.describe(launch)}: {usage}"
+           for launch, usage in zip(launches, json.loads(run.stdout.strip().splitlines()[-1]))
+           if "error" in usage or usage["stack"] or usage["shared"] > 227 * 1024 or usage["acq_rel"]
+           or usage["unfenced"]]
+    assert not bad, f"{len(bad)} of {len(launches)} launches fail on sm_90:\n" + "\n".join(bad)
 
 
 def shared_path(*parts) -> Path:

@@ -9,6 +9,7 @@ Stated tolerances: fp32 1e-5 (both sides accumulate in fp32 with ieee dot produc
 and relative on outputs up to about 2.5 (the kernel rounds the softmax weights to bf16 before P @ V, the
 reference does not, and both round the output to bf16, spaced 2^-8 relative; one bf16 step is observed).
 """
+import itertools
 import math
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEV, assert_compiles_for_h100, interpreted
+from sm90 import record_launches
 
 DA = interpreted("kernels.decode_attention")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -60,6 +62,7 @@ def test_reference_matches_sdpa_per_sequence(Hq, Hkv):
 
 CASES = [  # B, Hq, Hkv, d, S, lengths, num_splits
     (1, 2, 2, 16, 1, [1], 1),
+    (2, 4, 2, 8, 40, [40, 7], 2),   # head_dim 8 (the generator tests' tiny model): a 16-wide block, masked
     (1, 4, 2, 64, 37, [37], 3),
     (3, 7, 1, 16, 130, [1, 130, 65], 4),
     (2, 14, 2, 64, 70, [70, 33], None),
@@ -111,37 +114,42 @@ def test_bad_inputs_raise_clear_errors():
         DA.decode_attention_ref(q.double(), k, v, slots, lengths)
 
 
-SM90_SCRIPT = """
-import json, sys, torch
-import kernels.decode_attention as DA
-from tests.sm90 import resource_usage
-
-out = {}
-for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-    block_n, warps = DA._config(dtype)
-    for kernel, consts in ((DA._split_kernel, dict(BLOCK_G=16, BLOCK_D=128, BLOCK_N=block_n, UPCAST=False)),
-                           (DA._reduce_kernel, dict(BLOCK_S=8, BLOCK_D=128))):
-        names = kernel.arg_names
-        ptrs = {n: ("*i64" if n in ("slots_ptr", "len_ptr") else "*fp32" if n in ("o_ptr", "lse_ptr") else f"*{ty}")
-                for n in names if n.endswith("_ptr")}
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
-        out[f"{kernel.__name__} {ty}"] = resource_usage(kernel, sig, consts, attrs, sys.argv[1], num_warps=warps)
-print(json.dumps(out))
-"""
+QWEN_HEADS, GPU_DTYPES = [(12, 2), (28, 4)], [torch.bfloat16, torch.float16]  # TestOnGPU: d = 128, 4096 keys
 
 
-def test_kernels_compile_for_h100_without_spills():
-    """Compile both kernels for sm_90 with the launcher's tiles (no GPU needed): no local-memory stack
-    (register spills) and shared memory within the 227 KiB of an H100 SM."""
-    assert_compiles_for_h100(SM90_SCRIPT)
+def _gpu_launches():
+    """Every launch of the tests that run on a GPU (CASES in both dtypes, TestOnGPU) and of ``bench.decode``;
+    the generator's are recorded by tests/test_capturable.py."""
+    import bench.decode
+
+    def launch(B, Hq, Hkv, d, S, dtype, num_splits=None):
+        q = torch.empty(B, Hq, d, device="meta", dtype=dtype)
+        k, v = (torch.empty(B + 2, S, Hkv, d, device="meta", dtype=dtype) for _ in range(2))
+        slots, lengths = (torch.empty(B, device="meta", dtype=torch.int64) for _ in range(2))
+        DA.decode_attention_triton(q, k, v, slots, lengths, num_splits=num_splits)
+
+    for B, Hq, Hkv, d, S, _, num_splits in CASES:
+        for dtype in TOL:
+            launch(B, Hq, Hkv, d, S, dtype, num_splits)
+    for (Hq, Hkv), dtype in itertools.product(QWEN_HEADS, GPU_DTYPES):
+        launch(8, Hq, Hkv, 128, 4096, dtype)
+    for quick in (True, False):
+        batches, contexts = bench.decode.gpu_shapes(quick)
+        for (Hq, Hkv, d), B, ctx in itertools.product(bench.decode.MODELS.values(), batches, contexts):
+            launch(B, Hq, Hkv, d, ctx, bench.decode.GPU_DTYPE)
+
+
+def test_every_gpu_launch_compiles_for_h100():
+    """Every launch the GPU tests and benchmarks make, compiled for sm_90 with the launcher's tiles (no GPU
+    needed): no compile error (e.g. tl.dot with K < 16), no register spills, shared memory within an SM."""
+    assert_compiles_for_h100(record_launches(_gpu_launches))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the compiled kernels")
 class TestOnGPU:
-    @pytest.mark.parametrize("Hq,Hkv", [(12, 2), (28, 4)])
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("Hq,Hkv", QWEN_HEADS)
+    @pytest.mark.parametrize("dtype", GPU_DTYPES)
     def test_qwen_heads_long_context(self, Hq, Hkv, dtype):
         lengths = torch.randint(1, 4097, (8,)).tolist()
         lengths[0] = 4096

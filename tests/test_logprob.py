@@ -3,11 +3,13 @@
 On CPU the kernels run under the Triton interpreter (see ``interpreted`` in tests/conftest.py); with a
 CUDA device the compiled kernels run, and ``TestOnGPU`` adds the real shapes.
 """
+import itertools
 
 import pytest
 import torch
 
 from conftest import DEV, assert_compiles_for_h100, interpreted
+from sm90 import record_launches
 
 ON_GPU = DEV == "cuda"
 lp = interpreted("kernels.logprob")
@@ -187,35 +189,37 @@ def test_bad_inputs_raise_clear_errors():
 
 # ------------------------------------------------------------------- sm_90 compilation, no GPU needed
 
-SM90_SCRIPT = """
-import json, sys, types, torch
-import kernels.logprob as lp
-from tests.sm90 import resource_usage
-
-BIN = sys.argv[1]
-out = {}
-for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-    probe = types.SimpleNamespace(is_cuda=True, dtype=dtype)  # all that _config and _precision read
-    for name, kernel, backward in (("fwd", lp._fwd_kernel, False), ("bwd", lp._fused_bwd_kernel, True)):
-        bn, bv, bd, warps, stages = lp._config(probe, backward)
-        consts = dict(FROM_LOGITS=False, HAS_BIAS=True, RETURN_ENTROPY=True, NEED_DH=True, NEED_DW=True, GROUP=8, UPCAST=False,
-                      PRECISION=lp._precision(probe), BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
-        names = kernel.arg_names
-        ptrs = {n: ("*i64" if n == "tgt_ptr" else f"*{ty}" if n in ("src_ptr", "h_ptr", "w_ptr", "b_ptr") else "*fp32")
-                for n in names if n.endswith("_ptr")}
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "inv_t" else "i32") for n in names}
-        # the JIT specialises 16-aligned pointers and D % 16 == 0 the same way at run time
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or n == "D"}
-        out[f"{name} {ty}"] = resource_usage(kernel, sig, {n: v for n, v in consts.items() if n in names}, attrs,
-                                             BIN, num_warps=warps, num_stages=stages)
-print(json.dumps(out))
-"""
+GPU_SHAPES = [(1, 64, 1000), (333, 200, 5003), (1024, 256, 32000)]   # TestOnGPU: N, D, V
+GPU_LOGITS = [(1, 1000, 1.0), (333, 50021, 0.7)]                      # TestOnGPU: N, V, T
 
 
-def test_matmul_kernels_compile_for_h100_without_spills():
-    """Compile both matmul kernels for sm_90 with the launcher's GPU blocks (no GPU needed): they must fit
-    in shared memory (227 KiB) and keep everything in registers (no local-memory stack)."""
-    assert_compiles_for_h100(SM90_SCRIPT)
+def _gpu_launches():
+    """Every launch of TestOnGPU (forward and backward, with and without bias; from logits) and of
+    ``bench.logprob`` (bf16 LM heads, no entropy)."""
+    import bench.logprob
+
+    def fused(N, D, V, dtype, bias, entropy):
+        h, W = (torch.empty(n, D, device="meta", dtype=dtype, requires_grad=True) for n in (N, V))
+        b = torch.empty(V, device="meta", dtype=dtype, requires_grad=True) if bias else None
+        out = lp.fused_logprob(h, W, torch.empty(N, device="meta", dtype=torch.int64), bias=b,
+                               return_entropy=entropy)
+        (out[0] if entropy else out).sum().backward()
+
+    for (N, D, V), dtype, bias in itertools.product(GPU_SHAPES, [torch.float32, torch.bfloat16], [False, True]):
+        fused(N, D, V, dtype, bias, entropy=True)
+    for (N, V, T), dtype in itertools.product(GPU_LOGITS, [torch.float32, torch.bfloat16]):
+        x = torch.empty(N, V, device="meta", dtype=dtype, requires_grad=True)
+        lp.logprob_from_logits(x, torch.empty(N, device="meta", dtype=torch.int64), T, True)[0].sum().backward()
+    for quick in (True, False):
+        for (D, V), N in itertools.product(bench.logprob.LM_HEADS.values(), bench.logprob.gpu_sizes(quick)):
+            fused(N, D, V, bench.logprob.GPU_DTYPE, bias=False, entropy=False)
+
+
+def test_every_gpu_launch_compiles_for_h100():
+    """Every launch the GPU tests and benchmarks make, compiled for sm_90 with the launcher's blocks (no GPU
+    needed): within shared memory (227 KiB), everything in registers (no local-memory stack), and the backward's
+    atomic adds relaxed (a sum needs no ordering; acquire-release would fence each of ~6e10 adds)."""
+    assert_compiles_for_h100(record_launches(_gpu_launches))
 
 
 # ------------------------------------------------------------------- CUDA, compiled kernels
@@ -229,7 +233,7 @@ class TestOnGPU:
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("N,D,V", [(1, 64, 1000), (333, 200, 5003), (1024, 256, 32000)])
+    @pytest.mark.parametrize("N,D,V", GPU_SHAPES)
     @pytest.mark.parametrize("bias,T", [(False, 1.0), (True, 0.7)])
     def test_fused_matches_reference(self, N, D, V, dtype, bias, T):
         check_fused(N, D, V, dtype, "cuda", bias, T)
@@ -240,6 +244,6 @@ class TestOnGPU:
         check_fused(333, 200, 5003, dtype, "cuda", True, 1.3)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("N,V,T", [(1, 1000, 1.0), (333, 50021, 0.7)])
+    @pytest.mark.parametrize("N,V,T", GPU_LOGITS)
     def test_from_logits_matches_reference(self, N, V, dtype, T):
         check_from_logits(N, V, dtype, "cuda", T)

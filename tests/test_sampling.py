@@ -7,12 +7,14 @@ imported (``triton.jit`` reads it then) and during this module's tests, not for 
 On a CUDA machine the same tests run the compiled kernels on DEV, and ``TestOnGPU`` adds the
 Qwen2.5 vocabulary.
 """
+import itertools
 import math
 
 import pytest
 import torch
 
 from conftest import DEV, assert_compiles_for_h100, interpreted
+from sm90 import record_launches
 
 interpreted("kernels.rng")  # first: the sampling kernels call its noise functions
 S = interpreted("kernels.sampling")
@@ -231,32 +233,30 @@ def test_bad_inputs_raise_clear_errors():
         S.sample_triton(logits, *params)
 
 
-SM90_SCRIPT = """
-import json, sys
-import kernels.sampling as S
-from tests.sm90 import resource_usage
-
-out = {}
-for ty in ("bf16", "fp32"):
-    for kernel, consts, warps in ((S._prepare_kernel, dict(FLOOR=S.FLOOR, CAP=S.SEARCH_CAP, NPIV=S.NPIV,
-                                                            BLOCK=S._SEARCH_BLOCK), 4),
-                                  (S._block_kernel, dict(RB=S.RNG_BLOCK, BPP=S._BLOCKS_PER_PROGRAM), 8),
-                                  (S._finish_kernel, dict(NB_P2=128, RB=S.RNG_BLOCK), 8)):
-        names = kernel.arg_names
-        ptrs = {n: (f"*{ty}" if n == "logits_ptr" else "*i64" if n in ("topk_ptr", "seed_ptr", "off_ptr", "key_ptr",
-                                                                        "tok_ptr") else "*fp32")
-                for n in names if n.endswith("_ptr")}
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs}
-        out[f"{kernel.__name__} {ty}"] = resource_usage(kernel, sig, consts, attrs, sys.argv[1], num_warps=warps)
-print(json.dumps(out))
-"""
+QWEN_VOCAB = 151936
 
 
-def test_kernels_compile_for_h100_without_spills():
-    """Compile the three kernels for sm_90 with the launcher's blocks (no GPU needed): no local-memory
-    stack (register spills) and shared memory within the 227 KiB of an H100 SM."""
-    assert_compiles_for_h100(SM90_SCRIPT)
+def _gpu_launches():
+    """Every launch of the tests that run on a GPU (the vocabularies of TestOnGPU, of the chi-square rows and of
+    the batch tests, in both dtypes) and of ``bench.sampling``; the generator's are in tests/test_capturable.py."""
+    import bench.sampling
+
+    def launch(B, V, dtype):
+        floats, ints = (torch.empty(B, device="meta", dtype=t) for t in (torch.float32, torch.int64))
+        S.sample_triton(torch.empty(B, V, device="meta", dtype=dtype), floats, ints, floats, floats, ints, ints)
+
+    for V, dtype in itertools.product([12, 2500, 2 * S.RNG_BLOCK + 77, QWEN_VOCAB], [torch.float32, torch.bfloat16]):
+        launch(64, V, dtype)
+    for quick in (True, False):
+        for B, dtype in bench.sampling.gpu_shapes(quick):
+            launch(B, bench.sampling.GPU_VOCAB, dtype)
+
+
+def test_every_gpu_launch_compiles_for_h100():
+    """Every launch the GPU tests and benchmarks make, compiled for sm_90 with the launcher's blocks (no GPU
+    needed): no register spills, shared memory within an SM, and the search's scratch copy fenced by a barrier
+    before it is read back (other threads of the program wrote it)."""
+    assert_compiles_for_h100(record_launches(_gpu_launches))
 
 
 @pytest.mark.gpu
@@ -265,7 +265,7 @@ class TestOnGPU:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_qwen_vocabulary_matches_reference(self, dtype):
         torch.manual_seed(8)
-        B, V = 64, 151936
+        B, V = 64, QWEN_VOCAB
         logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
         params = _params(B, temperature=torch.where(torch.rand(B) < 0.2, 0.0, 1.0),
                          top_k=torch.where(torch.rand(B) < 0.3, 50, 0),
