@@ -15,7 +15,30 @@ import torch
 
 from kernels import use_triton
 from kernels.sampling import sample
+from nanotorl.dist import hooks_bypassed
 from nanotorl.model import KVCache
+
+
+_CAPTURE_FAILURES = [  # (words of the CUDA error, what they mean and what to do)
+    (("not joined", "unjoined"), "a side stream that waited on the capturing stream was never joined back: FSDP2's "
+     "forward hooks do this, which is why the step calls the model through dist.hooks_bypassed (run it inside "
+     "dist.gathered(model)); the capturing stream must wait on any other side stream before the capture ends"),
+    (("not permitted when stream is capturing", "captureunsupported", "during cuda graph capture"),
+     "something in the step synchronised with the host or copied from pageable host memory (.item(), .tolist(), "
+     "nonzero, boolean-mask indexing, a data-dependent shape, torch.tensor(...)); tests/test_capturable.py runs "
+     "the step on CPU under a mode that names such operations"),
+    (("invalidated",), "an earlier operation of the capture failed (see the first error above)"),
+]
+
+
+def capture_hint(message: str) -> str:
+    """What a failed capture's CUDA error ``message`` means, and what to do."""
+    text = message.lower()
+    for words, hint in _CAPTURE_FAILURES:
+        if any(w in text for w in words):
+            return hint
+    return ("the step must run on the device alone: no host syncs, no unjoined side streams, fixed shapes and "
+            "addresses")
 
 
 class DecodeStep:
@@ -49,8 +72,10 @@ class DecodeStep:
             self.params[name][index] = value
 
     def _run(self):
+        """The step that is captured: every operation on the device, no host reads, no FSDP hooks."""
         ids, positions = self.inputs
-        h = self.model(ids[:, None], positions=positions[:, None], cache=self.cache, slots=self.slots)  # [N, 1, D]
+        with hooks_bypassed(self.model):
+            h = self.model(ids[:, None], positions=positions[:, None], cache=self.cache, slots=self.slots)  # [N, 1, D]
         logits = self.model.logits(h[:, 0]).float()
         p = self.params
         self.tokens, self.logprobs = sample(logits, p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["seed"],
@@ -71,8 +96,8 @@ class DecodeStep:
             with torch.cuda.graph(graph):
                 self._run()
         except RuntimeError as e:
-            raise RuntimeError(f"capturing the decode step as a CUDA graph failed: {e}\nSomething in the model's "
-                               "forward synchronises with the host or changes shape; run without cuda_graph") from e
+            raise RuntimeError(f"capturing the decode step as a CUDA graph failed: {e}\n{capture_hint(str(e))}; "
+                               "or run without cuda_graph") from e
         return graph
 
     def __call__(self, rows: list[tuple[int, int]]) -> tuple[list[int], list[float]]:

@@ -5,13 +5,15 @@
   its mixed precision serve single-GPU runs too.
 * :func:`shard` applies FSDP2 (``fully_shard``) to every decoder block and then to the whole model.
 * :func:`gathered` unshards every block for generation, so the same model that trains also generates (no second
-  copy of the weights) and each rank can run as many decode steps as its own sequences need.
+  copy of the weights) and each rank can run as many decode steps as its own sequences need; inside it,
+  :func:`hooks_bypassed` calls the model without FSDP2's forward hooks (for a CUDA-graph capture).
 * :func:`full_state_dict` / :func:`optimizer_state` gather full states on rank 0 for checkpoints, and
   :func:`load_optimizer_state` spreads one back.
 * :func:`shard_of` is a rank's share of a list (problems, samples); :func:`all_sum` and :func:`all_max` add up
   what the ranks measured.
 """
 import os
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
@@ -63,10 +65,17 @@ def shard(model, param_dtype: torch.dtype | None = None, cpu_offload: bool = Fal
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in model.layers:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+        fully_shard(block, reshard_after_forward=_reshards_after_forward(model, block), **kw)
+    fully_shard(model, reshard_after_forward=_reshards_after_forward(model, model), **kw)
     register_fsdp_forward_method(model, "token_logprobs")
     return model
+
+
+def _reshards_after_forward(root, module) -> bool:
+    """FSDP2's setting for ``module`` (set by :func:`shard`, restored by :func:`gathered`): a block frees its
+    gathered weights after its forward, the root (embedding, final norm, LM head) keeps them, since the backward
+    needs them right after the forward (FSDP2's own default for the root)."""
+    return module is not root
 
 
 def _fsdp_modules(model):
@@ -76,7 +85,8 @@ def _fsdp_modules(model):
 
 @contextmanager
 def gathered(model):
-    """Every parameter unsharded for the duration (generation); resharded afterwards."""
+    """Every parameter unsharded for the duration (generation); resharded afterwards, with each module's own
+    reshard-after-forward setting back."""
     modules = _fsdp_modules(model) if distributed() else []
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
@@ -86,7 +96,28 @@ def gathered(model):
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(_reshards_after_forward(model, m), recurse=False)
+
+
+@contextmanager
+def hooks_bypassed(model):
+    """Calls of ``model`` (and of its blocks) skip FSDP2's forward hooks for the duration; only inside
+    :func:`gathered`, where every parameter is whole and the hooks have nothing to do. A CUDA graph is captured
+    this way: the root's pre-forward hook makes FSDP's all-gather streams wait on the capturing stream and never
+    joins them back, so the capture could not end (cudaErrorStreamCaptureUnjoined)."""
+    modules = _fsdp_modules(model) if distributed() else []
+    if modules:
+        from torch.distributed.tensor import DTensor
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise RuntimeError("hooks_bypassed: the model's parameters are sharded; use it inside dist.gathered(model)")
+    hooks = [(m, m._forward_pre_hooks, m._forward_hooks) for m in modules]
+    for m in modules:  # nn.Module's own hook tables: empty ones make a call run just the module's forward
+        m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield model
+    finally:
+        for m, pre, post in hooks:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
 
 
 def full_state_dict(model) -> dict:

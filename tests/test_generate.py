@@ -69,9 +69,8 @@ class Forced(torch.nn.Module):
         if positions is None:
             positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         target = self.script[(positions + 1).clamp(max=len(self.script) - 1)]  # -1: past the script, no bias
-        scale = (target >= 0).to(h.dtype)[..., None] * self.bias
-        bias = torch.nn.functional.one_hot(target.clamp(min=0), self.vocab).to(h.dtype) * scale
-        return torch.cat([h, bias], -1)
+        hit = torch.arange(self.vocab, device=h.device) == target[..., None]  # [B, T, V] (one_hot reads the host)
+        return torch.cat([h, hit.to(h.dtype) * self.bias], -1)
 
     def logits(self, x):
         return self.model.logits(x[..., :self.cfg.hidden_size]) + x[..., self.cfg.hidden_size:]

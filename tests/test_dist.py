@@ -1,0 +1,28 @@
+"""nanotorl/dist.py around generation, on two CPU processes (gloo): see tests/dist_generate.py for what runs."""
+import json
+
+import pytest
+
+from test_train import torchrun
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    r = torchrun(2, "tests/dist_generate.py", str(tmp / "seen.json"), str(tmp / "tok"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp / "seen.json").read_text())
+
+
+def test_gathered_restores_each_modules_resharding(seen):
+    """After generation the root keeps its gathered weights after a forward (FSDP2's setting for it, so the
+    backward does not gather the embedding again) and the blocks free theirs, as before any generation."""
+    assert seen["resharded"] == [{"root": False, "blocks": True}] * 2
+
+
+def test_decode_step_bypasses_fsdp_hooks_and_matches_the_unsharded_model(seen):
+    """The step a CUDA graph captures runs without FSDP2's hooks (whose side streams a capture cannot join),
+    with no host sync, and decodes what the unsharded model decodes."""
+    assert seen["steps"] >= 2 * 2  # two rollouts, each with decode steps (the first token follows the prefill)
+    assert seen["fsdp_hooks"]["step"] == 0 and seen["fsdp_hooks"]["elsewhere"] > 0  # the spy sees the prefills
+    assert seen["same"] and seen["logprob_diff"] < 1e-4
