@@ -2,7 +2,8 @@
 
 * No host sync inside the step: the generator runs with ``cuda_graph`` and the Triton kernels (interpreted), and
   every step it would capture runs under ``host_sync.no_host_sync``, for the models a GPU run decodes with: a
-  plain model, the test suite's forced-script model and the bench's scripted model. The checker itself is tested against one member of each class it must catch.
+  plain model, the test suite's forced-script model and the bench's scripted model. The checker itself is tested
+  against one member of each class it must catch.
 * The step's kernels compile for sm_90 for every model and dtype the GPU tests and benchmarks decode with.
 * A failed capture names the cause that its CUDA error points to.
 FSDP2 around the step (its hooks must stay outside the capture) is tested in tests/test_dist.py.
