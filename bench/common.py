@@ -1,6 +1,7 @@
 """What every benchmark shares: timing, peak memory and a JSON record (tables: nanotorl.metrics.print_table)."""
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -60,10 +61,12 @@ def environment() -> dict:
 
 
 def save_result(name: str, rows: list[dict], tag: str = "") -> Path:
-    """Write ``rows`` with the environment to bench/results/<name>_<device>_<date><tag>.json, for the record."""
+    """Write ``rows`` with the environment to <results>/<name>_<device>_<date><tag>.json, for the record; the folder
+    is $BENCH_RESULTS if set, else bench/results."""
     env = environment()
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") or "cpu"
-    path = Path(__file__).resolve().parent / "results" / f"{name}_{slug}_{env['date']}{tag}.json"
+    results = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+    path = results / f"{name}_{slug}_{env['date']}{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "environment": env, "rows": rows}, indent=1))
     print(f"saved {path}")

@@ -1,36 +1,61 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run that fits a short device session: the GPU tests, then the
-# generator, decode-step and kernel benchmarks on their quick shapes (the generator at the target batches).
-# Each part has its own time limit (12 minutes in all at most), so one that hangs does not take the others
-# with it. JSON results land in bench/results/ (and are copied to $OUT when it is set, e.g. on a lent device
-# machine); the exit status is 1 if any part failed.
+# Everything that needs a GPU, in one run that fits a short device session (8 minutes in all):
+#   1. the dependencies: installs what is missing from bench/wheelhouse/ (bench/wheelhouse.sh) when it is there,
+#      offline, then prints whatever is still missing (bench/deps.py);
+#   2. the kernel benchmarks on their quick shapes;
+#   3. the GPU tests;
+#   4. the generator against HF at the target batches, and the decode step eager and as a CUDA graph;
+#   5. last, the decode step under torch.compile, whose compile may take minutes.
+# Each part has its own time limit (PARTS below), so one that hangs does not take the others with it. JSON results
+# land in bench/results/ (or $BENCH_RESULTS); with $OUT set (e.g. a lent device machine's output folder) this run's
+# results and its log are copied there after every part, so a run stopped at any point returns what it measured.
+# The exit status is 1 if any part failed.
 #
 #     bash bench/gpu_check.sh            # python3 from PATH, or PYTHON=/path/to/python
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export BENCH_RESULTS=${BENCH_RESULTS:-bench/results}
+GPU_TESTS="tests/test_decode_attention.py tests/test_logprob.py tests/test_sampling.py tests/test_generate.py"
+PARTS=(  # limit in seconds | name | arguments of $PY; 480 s in all (tests/test_gpu_check.py holds it to that)
+    "30|dependencies|-m bench.deps --install bench/wheelhouse"
+    "45|bench.logprob|-m bench.logprob --quick"
+    "35|bench.sampling|-m bench.sampling --quick"
+    "30|bench.decode|-m bench.decode --quick"
+    "120|gpu tests|-m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS"
+    "140|bench.generate|-m bench.generate --device cuda --quick --batches 1,64,256"
+    "40|bench.decode_step|-m bench.decode_step --device cuda --impls eager,graph"
+    "40|bench.decode_step compiled|-m bench.decode_step --device cuda --impls eager,compiled"
+)
+mkdir -p "$BENCH_RESULTS"
+start=$(mktemp)  # results newer than this file are this run's
+log=$(mktemp)
+trap 'rm -f "$start" "$log"' EXIT
 failed=()
 
-part() {  # part SECONDS NAME COMMAND...: run one part under a time limit and remember a failure
-    local limit=$1 name=$2
-    shift 2
-    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
-    timeout "$limit" "$@" || failed+=("$name")
+copy_out() {  # this run's results and log so far, into $OUT
+    [ -n "${OUT:-}" ] || return 0
+    find "$BENCH_RESULTS" -maxdepth 1 -name '*.json' -newer "$start" -exec cp {} "$OUT"/ \;
+    cp "$log" "$OUT"/gpu_check.log
 }
 
-part 150 "gpu tests" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
-part 240 "bench.generate" "$PY" -m bench.generate --device cuda --quick --batches 1,64,256
-part 180 "bench.decode_step" "$PY" -m bench.decode_step --device cuda
-part 45 "bench.logprob" "$PY" -m bench.logprob --quick
-part 45 "bench.sampling" "$PY" -m bench.sampling --quick
-part 40 "bench.decode" "$PY" -m bench.decode --quick
-
-if [ -n "${OUT:-}" ]; then
-    cp bench/results/*.json "$OUT"/ 2>/dev/null
-fi
+for part in "${PARTS[@]}"; do
+    IFS="|" read -r limit name args <<< "$part"
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$log"
+    # shellcheck disable=SC2086  # the arguments split into words on purpose
+    timeout "$limit" "$PY" $args 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    if [ "$status" -ne 0 ]; then
+        failed+=("$name")
+        [ "$status" -eq 124 ] && echo "=== $name: stopped at its limit of ${limit}s" | tee -a "$log"
+    fi
+    copy_out
+done
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "failed: ${failed[*]}"
+    echo "failed: ${failed[*]}" | tee -a "$log"
+    copy_out
     exit 1
 fi
-echo "all parts passed"
+echo "all parts passed" | tee -a "$log"
+copy_out
