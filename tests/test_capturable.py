@@ -63,6 +63,7 @@ def test_checker_lets_device_only_ops_through():
 def checked_steps(monkeypatch, triton_interpreter):
     """Every decode step runs under no_host_sync with the Triton kernels, as on a GPU; yields the step count."""
     interpreted("kernels.decode_attention")
+    interpreted("kernels.rng")  # before the sampling kernels, which call its noise functions
     interpreted("kernels.sampling")
     steps, run = [], DecodeStep._run
 

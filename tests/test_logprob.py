@@ -209,7 +209,7 @@ def _gpu_launches():
         fused(N, D, V, dtype, bias, entropy=True)
     for (N, V, T), dtype in itertools.product(GPU_LOGITS, [torch.float32, torch.bfloat16]):
         x = torch.empty(N, V, device="meta", dtype=dtype, requires_grad=True)
-        lp.logprob_from_logits(x, torch.empty(N, device="meta", dtype=torch.int64), T, True)[0].sum().backward()
+        lpl.logprob_from_logits(x, torch.empty(N, device="meta", dtype=torch.int64), T, True)[0].sum().backward()
     for quick in (True, False):
         for (D, V), N in itertools.product(bench.logprob.LM_HEADS.values(), bench.logprob.gpu_sizes(quick)):
             fused(N, D, V, bench.logprob.GPU_DTYPE, bias=False, entropy=False)
