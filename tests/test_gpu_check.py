@@ -44,6 +44,10 @@ def test_parts_fit_a_device_session_in_the_right_order(tmp_path):
     assert names[:4] == ["dependencies", "bench.logprob", "bench.sampling", "bench.decode"]  # the kernels first
     assert calls[0].startswith("-m bench.deps --install bench/wheelhouse")
     assert [c for c in calls if "compiled" in c.split(" | ")[0]] == [calls[-1]]  # torch.compile last, alone
+    pytest_args = next(c for c in calls if c.startswith("-m pytest")).split(" | ")[0].split()
+    marked = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
+              if re.search(r"^\s*@pytest\.mark\.gpu\b", p.read_text(), re.M)}
+    assert {a for a in pytest_args if a.startswith("tests/")} == marked  # every file with GPU tests, only those
 
 
 def test_each_parts_results_reach_out_before_the_next_part_starts(tmp_path):
