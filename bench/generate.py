@@ -37,10 +37,11 @@ from bench.common import copy_bandwidth, measure, save_result
 from nanotorl.checkpoint import save_model
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
-from nanotorl.generate import FENCE, Generator, Request, SamplingParams, format_observation
+from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
+from nanotorl.tool import FENCE, format_observation
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen2.5"
 GREEDY = SamplingParams(temperature=0.0)

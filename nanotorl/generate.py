@@ -1,29 +1,30 @@
 """Continuous-batching generation that pauses a sequence on a closed code fence and resumes it in place.
 
 Token in, token out: every slot keeps the token ids it was given and sampled; the only text ever encoded is a
-tool observation. The loop, one step at a time:
+tool observation (what the model sees of the tool is in ``nanotorl/tool.py``). The loop, one step at a time:
 
   1. free slots take queued requests (continuous batching);
   2. finished sandbox runs become observations ("```output\\n...\\n```\\n"), encoded and queued on their slot;
-  3. every running slot feeds its not-yet-cached tokens through the model into its KV cache, all in one
-     forward: slots with one token (plain decoding) as one group of rows, slots with more (a new prompt, or an
-     observation after a pause) as another, right-padded, in chunks of at most ``prefill_chunk`` tokens
-     (the groups share every layer but attention). The decoding rows are consecutive slots, so attention
-     reads their cache rows as a view, not a copy: slots in between that are not decoding (paused for the
-     tool, prefilling, free) ride along with a filler token whose output is dropped. With ``cuda_graph`` the
-     decoding covers every slot with fixed shapes, as a CUDA graph captured per `generate` call and replayed;
-  4. one sampler call draws the next token of every slot whose tokens are all cached (with ``cuda_graph``
-     the decoding slots draw inside the captured step, slots that just finished a prefill in a second call);
-  5. a slot whose policy text now closes a ```python block submits the code to the sandbox and pauses,
-     without stalling the others; a slot that wrote an end id (any of the tokenizer's ``eos_ids``, unless
-     ``stop_ids`` says otherwise) or ran out of tokens is finished and freed.
+  3. schedule (``_schedule``): slots with more than one uncached token (a new prompt, or an observation after a
+     pause) prefill, in chunks of at most ``prefill_chunk`` tokens; slots with one (the token drawn last step)
+     decode;
+  4. forward (``_forward``): every running slot feeds its uncached tokens through the model into its KV cache,
+     all in one forward, the prefill chunks as one group of rows (right-padded) and the decoding tokens as
+     another (the groups share every layer but attention). The decoding rows are consecutive slots, so
+     attention reads their cache rows as a view, not a copy: slots in between that are not decoding (paused
+     for the tool, prefilling, free) ride along with a filler token whose output is dropped. With
+     ``cuda_graph`` the decoding covers every slot with fixed shapes instead (``_decode_in_graph``: a CUDA graph
+     captured per `generate` call and replayed, which also draws their tokens);
+  5. sample (``_sample``): one sampler call draws the next token of every slot whose tokens are all cached;
+  6. advance (``_advance``): a slot whose policy text now closes a ```python block submits the code to the
+     sandbox and pauses, without stalling the others; a slot that wrote an end id (any of the tokenizer's
+     ``eos_ids``, unless ``stop_ids`` says otherwise) or ran out of tokens is finished and freed.
 
 Only the observation tokens (plus the fence token sampled just before the pause) are prefilled on resume.
 """
-import re
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -31,23 +32,7 @@ import torch
 from kernels.sampling import sample
 from nanotorl.decode_step import DecodeStep
 from nanotorl.model import KVCache
-
-TIMEOUT_MESSAGE = "TimeoutError: the code ran out of time and printed nothing"
-FENCE = re.compile(r"```python[^\n]*\n(.*?)```", re.S)          # a closed python block
-OUTPUT_TRIGGER = re.compile(r"```python[^\n]*\n(.*?)```.*?```output", re.S)  # ToRL's original stop string
-
-
-def format_observation(stdout: str, error_line: str | None, ok: bool) -> str:
-    """The text ToRL shows the model for one run: stdout if it succeeded, else the last error line; an empty
-    result becomes a time-out message; 256 characters or more are cut to the first 128 + "..." + the last 128."""
-    text = stdout if ok else (error_line or stdout)
-    text = text.strip()
-    if not text:
-        text = TIMEOUT_MESSAGE
-    if len(text) >= 256:
-        text = text[:128] + "..." + text[-128:]
-    return text
-
+from nanotorl.tool import FENCE, OUTPUT_TRIGGER, ToolCall, finished_call, observation_block, submit
 
 @dataclass
 class SamplingParams:
@@ -64,14 +49,6 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     max_tool_calls: int = 1
-
-
-@dataclass
-class ToolCall:
-    code: str
-    status: str        # the sandbox's status, or 'error' for an empty block / a failed sandbox
-    observation: str   # what was inserted between the output fences
-    wall_time: float
 
 
 @dataclass
@@ -118,7 +95,7 @@ class Generator:
         self.cache = None
         self.cuda_graph, self.decode_step = cuda_graph, None
         self.closed = False
-        self._tick = {}  # token id -> does its text contain a backtick (only those can close a fence)
+        self._backtick = {}  # token id -> does its text contain a backtick (only those can close a fence)
         self.stats = {"tool_wait_s": 0.0}
 
     def close(self):
@@ -175,97 +152,105 @@ class Generator:
         return results
 
     def _step(self, running: list[_Slot], active: dict) -> list[_Slot]:
-        """Feed uncached tokens, sample the next token where all are cached; return the slots that finished.
+        """Schedule, forward, sample, advance: feed every running slot its uncached tokens, draw the next token of
+        each slot whose tokens are then all cached, and append it; return the slots that finished.
         ``running`` is in slot order; ``active`` maps every live slot index to its slot."""
-        if not running:
-            return []
-        prefilling = [s for s in running if len(s.tokens) - s.n_cached > 1]
-        decoding = [s for s in running if len(s.tokens) - s.n_cached == 1]
-        groups, drawn = [], []  # groups of rows for one forward: (slot indices, token chunks, start positions)
-        if prefilling:  # prompts and observations, right-padded, chunked
-            chunks = [s.tokens[s.n_cached:s.n_cached + self.prefill_chunk] for s in prefilling]
-            groups.append(([s.index for s in prefilling], chunks, [s.n_cached for s in prefilling]))
-        if decoding:
-            feed = {s.index: (s.tokens[-1], s.n_cached) for s in decoding}
-            if self.decode_step is not None:  # every slot, fixed shapes, sampled inside the step
-                tokens, logprobs = self.decode_step(self._rows(range(self.slots), feed, active))
-                drawn += [(s, tokens[s.index], logprobs[s.index]) for s in decoding]
-            else:  # the slots from the first to the last decoding one (or only those)
-                span = self._decode_span(decoding)
-                fed = self._rows(span, feed, active)
-                groups.append((span, [[tok] for tok, _ in fed], [pos for _, pos in fed]))
-        hs = self._forward(groups) if groups else []
-        ready, last_h = [], []  # slots to sample, and their last hidden states (one tensor per group)
-        if prefilling:
-            done = []
-            for j, (s, chunk) in enumerate(zip(prefilling, groups[0][1])):
-                s.out.prefill_tokens += len(chunk)
-                s.n_cached += len(chunk)
-                if s.n_cached == len(s.tokens):
-                    ready.append(s)
-                    done.append((j, len(chunk) - 1))
-            if done:
-                rows, cols = zip(*done)
-                last_h.append(hs[0][list(rows), list(cols)])
-        if decoding and self.decode_step is None:
-            picked = [j for j, i in enumerate(span) if i in feed]
-            ready += [active[span[j]] for j in picked]
-            last_h.append(hs[-1][picked, 0])
-        for s in decoding:
-            s.n_cached += 1
+        prefill, decode = _schedule(running)
+        drawn = []  # (slot, token, log-prob), in the order the slots advance
+        if decode and self.decode_step is not None:
+            drawn += self._decode_in_graph(decode, active)
+            decode = []
+        ready, last_h = self._forward(prefill, decode, active)
         if ready:
-            logits = self.model.logits(torch.cat(last_h)).float()  # [R, V]
-            tokens, logprobs = self._sample(ready, logits)
-            drawn += zip(ready, tokens.tolist(), logprobs.tolist())
-        finished = []
-        for s, tok, lp in drawn:
-            if self._append(s, tok, lp):
-                finished.append(s)
-        return finished
+            drawn += self._sample(ready, last_h)
+        return [s for s, tok, logprob in drawn if self._advance(s, tok, logprob)]
+
+    def _decode_in_graph(self, decode: list[_Slot], active: dict) -> list[tuple[_Slot, int, float]]:
+        """The decoding slots' next tokens from :class:`DecodeStep`: every slot in one fixed-shape step (the others
+        as fillers) that writes the KV cache and samples inside; (slot, token, log-prob) per decoding slot."""
+        fed = {s.index: (s.tokens[-1], s.n_cached) for s in decode}
+        tokens, logprobs = self.decode_step(self._decode_rows(range(self.slots), fed, active))
+        for s in decode:
+            s.n_cached += 1
+        return [(s, tokens[s.index], logprobs[s.index]) for s in decode]
+
+    def _forward(self, prefill: list[_Slot], decode: list[_Slot], active: dict) -> tuple[list[_Slot], torch.Tensor]:
+        """One model forward of the prefill chunks and the decoding tokens, written into the KV cache; returns the
+        slots whose tokens are then all cached (prefilled ones first) and their last hidden states [R, D]."""
+        groups = []  # rows that share every layer of the forward but attention
+        if prefill:
+            groups.append(self._prefill_group(prefill))
+        if decode:
+            groups.append(self._decode_group(decode, active))
+        if not groups:
+            return [], None
+        hidden = self._run_groups(groups)  # [B_i, T_i, D] per group
+        for s in prefill:
+            fed = min(len(s.tokens) - s.n_cached, self.prefill_chunk)
+            s.out.prefill_tokens += fed
+            s.n_cached += fed
+        for s in decode:
+            s.n_cached += 1
+        ready = [s for g in groups for s in g.ready]
+        last_h = [h[[row for row, _ in g.last], [col for _, col in g.last]] for g, h in zip(groups, hidden) if g.ready]
+        return ready, torch.cat(last_h) if ready else None
+
+    def _prefill_group(self, prefill: list[_Slot]) -> "_Group":
+        """The next chunk (at most ``prefill_chunk`` tokens) of every prefilling slot; ready: those it completes."""
+        chunks = [s.tokens[s.n_cached:s.n_cached + self.prefill_chunk] for s in prefill]
+        last = [(row, len(chunk) - 1) for row, (s, chunk) in enumerate(zip(prefill, chunks))
+                if s.n_cached + len(chunk) == len(s.tokens)]
+        return _Group([s.index for s in prefill], chunks, [s.n_cached for s in prefill],
+                      ready=[prefill[row] for row, _ in last], last=last)
+
+    def _decode_group(self, decode: list[_Slot], active: dict) -> "_Group":
+        """One token per slot of the decoding span (:func:`_decode_span`): each decoding slot's last token, fillers
+        for the slots between them; ready: the decoding slots."""
+        span = _decode_span(decode)
+        fed = {s.index: (s.tokens[-1], s.n_cached) for s in decode}
+        rows = self._decode_rows(span, fed, active)
+        return _Group(span, [[tok] for tok, _ in rows], [pos for _, pos in rows],
+                      ready=decode, last=[(row, 0) for row, i in enumerate(span) if i in fed])
 
     @staticmethod
-    def _decode_span(decoding: list[_Slot]) -> list[int]:
-        """Slot indices of the decoding forward: all from the first to the last decoding slot (consecutive cache
-        rows are read as a view) when that at most doubles the rows, else only the decoding slots."""
-        lo, hi = decoding[0].index, decoding[-1].index
-        if hi - lo + 1 <= 2 * len(decoding):
-            return list(range(lo, hi + 1))
-        return [s.index for s in decoding]
-
-    @staticmethod
-    def _rows(indices, feed: dict, active: dict) -> list[tuple[int, int]]:
-        """(token, position) of each slot index of a decoding forward: a decoding slot's from ``feed``; any other
+    def _decode_rows(indices, fed: dict, active: dict) -> list[tuple[int, int]]:
+        """(token, position) of each slot index of a decoding forward: a decoding slot's from ``fed``; any other
         feeds token 0 just past its slot's tokens (0 for a free slot), where nothing is read before a real token
         is written, not even a chunk that the same forward prefills into that slot; its draw is dropped."""
-        return [feed.get(i) or (0, len(active[i].tokens) if i in active else 0) for i in indices]
+        return [fed.get(i) or (0, len(active[i].tokens) if i in active else 0) for i in indices]
 
-    def _forward(self, groups: list[tuple[list[int], list[list[int]], list[int]]]) -> list:
-        """One forward for groups of (slot indices, token chunks, start positions): each slot's chunk goes in at
-        its positions from its start. The chunks of a group are right-padded to one length: the pads write past
-        the slot's tokens (the cache has ``prefill_chunk`` spare positions for them), where nothing reads before a
-        real token overwrites them. Returns the hidden states [B_i, T_i, D] of each group."""
+    def _run_groups(self, groups: list["_Group"]) -> list[torch.Tensor]:
+        """One forward of the groups: each slot's chunk goes in at its positions from its start. The chunks of a
+        group are right-padded to one length: the pads write past the slot's tokens (the cache has
+        ``prefill_chunk`` spare positions for them), where nothing reads before a real token overwrites them.
+        Returns the hidden states [B_i, T_i, D] of each group."""
         dev = self.cache.k.device
         ids, positions, slots = [], [], []
-        for indices, chunks, starts in groups:
-            T = max(len(c) for c in chunks)
-            ids.append(torch.tensor([c + [0] * (T - len(c)) for c in chunks], device=dev))  # [B, T]
-            positions.append(torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev))
-            slots.append(torch.tensor(indices, device=dev))
+        for g in groups:
+            T = max(len(c) for c in g.chunks)
+            ids.append(torch.tensor([c + [0] * (T - len(c)) for c in g.chunks], device=dev))  # [B, T]
+            positions.append(torch.tensor(g.starts, device=dev)[:, None] + torch.arange(T, device=dev))
+            slots.append(torch.tensor(g.slots, device=dev))
         return self.model(ids, positions=positions, cache=self.cache, slots=slots)
 
-    def _sample(self, ready: list[_Slot], logits):
+    def _sample(self, ready: list[_Slot], last_h: torch.Tensor) -> list[tuple[_Slot, int, float]]:
+        """One sampler call for every ready slot (its own sampling parameters, seed and offset): (slot, token,
+        log-prob) from the last hidden states [R, D]."""
+        logits = self.model.logits(last_h).float()  # [R, V]
         dev = logits.device
         sp = [s.request.sampling for s in ready]
-        return sample(logits,
-                      torch.tensor([p.temperature for p in sp], device=dev, dtype=torch.float32),
-                      torch.tensor([p.top_k for p in sp], device=dev, dtype=torch.int64),
-                      torch.tensor([p.top_p for p in sp], device=dev, dtype=torch.float32),
-                      torch.tensor([p.min_p for p in sp], device=dev, dtype=torch.float32),
-                      torch.tensor([s.request.seed for s in ready], device=dev, dtype=torch.int64),
-                      torch.tensor([len(s.tokens) for s in ready], device=dev, dtype=torch.int64))
+        tokens, logprobs = sample(logits,
+                                  torch.tensor([p.temperature for p in sp], device=dev, dtype=torch.float32),
+                                  torch.tensor([p.top_k for p in sp], device=dev, dtype=torch.int64),
+                                  torch.tensor([p.top_p for p in sp], device=dev, dtype=torch.float32),
+                                  torch.tensor([p.min_p for p in sp], device=dev, dtype=torch.float32),
+                                  torch.tensor([s.request.seed for s in ready], device=dev, dtype=torch.int64),
+                                  torch.tensor([len(s.tokens) for s in ready], device=dev, dtype=torch.int64))
+        return list(zip(ready, tokens.tolist(), logprobs.tolist()))
 
-    def _append(self, s: _Slot, tok: int, logprob: float) -> bool:
-        """Record a sampled token; decide whether the slot finishes, pauses for the tool, or goes on."""
+    def _advance(self, s: _Slot, tok: int, logprob: float) -> bool:
+        """Append a drawn token to its slot, then finish the slot (eos, out of room), pause it for the tool (a
+        closed code fence) or let it go on; True if it finished."""
         s.tokens.append(tok)
         out = s.out
         out.response_ids.append(tok)
@@ -277,17 +262,18 @@ class Generator:
         if self._out_of_room(s):
             out.finish_reason = "length"
             return True
-        if self._has_tick(tok):
+        if self._has_backtick(tok):
             return self._maybe_call_tool(s)
         return False
 
     def _out_of_room(self, s: _Slot) -> bool:
         return len(s.out.response_ids) >= s.request.max_new_tokens or len(s.tokens) >= self.max_len
 
-    def _has_tick(self, tok: int) -> bool:
-        if tok not in self._tick:
-            self._tick[tok] = "`" in self.tokenizer.decode([tok])
-        return self._tick[tok]
+    def _has_backtick(self, tok: int) -> bool:
+        """Does the token's text hold a backtick? Only such a token can close a code fence (memoised per token)."""
+        if tok not in self._backtick:
+            self._backtick[tok] = "`" in self.tokenizer.decode([tok])
+        return self._backtick[tok]
 
     def _maybe_call_tool(self, s: _Slot) -> bool:
         """Pause ``s`` on a closed python block (or on "```output" in ToRL's mode); True if it must finish."""
@@ -306,13 +292,7 @@ class Generator:
         if not match:
             return False
         s.code = match.group(1)
-        if not s.code.strip():
-            s.future = _done(ToolCall(s.code, "error", "SyntaxError: empty code block", 0.0))
-            return False
-        try:
-            s.future = self.sandbox.submit(s.code)
-        except Exception as e:  # the sandbox itself failed: the model sees an error, training goes on
-            s.future = _done(ToolCall(s.code, "error", f"SandboxError: {e}", 0.0))
+        s.future = submit(self.sandbox, s.code)
         return False
 
     def _collect_tool_results(self, active: dict, block: bool) -> list[_Slot]:
@@ -328,19 +308,9 @@ class Generator:
         finished = []
         for s in active.values():
             if s.waiting and s.future.done():
-                if self._insert_observation(s, self._tool_call(s)):
+                if self._insert_observation(s, finished_call(s.future, s.code)):
                     finished.append(s)
         return finished
-
-    def _tool_call(self, s: _Slot) -> ToolCall:
-        try:
-            result = s.future.result()
-        except Exception as e:
-            return ToolCall(s.code, "error", f"SandboxError: {e}", 0.0)
-        if isinstance(result, ToolCall):
-            return result
-        text = format_observation(result.stdout, result.error_line, result.status == "ok")
-        return ToolCall(s.code, result.status, text, result.wall_time)
 
     def _insert_observation(self, s: _Slot, call: ToolCall) -> bool:
         """Append the observation (mask 0) to the slot; its uncached tokens, the fence token sampled before the
@@ -348,10 +318,7 @@ class Generator:
         s.future = None
         s.out.tool_calls.append(call)
         written = self.tokenizer.decode(s.out.response_ids[-8:])
-        head = "" if written.endswith("\n") else "\n"
-        if self.trigger == "fence":
-            head += "```output\n"
-        ids = self.tokenizer.encode(f"{head}{call.observation}\n```\n")
+        ids = self.tokenizer.encode(observation_block(written, call.observation, self.trigger))
         room = min(s.request.max_new_tokens - len(s.out.response_ids), self.max_len - len(s.tokens))
         ids = ids[:room]
         s.tokens += ids
@@ -365,8 +332,28 @@ class Generator:
         return False
 
 
-def _done(value) -> Future:
-    """A future that already holds ``value`` (for tool calls that need no sandbox run)."""
-    f = Future()
-    f.set_result(value)
-    return f
+@dataclass
+class _Group:
+    """Rows of one forward, one per slot: its index, the tokens it feeds and the position of the first. ``ready``:
+    the slots whose tokens the group caches to the last, with the (row, column) of that last token in ``last``."""
+    slots: list[int]
+    chunks: list[list[int]]
+    starts: list[int]
+    ready: list[_Slot]
+    last: list[tuple[int, int]]
+
+
+def _schedule(running: list[_Slot]) -> tuple[list[_Slot], list[_Slot]]:
+    """(prefill, decode): the running slots with several uncached tokens (a new prompt, or an observation after a
+    pause, fed in chunks) and those with one (the token drawn last step), each in slot order."""
+    return ([s for s in running if len(s.tokens) - s.n_cached > 1],
+            [s for s in running if len(s.tokens) - s.n_cached == 1])
+
+
+def _decode_span(decode: list[_Slot]) -> list[int]:
+    """Slot indices of the decoding forward: all from the first to the last decoding slot (consecutive cache rows
+    are read as a view) when that at most doubles the rows, else only the decoding slots."""
+    lo, hi = decode[0].index, decode[-1].index
+    if hi - lo + 1 <= 2 * len(decode):
+        return list(range(lo, hi + 1))
+    return [s.index for s in decode]

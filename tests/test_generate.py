@@ -12,9 +12,10 @@ from tokenizers import AddedToken
 
 from conftest import interpreted, shared_path
 from nanotorl.demo import demo_tokenizer, save_demo_tokenizer
-from nanotorl.generate import Generator, Request, SamplingParams, format_observation
+from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
+from nanotorl.tool import format_observation
 
 
 @pytest.fixture(scope="module")
@@ -324,14 +325,14 @@ def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, cuda_gra
     reqs = [Request(prompt, max_new_tokens=n, seed=i, sampling=SamplingParams(temperature=1.0))
             for i, n in enumerate([3, 9, 60, 60, 60, 60])]
     fillers = []
-    rows = Generator._rows
+    rows = Generator._decode_rows
 
     def spy(indices, feed, active):
         out = rows(indices, feed, active)
         fillers.append(len(out) - len(feed))
         return out
 
-    monkeypatch.setattr(Generator, "_rows", staticmethod(spy))
+    monkeypatch.setattr(Generator, "_decode_rows", staticmethod(spy))
     batched = Generator(model, tok, FakeSandbox(delay=0.03), slots=4, max_len=128,
                         cuda_graph=cuda_graph).generate(reqs)
     assert max(fillers) > 0  # the scenario did put other slots among the decoding ones
