@@ -25,6 +25,7 @@ entries) by descriptor, without the right to search the directories above them.
 import ctypes
 import os
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -155,18 +156,30 @@ def make_pids_cgroup(name: str, slots: int, tasks: int) -> tuple[str | None, str
         return None, f"cannot create a pids cgroup ({e.strerror}: {e.filename})"
 
 
-def remove_cgroup(top: str) -> bool:
-    """Remove a cgroup made by make_pids_cgroup once its processes are gone; True if nothing is left."""
-    if not os.path.isdir(top):
-        return True
-    for entry in os.listdir(top):
-        if entry.isdigit():
-            try:
-                os.rmdir(os.path.join(top, entry))
-            except OSError:
-                pass
+def pids_cgroup_path(name: str) -> str | None:
+    """Where make_pids_cgroup(name, ...) puts its cgroup when called from a process in this one's cgroup."""
     try:
-        os.rmdir(top)
+        parent = _pids_hierarchy()
     except OSError:
-        return False
+        return None
+    return None if parent is None else os.path.join(parent, name)
+
+
+def remove_cgroup(top: str | None, wait: float = 0.0) -> bool:
+    """Remove a cgroup made by make_pids_cgroup once its processes are gone, trying for up to ``wait``
+    seconds (runs die a moment after their server); True if nothing is left."""
+    deadline = time.monotonic() + wait
+    while top and os.path.isdir(top):
+        for entry in os.listdir(top):
+            if entry.isdigit():
+                try:
+                    os.rmdir(os.path.join(top, entry))
+                except OSError:
+                    pass
+        try:
+            os.rmdir(top)
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
     return True

@@ -76,13 +76,11 @@ class _Server:
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.last_progress = time.monotonic()
         self.reader: threading.Thread | None = None
-        self.cgroup_name, self.cgroup = cfg["cgroup_name"], None
         try:
             hello = self.recv() if self.readable(START_TIMEOUT) else None
             if hello is None:
                 raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s "
                                    f"(exit code {self.proc.poll()}); its stderr above says why")
-            self.cgroup = (hello.get("ready") or hello).get("cgroup")
             self.info = check_hello(hello)
         except BaseException:
             self.stop()
@@ -112,17 +110,14 @@ class _Server:
             self.proc.kill()
             self.proc.wait()
         self.sock.close()
-        if self.cgroup and os.path.basename(self.cgroup) == self.cgroup_name:
-            deadline = time.monotonic() + grace  # runs die with the server, a moment after it
-            while not isolation.remove_cgroup(self.cgroup) and time.monotonic() < deadline:
-                time.sleep(0.01)
 
 
-def _clean_up(servers: set, workdir: str) -> None:
-    """Kill what is left (at interpreter exit, for a pool that was never closed) and remove the workdir."""
-    for proc in list(servers):
+def _clean_up(servers: dict, workdir: str) -> None:
+    """Kill what is left (at interpreter exit, for a pool that was never closed), remove the workdir."""
+    for proc, cgroup in list(servers.items()):
         proc.kill()
         proc.wait()
+        isolation.remove_cgroup(cgroup, wait=1.0)
     try:
         os.rmdir(workdir)
     except OSError:
@@ -163,11 +158,10 @@ class SandboxPool:
         self._server_main = SERVER_MAIN
         self._workdir = tempfile.mkdtemp(prefix="nanotorl-sandbox-")
         os.chmod(self._workdir, 0o755)  # runs (another uid) may list it: it stays empty, they cannot write
-        self.cfg["cgroup_name"] = os.path.basename(self._workdir)
         self._lock = threading.Lock()
-        self._ids = itertools.count()
+        self._ids, self._starts = itertools.count(), itertools.count()
         self._closed = False
-        self._procs: set = set()  # live server processes, for the exit-time finalizer
+        self._procs: dict = {}  # live server processes -> their pids cgroup, for the exit-time finalizer
         self._finalizer = weakref.finalize(self, _clean_up, self._procs, self._workdir)
         try:
             self._server: _Server | None = self._start()
@@ -249,8 +243,14 @@ class SandboxPool:
         return self._server
 
     def _start(self) -> _Server:
-        server = _Server(self.cfg, self._workdir, self._server_main)
-        self._procs.add(server.proc)
+        name = f"{os.path.basename(self._workdir)}.{next(self._starts)}"  # a cgroup of its own per server
+        cgroup = isolation.pids_cgroup_path(name)
+        try:
+            server = _Server(dict(self.cfg, cgroup_name=name), self._workdir, self._server_main)
+        except BaseException:
+            isolation.remove_cgroup(cgroup, wait=5.0)
+            raise
+        self._procs[server.proc] = cgroup
         server.reader = threading.Thread(target=self._read_loop, args=(server,), daemon=True,
                                          name=f"sandbox-reader-{server.proc.pid}")
         server.reader.start()
@@ -289,7 +289,7 @@ class SandboxPool:
             if self._closed:
                 why = "the pool was closed before this run finished"
         server.stop()
-        self._procs.discard(server.proc)
+        isolation.remove_cgroup(self._procs.pop(server.proc), wait=5.0)
         for fut in lost.values():
             fut.set_result(infra_failure(why))
         with self._lock:  # restart now, so the next submit finds a warm server

@@ -368,10 +368,12 @@ def main() -> None:
     child.block_stopping_signals()
     namespaces = isolation.enter_namespaces()
     if "pid" in namespaces:
+        cgroup = isolation.pids_cgroup_path(cfg["cgroup_name"])  # now: the zygote's /proc will not show us
         zygote = os.fork()
         if zygote:  # the outer process: wait, and take the zygote down with us if we are killed
             ctrl.close()
-            _, status = os.waitpid(zygote, 0)
+            _, status = os.waitpid(zygote, 0)  # then every run is gone too: the pid namespace died with it
+            isolation.remove_cgroup(cgroup)
             os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
         child.prctl(child.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if isolation.mount_fresh_proc():

@@ -505,7 +505,7 @@ def alive(pid: int) -> bool:
 
 def test_dead_server_is_restarted_and_its_runs_report_killed():
     with SandboxPool(workers=2, wall_time=30.0, cpu_time=30.0, preload=()) as small:
-        first = small.server_pid
+        first, cgroup = small.server_pid, small.info["cgroup"]
         fut = small.submit("import time\ntime.sleep(60)")
         time.sleep(0.2)  # let the run start
         doomed = descendants(first) | {first}  # the server, the run, the spare children
@@ -515,17 +515,19 @@ def test_dead_server_is_restarted_and_its_runs_report_killed():
         serves_next(small)
         assert small.server_pid != first
         assert not any(alive(p) for p in doomed)
+        assert not (cgroup and os.path.exists(cgroup)), "the dead server's pids cgroup was left behind"
 
 
 def test_close_ends_everything_and_later_runs_raise():
     small = SandboxPool(workers=1, wall_time=30.0, preload=())
-    server = small.server_pid
+    server, cgroup = small.server_pid, small.info["cgroup"]
     fut = small.submit("import time\ntime.sleep(60)")
     time.sleep(0.2)
     doomed = descendants(server) | {server}
     small.close()
     assert fut.result(timeout=30).status == "killed"
     assert not any(alive(p) for p in doomed)
+    assert not (cgroup and os.path.exists(cgroup)), "the pool's pids cgroup was left behind"
     with pytest.raises(RuntimeError, match="closed"):
         small.run("print(1)")
     small.close()  # idempotent
@@ -539,7 +541,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 from sandbox import SandboxPool, protocol
 with SandboxPool(workers=1, wall_time=60.0, cpu_time=60.0, preload=()) as pool:
     fut = pool.submit("import time\\ntime.sleep(60)")
-    print(pool.server_pid, "pid" in pool.info["namespaces"], flush=True)
+    print(pool.server_pid, "pid" in pool.info["namespaces"], pool.info["cgroup"], flush=True)
     fut.result()
 """
 
@@ -547,7 +549,7 @@ with SandboxPool(workers=1, wall_time=60.0, cpu_time=60.0, preload=()) as pool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["interrupted", "killed"])
 def test_no_orphans_when_the_trainer_is_interrupted_or_killed(sig):
     trainer = subprocess.Popen([sys.executable, "-c", TRAINER], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    server, pidns = trainer.stdout.readline().split()
+    server, pidns, cgroup = trainer.stdout.readline().split()
     server, layers = int(server), 2 if pidns == "True" else 1  # (outer ->) zygote -> run
     deadline = time.monotonic() + 30
     while len(descendants(server)) < layers and time.monotonic() < deadline:
@@ -560,6 +562,9 @@ def test_no_orphans_when_the_trainer_is_interrupted_or_killed(sig):
     while any(alive(p) for p in doomed) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(alive(p) for p in doomed)
+    while cgroup != "None" and os.path.exists(cgroup) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cgroup == "None" or not os.path.exists(cgroup), "the server's pids cgroup was left behind"
 
 
 NO_SECCOMP = """
