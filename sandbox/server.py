@@ -97,8 +97,10 @@ class Zygote:
         """Preload, set up what runs share, install and probe the filter; return the ready message."""
         try:
             os.close(os.pidfd_open(os.getpid()))
+            if not hasattr(os, "P_PIDFD"):  # waitid() on a pidfd: how a stopped spare is found
+                raise OSError("no waitid(P_PIDFD)")
         except (AttributeError, OSError) as e:
-            return {"error": f"sandbox: needs pidfd_open (Linux 5.3+), found kernel {os.uname().release} ({e!r})"}
+            return {"error": f"sandbox: needs pidfds (Linux 5.4+), found kernel {os.uname().release} ({e!r})"}
         for name in self.cfg["preload"]:
             try:
                 importlib.import_module(name)
