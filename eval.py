@@ -4,24 +4,27 @@
     python eval.py --model DIR --data aime24,aime25,math500 --k 16 --temperature 0.6
     torchrun --nproc_per_node=8 eval.py --model DIR --data aime24,my_set.parquet
 
-Datasets: a path (JSONL {problem, answer} or ToRL parquet), or a name looked up in --data-dir (default
+Datasets: a path (JSONL {problem, answer[, source]} or ToRL parquet), or a name looked up in --data-dir (default
 ../shared/data beside the repository): the file whose stem is the name (aime24 -> aime24.jsonl), else the one
-file whose stem starts with it (math500 -> math500_subset.jsonl). A dataset is named by its file stem.
-Repeated problems (same text) are reported and counted once.
+file whose stem starts with it (math500 -> math500_subset.jsonl). A dataset is named by its file stem. Repeated
+problems (same text) in a file are evaluated and counted once: one line per file says how many rows repeated how
+many problems, results.json lists them.
 
 Every problem gets one greedy response (temperature 0) and K sampled ones; sample j of problem i (its index in
 the deduplicated set) is seeded with rollout.sample_seed(seed, i, j), so results depend on neither the number
-of ranks, nor the batches, nor on resuming. Per dataset (c_p of the K samples of problem p correct):
-    greedy   = mean_p [greedy response correct]
-    avg@K    = mean_p c_p / K                            (= pass@1)
-    pass@k   = mean_p 1 - C(K - c_p, k) / C(K, k)        (unbiased, k = 1..K; nanotorl.metrics.pass_at_k)
-    maj@k    = mean_p [most common of the first k answers is right]  (equivalent answers vote together)
-and, over the sampled responses, the fraction that call the tool, the fraction of calls without error, calls
-per response and the mean response length in tokens (tool output included); time_s is the wall time this
-invocation spent on the dataset (a resumed run counts only its own).
+of ranks, nor the batches, nor on resuming. The table has one row per source (benchmark) of each file: a file
+whose rows carry a source (`source` in JSONL, `data_source` in parquet; ToRL's test.parquet holds aime24, aime25
+and math500) gives one row per source, a file without one is its own source named by its stem; with several rows
+follow "average" (unweighted mean over the rows, as papers and ToRL report) and "all" (all problems pooled). The
+columns: greedy accuracy, avg@K, unbiased pass@k, maj@k, tool use, calls without error, calls per response, mean
+response length and time_s, the wall time this invocation spent on the file (a resumed run counts only its own);
+nanotorl/report.py defines each and how rows are named. --markdown prints the table again in Markdown with the
+settings on one line above it. The demo's held-out arithmetic is one row.
 
 Out dir (--out, default runs/eval/<model dir name>): settings.json (what the samples depend on: a rerun with
-other settings needs another --out), samples.jsonl (every response, with its tool calls), results.json.
+other settings needs another --out), samples.jsonl (every response, with its tool calls), results.json: the
+settings, "results" {row: metrics}, "average", "all", and "files" {dataset: path, rows, repeats (groups of ids of
+one problem's rows, the first kept), time_s}.
 Each rank appends its samples to samples.rank<R>.jsonl after every chunk of problems; rank 0 merges them into
 samples.jsonl at the start and at the end. A rerun reloads the samples there, keyed by (dataset, problem id,
 mode, sample index), and generates only the missing ones (a larger --k adds samples). The ranks must share
@@ -31,8 +34,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict
-from functools import lru_cache
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -41,11 +43,11 @@ from tqdm import tqdm
 from nanotorl import dist
 from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_model
 from nanotorl.config import TrainConfig
-from nanotorl.data import Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems
+from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems,
+                           repeats_line)
 from nanotorl.generate import Generator, SamplingParams
-from nanotorl.metrics import maj_at_k, mean_pass_at_k, print_table
-from nanotorl.reward import is_equivalent
-from nanotorl.rollout import Draw, Sample, rollout, tool_means
+from nanotorl.report import print_report, report, settings_line
+from nanotorl.rollout import Draw, Sample, rollout
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 
@@ -75,8 +77,9 @@ def find_data(spec: str, data_dir: Path) -> Path:
 
 
 def load_sets(specs: list[str], data_dir: Path, skip_bad: bool, log) -> tuple[dict, dict]:
-    """({name: problems without repeats}, {name: number of repeats dropped}) for dataset names or paths."""
-    sets, dropped = {}, {}
+    """({name: problems without repeats}, {name: {"path", "rows", "repeats"}}) for dataset names or paths;
+    "repeats" are the groups of ids of rows with the same problem (the first is kept), one line logged per file."""
+    sets, files = {}, {}
     for spec in specs:
         path = find_data(spec, data_dir)
         if path.stem in sets:
@@ -87,17 +90,12 @@ def load_sets(specs: list[str], data_dir: Path, skip_bad: bool, log) -> tuple[di
         if not problems:
             raise ValueError(f"{path} holds no problem; expected JSONL rows {{\"problem\": ..., \"answer\": ...}} "
                              f"or ToRL parquet rows")
-        sets[path.stem], dropped[path.stem] = deduplicated(path.stem, problems, log)
-    return sets, dropped
-
-
-def deduplicated(name: str, problems: list[Problem], log) -> tuple[list[Problem], int]:
-    """The problems with repeated texts dropped (each repeat reported), and how many were dropped."""
-    for group in find_duplicates(problems):
-        log(f"{name}: problem {problems[group[0]].id} is repeated as "
-            f"{', '.join(problems[i].id for i in group[1:])}; it is evaluated and counted once")
-    kept = drop_duplicates(problems)
-    return kept, len(problems) - len(kept)
+        if line := repeats_line(path.stem, problems):
+            log(f"{line} (listed in results.json)")
+        sets[path.stem] = drop_duplicates(problems)
+        files[path.stem] = {"path": str(path), "rows": len(problems),
+                            "repeats": [[problems[i].id for i in group] for group in find_duplicates(problems)]}
+    return sets, files
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -195,51 +193,6 @@ def check_settings(out: Path, settings: dict) -> None:
     file.write_text(json.dumps(settings, indent=1))
 
 
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-def tool_stats(records: list[dict]) -> dict:
-    """Tool use and length over ``records``: rollout.tool_means, as training logs them, of the records' sums."""
-    calls = [c for r in records for c in r["tool_calls"]]
-    return tool_means({"n": len(records), "with_tool": sum(bool(r["tool_calls"]) for r in records),
-                       "calls": len(calls), "calls_ok": sum(c["status"] == "ok" for c in calls),
-                       "response_tokens": sum(r["response_tokens"] for r in records)})
-
-
-def summarize(records: dict, name: str, problems: list[Problem], k: int) -> dict:
-    """The metrics of one dataset (module docstring) from its records, keyed as by :func:`key`."""
-    greedy = [records[(name, p.id, "greedy", 0)] for p in problems]
-    sampled = [[records[(name, p.id, "sampled", j)] for j in range(k)] for p in problems]
-    correct = [[r["correct"] for r in row] for row in sampled]
-    equivalent = lru_cache(maxsize=None)(is_equivalent)  # maj@1..K compare the same pairs again and again
-    n = len(problems)
-    res = {"problems": n, "greedy": sum(r["correct"] for r in greedy) / n,
-           f"avg@{k}": sum(map(sum, correct)) / (n * k)}
-    res |= {f"pass@{i}": mean_pass_at_k(correct, i) for i in range(1, k + 1)}
-    res |= {f"maj@{i}": sum(maj_at_k([r["extracted"] for r in row], p.answer, i, equivalent)
-                            for row, p in zip(sampled, problems)) / n for i in range(1, k + 1)}
-    return res | tool_stats([r for row in sampled for r in row]) | {"greedy_tools": tool_stats(greedy)}
-
-
-def table_ks(k: int) -> list[int]:
-    """The k shown in the table: powers of two from 2 up to K, and K."""
-    return sorted({2 ** e for e in range(1, k.bit_length()) if 2 ** e <= k} | {k}) if k > 1 else []
-
-
-def pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def print_results(results: dict, k: int) -> None:
-    """One row per dataset: rates in percent, the pass@k of :func:`table_ks` (all k are in results.json)."""
-    rows = [{"dataset": name, "n": str(r["problems"]), "greedy": pct(r["greedy"]), f"avg@{k}": pct(r[f"avg@{k}"]),
-             **{f"pass@{i}": pct(r[f"pass@{i}"]) for i in table_ks(k)}, f"maj@{k}": pct(r[f"maj@{k}"]),
-             "tool%": pct(r["tool_fraction"]), "ok%": pct(r["calls_ok_fraction"]),
-             "calls": f"{r['calls_per_response']:.2f}", "len": f"{r['response_length']:.0f}",
-             "time_s": f"{r['time_s']:.1f}"} for name, r in results.items()]
-    print_table(rows, list(rows[0]))
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -266,6 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--sandbox-timeout", type=float, default=10.0)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
     p.add_argument("--out", type=Path, help="results directory (default runs/eval/<model dir name>)")
+    p.add_argument("--markdown", action="store_true", help="also print the table in Markdown, settings above it")
     args = p.parse_args(argv)
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
@@ -288,8 +242,18 @@ def demo_heldout() -> list[Problem]:
     return arithmetic_problems(cfg.log.eval_problems, cfg.seed, "heldout")
 
 
+def write_results(out: Path, sets: dict, files: dict, times: dict, settings: dict, args, model_dir: Path) -> dict:
+    """Rank 0, once every sample is in: results.json (module docstring) and the table; returns what it wrote."""
+    rep = report(merge_records(out), sets, args.k, times)
+    rep = {"settings": settings | {"k": args.k}} | rep | {
+        "files": {name: files.get(name, {}) | {"time_s": times[name]} for name in sets}}
+    (out / "results.json").write_text(json.dumps(rep, indent=1))
+    print_report(rep, args.k, settings_line(str(model_dir), settings, args.k) if args.markdown else None)
+    return rep
+
+
 def main(argv=None) -> dict | None:
-    """Evaluate; return {dataset: metrics} on rank 0 (None on the other ranks)."""
+    """Evaluate; return what results.json holds on rank 0 (None on the other ranks)."""
     args = parse_args(argv)
     model_dir = Path(args.model) if args.model else demo_checkpoint()
     if args.max_new_tokens is None:
@@ -298,9 +262,9 @@ def main(argv=None) -> dict | None:
     log = tqdm.write if rank == 0 else (lambda _: None)
     if args.data:
         specs = [s.strip() for s in args.data.split(",") if s.strip()]
-        sets, dropped = load_sets(specs, args.data_dir, args.skip_bad_rows, log)
-    else:
-        sets, dropped = {DEMO_SET: demo_heldout()}, {DEMO_SET: 0}
+        sets, files = load_sets(specs, args.data_dir, args.skip_bad_rows, log)
+    else:  # one row: its sources are kinds of arithmetic, not benchmarks
+        sets, files = {DEMO_SET: [replace(p, source=DEMO_SET) for p in demo_heldout()]}, {}
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device).eval()
@@ -329,12 +293,7 @@ def main(argv=None) -> dict | None:
     if rank != 0:
         dist.teardown()
         return None
-    records = merge_records(out)
-    results = {name: summarize(records, name, problems, args.k)
-               | {"duplicates_dropped": dropped[name], "time_s": times[name]} for name, problems in sets.items()}
-    (out / "results.json").write_text(json.dumps({"settings": settings | {"k": args.k}, "results": results},
-                                                 indent=1))
-    print_results(results, args.k)
+    results = write_results(out, sets, files, times, settings, args, model_dir)
     log(f"results in {out / 'results.json'}, every response in {out / 'samples.jsonl'}")
     dist.teardown()
     return results

@@ -21,18 +21,18 @@ from tqdm import tqdm
 from nanotorl import dist
 from nanotorl.checkpoint import latest_checkpoint, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
-from nanotorl.data import arithmetic_problems, load_problems
+from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, repeats_line
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
-from nanotorl.metrics import mean_pass_at_k
+from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.rollout import finish_stats, groups, rollout, rollout_stats
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 
 
 def load_data(cfg: TrainConfig):
-    """(train problems, held-out problems): the demo's synthetic arithmetic, or files."""
+    """(train problems, held-out problems): the demo's synthetic arithmetic, or files (held-out repeats dropped)."""
     if not cfg.inputs.data:
         return (arithmetic_problems(cfg.inputs.demo_train_problems, cfg.seed, "train"),
                 arithmetic_problems(cfg.log.eval_problems, cfg.seed, "heldout"))
@@ -41,7 +41,9 @@ def load_data(cfg: TrainConfig):
     for name, loaded in ((cfg.inputs.data, train), (cfg.inputs.eval_data, heldout)):
         if getattr(loaded, "skipped", None):
             tqdm.write(f"{name}: skipped {len(loaded.skipped)} malformed rows, e.g. {loaded.skipped[0]}")
-    return train, heldout[:cfg.log.eval_problems]
+    if line := repeats_line(cfg.inputs.eval_data, heldout):
+        tqdm.write(line)
+    return train, drop_duplicates(heldout)[:cfg.log.eval_problems]
 
 
 def step_problems(problems, step: int, per_step: int, seed: int):
@@ -102,25 +104,46 @@ def train_on(model, optimizer, samples, cfg: TrainConfig, device, world: int) ->
             "trained_tokens": int(stats["tokens"])}
 
 
+def eval_sums(greedy, sampled, k: int) -> dict:
+    """Sums over some held-out problems, with the same keys on every rank: problems, greedy responses right and
+    calling the tool, and (k > 1) pass@1..k summed over the problems; ``sampled`` holds k samples per problem, in
+    a row."""
+    sums = {key: rollout_stats(greedy)[key] for key in ("n", "correct", "with_tool")}
+    rows = [[s.correct for s in sampled[i:i + k]] for i in range(0, len(sampled), k)]
+    return sums | {f"pass@{j}": sum(pass_at_k(k, sum(row), j) for row in rows) for j in range(1, k + 1) if k > 1}
+
+
+def eval_means(sums: dict) -> dict:
+    """The validation metrics from :func:`eval_sums` added up over the ranks."""
+    n = max(sums["n"], 1)
+    return {"eval_accuracy": sums["correct"] / n, "eval_tool_fraction": sums["with_tool"] / n} | {
+        f"eval_{key}": v / n for key, v in sums.items() if key.startswith("pass@")}
+
+
 def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -> dict:
-    """Greedy accuracy and unbiased pass@k on this rank's share of the held-out set, summed over ranks."""
+    """Greedy accuracy and tool use, and unbiased pass@k, on the held-out set (each rank its share, summed over
+    ranks); with --eval-data of several sources, the same per source ("eval_accuracy/aime24") and their unweighted
+    mean ("eval_accuracy/average"), as ToRL's validation logs them."""
     mine, first = dist.shard_of(heldout, rank, world)
     budget = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_tool_calls": cfg.rollout.max_tool_calls}
+    k = cfg.log.eval_k
     with dist.gathered(model), torch.no_grad():
         model.eval()
         greedy = rollout(generator, groups(mine, 1, SamplingParams(temperature=0.0), first),
                          seed=cfg.seed, **budget) if mine else []
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-        sampled = rollout(generator, groups(mine, cfg.log.eval_k, sampling, first),
-                          seed=cfg.seed + 1, **budget) if mine and cfg.log.eval_k > 1 else []
-    sums = {key: rollout_stats(greedy)[key] for key in ("n", "correct", "with_tool")}
-    correct = [[s.correct for s in sampled[i:i + cfg.log.eval_k]] for i in range(0, len(sampled), cfg.log.eval_k)]
-    for k in range(1, cfg.log.eval_k + 1) if correct else []:
-        sums[f"pass@{k}"] = mean_pass_at_k(correct, k) * len(correct)
-    sums = dist.all_sum(sums, device)
-    n = max(sums.pop("n"), 1)
-    out = {"eval_accuracy": sums.pop("correct") / n, "eval_tool_fraction": sums.pop("with_tool") / n}
-    return out | {f"eval_{k}": v / n for k, v in sums.items()}
+        sampled = rollout(generator, groups(mine, k, sampling, first),
+                          seed=cfg.seed + 1, **budget) if mine and k > 1 else []
+    sources = list(dict.fromkeys(p.source for p in heldout)) if cfg.inputs.eval_data else []
+    sources = sources if len(sources) > 1 else []
+    parts = {"": (greedy, sampled)} | {s: ([x for x in greedy if x.problem.source == s],
+                                           [x for x in sampled if x.problem.source == s]) for s in sources}
+    local = {part: eval_sums(*samples, k) for part, samples in parts.items()}
+    total = dist.all_sum({(part, key): v for part, sums in local.items() for key, v in sums.items()}, device)
+    means = {part: eval_means({key: total[(part, key)] for key in sums}) for part, sums in local.items()}
+    per_source = {f"{key}/{s}": v for s in sources for key, v in means[s].items()}
+    average = source_mean([means[s] for s in sources]) if sources else {}
+    return means[""] | per_source | {f"{key}/average": v for key, v in average.items()}
 
 
 # ------------------------------------------------------------------------------------------------ logging

@@ -7,8 +7,10 @@ A problem is a question and a ground-truth answer string (compared with `reward.
   `reward_model` = {"ground_truth": ..., ...}, `data_source`, `extra_info`. The problem is the last user
   message; if that message is already the full ToRL prompt (TORL_TEMPLATE around the problem), the template is
   stripped so that `torl_prompt(problem.problem)` gives it back; otherwise the content is kept as the bare
-  problem. Ids are "<file stem>-<row - 1>", the source is `data_source`. A parquet file with plain `problem` and
-  `answer` columns is read like JSONL.
+  problem. Ids are "<file stem>-<row - 1>", the source is `data_source` (the file stem if absent). A parquet file
+  with plain `problem` and `answer` columns is read like JSONL.
+The source names the benchmark a row belongs to (ToRL's test.parquet holds aime24, aime25 and math500): eval.py and
+train.py's validation report one row per source.
 """
 
 import hashlib
@@ -93,7 +95,7 @@ def _from_plain(row, where: str, default_id: str, default_source: str) -> Proble
         source=str(row.get("source") or default_source))
 
 
-def _from_torl(row: dict, where: str, default_id: str) -> Problem:
+def _from_torl(row: dict, where: str, default_id: str, default_source: str) -> Problem:
     """A verl/ToRL row: chat-list prompt and reward_model.ground_truth."""
     prompt, reward_model = row.get("prompt"), row.get("reward_model")
     if isinstance(prompt, str):
@@ -109,7 +111,7 @@ def _from_torl(row: dict, where: str, default_id: str) -> Problem:
         id=default_id,
         problem=bare_problem(_problem_text(content, where)),
         answer=_answer(reward_model["ground_truth"], where),
-        source=str(row.get("data_source") or ""))
+        source=str(row.get("data_source") or default_source))
 
 
 def _jsonl_rows(path: Path):
@@ -150,7 +152,7 @@ def load_problems(path, *, skip_bad: bool = False) -> LoadedProblems:
             if isinstance(row, ValueError):
                 raise row
             if parquet and "problem" not in row:
-                problem = _from_torl(row, where, default_id)
+                problem = _from_torl(row, where, default_id, path.stem)
             else:
                 problem = _from_plain(row, where, default_id, path.stem)
             if problem.id in seen_ids:
@@ -181,6 +183,16 @@ def drop_duplicates(problems: list[Problem]) -> list[Problem]:
     """The problems with every repeated text after its first occurrence removed (order kept)."""
     repeats = {i for group in find_duplicates(problems) for i in group[1:]}
     return [p for i, p in enumerate(problems) if i not in repeats]
+
+
+def repeats_line(name: str, problems: list[Problem]) -> str | None:
+    """One line on the repeated problems of the set ``name`` (None if there is none), e.g. "torl_test: 180 of 374
+    rows repeat 60 problems; each problem is evaluated and counted once" (see :func:`drop_duplicates`)."""
+    groups = find_duplicates(problems)
+    if not groups:
+        return None
+    return (f"{name}: {sum(len(g) - 1 for g in groups)} of {len(problems)} rows repeat {len(groups)} problems; "
+            f"each problem is evaluated and counted once")
 
 
 # ---------------------------------------------------------------------------------------- synthetic arithmetic

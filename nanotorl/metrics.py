@@ -1,5 +1,5 @@
-"""Sampling metrics for evaluation: unbiased pass@k and majority vote (maj@k), and the text table that eval.py and
-the benchmarks print them in.
+"""Sampling metrics for evaluation: unbiased pass@k and majority vote (maj@k), the unweighted mean over sources
+(benchmarks), and the table (text or Markdown) that eval.py and the benchmarks print them in.
 
 pass@k is the probability that at least one of k samples, drawn without replacement from the n generated for a
 problem (c of them correct), is correct (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"):
@@ -62,14 +62,39 @@ def maj_at_k(answers: list[str | None], truth: str, k: int,
     return equivalent(winner[0], truth)
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Print ``rows`` as an aligned text table with the given columns."""
+def source_mean(rows: list[dict]) -> dict:
+    """The unweighted mean over sources of every metric of ``rows`` (one dict of metrics per source, same keys), as
+    papers and ToRL's validation ("average") report it: each benchmark counts once, whatever its size.
+
+        mean[m] = sum_s rows[s][m] / |{s : rows[s][m] is not None}|
+
+    A metric that is None for a source (undefined there, e.g. the fraction of tool calls without error when no
+    response called the tool) is left out of that metric's mean; None if no source defines it. Nested dicts are
+    averaged key by key."""
+    if not rows:
+        raise ValueError("source_mean needs the metrics of at least one source, got none")
+    mean = {}
+    for key, value in rows[0].items():
+        values = [r[key] for r in rows if r[key] is not None]
+        if isinstance(value, dict):
+            mean[key] = source_mean(values)
+        else:
+            mean[key] = sum(values) / len(values) if values else None
+    return mean
+
+
+def print_table(rows: list[dict], columns: list[str], markdown: bool = False) -> None:
+    """Print ``rows`` as an aligned text table with the given columns, or as a Markdown table."""
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}"
         return str(v)
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if markdown:
+        for line in [columns, ["---"] * len(columns), *cells]:
+            print("| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |")
+        return
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -1,10 +1,27 @@
-"""The curves of a run, from its metrics.jsonl, as one PNG."""
+"""The curves of a run, from its metrics.jsonl, as one PNG.
+
+A panel's key ending in "/*" stands for every logged key under it, in the order they first appear: the held-out
+accuracy of each source ("eval_accuracy/aime24") and their unweighted mean ("eval_accuracy/average") when the
+validation set has several sources (train.evaluate).
+"""
 import json
 from pathlib import Path
 
-PANELS = (("held-out accuracy", ["eval_accuracy"]), ("training reward", ["reward"]),
+PANELS = (("held-out accuracy", ["eval_accuracy", "eval_accuracy/*"]), ("training reward", ["reward"]),
           ("tool use", ["tool_fraction", "eval_tool_fraction", "calls_ok_fraction"]),
           ("response length (tokens)", ["response_length"]))
+
+
+def panel_curves(records: list[dict]) -> dict[str, dict[str, list[tuple]]]:
+    """{panel title: {key: [(step, value), ...]}} for every key of :data:`PANELS` that was logged."""
+    logged = list(dict.fromkeys(key for r in records for key in r))
+    curves = {}
+    for title, keys in PANELS:
+        expanded = [k for key in keys for k in
+                    ([k for k in logged if k.startswith(key[:-1])] if key.endswith("/*") else [key])]
+        points = {key: [(r["step"], r[key]) for r in records if r.get(key) is not None] for key in expanded}
+        curves[title] = {key: p for key, p in points.items() if p}
+    return curves
 
 
 def plot_metrics(jsonl, png) -> Path:
@@ -13,15 +30,13 @@ def plot_metrics(jsonl, png) -> Path:
     import matplotlib.pyplot as plt
     records = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (title, keys) in zip(axes, PANELS):
-        for key in keys:
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, ms=3, label=key)
+    for ax, (title, curves) in zip(axes, panel_curves(records).items()):
+        for key, points in curves.items():
+            ax.plot(*zip(*points), marker="o" if key.startswith("eval") else None, ms=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(curves) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2/Qwen3 checkpoints, the path to ../shared."""
+"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2/Qwen3 checkpoints, the path to ../shared,
+a scripted policy."""
 import importlib
 import importlib.metadata
 import importlib.util
@@ -153,3 +154,27 @@ def sandbox_pool_factory():
     yield make
     for pool in pools:
         pool.close()
+
+
+class ScriptedPolicy:
+    """A Generator stand-in with known responses: ``respond(problem, sample)`` gives the (text, tool calls) of a
+    problem's response, ``sample`` its index among the problem's sampled requests (None for a greedy request).
+    The sampled requests of a problem must come in sample order, as eval.py and train.py make them."""
+
+    def __init__(self, tokenizer, problems: list[str], respond):
+        self.tokenizer, self.respond = tokenizer, respond
+        self.by_prompt = {tuple(tokenizer.prompt_ids(p)): p for p in problems}
+        self.drawn = {}
+
+    def generate(self, requests, progress=None):
+        from nanotorl.generate import Completion  # here: triton must be imported first, as above
+        out = []
+        for r in requests:
+            problem = self.by_prompt[tuple(r.prompt_ids)]
+            sample = None
+            if r.sampling.temperature > 0:
+                sample = self.drawn[problem] = self.drawn.get(problem, -1) + 1
+            text, calls = self.respond(problem, sample)
+            ids = self.tokenizer.encode(text)
+            out.append(Completion(list(r.prompt_ids), ids, [1] * len(ids), [0.0] * len(ids), list(calls), "eos"))
+        return out

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nanotorl.data import (TORL_TEMPLATE, ArithmeticKind, arithmetic_problems, bare_problem, drop_duplicates,
-                           find_duplicates, load_problems, torl_prompt)
+                           find_duplicates, load_problems, repeats_line, torl_prompt)
 from nanotorl.reward import Verifier
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -113,12 +113,25 @@ def test_bad_parquet_row_names_file_and_row(tmp_path):
     assert len(load_problems(path, skip_bad=True)) == 1
 
 
-def test_duplicates_found_up_to_whitespace(tmp_path):
+def test_parquet_without_data_source_is_its_own_source(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = [torl_row("1+1?", "2", "aime24"), torl_row("2+2?", "4", None), torl_row("3+3?", "6", "")]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mine.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "data_source"} for r in rows]),
+                   tmp_path / "bare.parquet")
+    assert [p.source for p in load_problems(tmp_path / "mine.parquet")] == ["aime24", "mine", "mine"]
+    assert [p.source for p in load_problems(tmp_path / "bare.parquet")] == ["bare"] * 3
+
+
+def test_duplicates_found_up_to_whitespace_and_summed_up_in_one_line(tmp_path):
     path = write_jsonl(tmp_path / "dup.jsonl", [json.dumps({"problem": p, "answer": "1"}) for p in
                                                  ["A  b?", "C?", "A b?", "D?", "C?", "A b? "]])
     problems = load_problems(path)
     assert find_duplicates(problems) == [[0, 2, 5], [1, 4]]
     assert [p.problem for p in drop_duplicates(problems)] == ["A  b?", "C?", "D?"]
+    assert repeats_line("dup", problems) == ("dup: 3 of 6 rows repeat 2 problems; each problem is evaluated and "
+                                             "counted once")
+    assert repeats_line("once", drop_duplicates(problems)) is None
 
 
 def test_arithmetic_is_deterministic_correct_and_splits_are_disjoint():

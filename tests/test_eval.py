@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import eval as ev
-from conftest import REPO, shared_path
+from conftest import REPO, ScriptedPolicy, shared_path
 from nanotorl.checkpoint import save_model
 from nanotorl.config import TrainConfig
-from nanotorl.data import Problem, arithmetic_problems
+from nanotorl.data import Problem, arithmetic_problems, torl_prompt
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Completion, Generator, ToolCall
 from nanotorl.model import Qwen2, Qwen2Config
@@ -48,40 +48,7 @@ def small_set(tmp_path, n=6) -> Path:
 FAST = ["--max-new-tokens", "6", "--slots", "8", "--sandbox-workers", "1"]
 
 
-# --------------------------------------------------------------------------------------------------- metrics
-
-
-def record(pid, mode, index, extracted, correct, tokens=10, calls=()):
-    return {"dataset": "d", "id": pid, "mode": mode, "index": index, "extracted": extracted, "correct": correct,
-            "response_tokens": tokens, "tool_calls": [{"status": s} for s in calls]}
-
-
-def test_summarize_hand_built_samples():
-    problems = [Problem("a", "A?", "5"), Problem("b", "B?", "12")]
-    rows = [record("a", "greedy", 0, "5", True), record("b", "greedy", 0, None, False),
-            # a: c=2 of 4; votes 5 | 5,3 | 5,3,3 | 5,3,3,5.0 -> right, right (tie: earliest), wrong, right (tie)
-            record("a", "sampled", 0, "5", True, 10, ["ok"]),
-            record("a", "sampled", 1, "3", False, 20, ["ok", "error"]),
-            record("a", "sampled", 2, "3", False, 30), record("a", "sampled", 3, "5.0", True, 40),
-            # b: c=1 of 4; 13 comes first and is never outvoted -> maj wrong for every k
-            record("b", "sampled", 0, "13", False, 50), record("b", "sampled", 1, "12", True, 60),
-            record("b", "sampled", 2, None, False, 70, ["timeout"]), record("b", "sampled", 3, "7", False, 80)]
-    res = ev.summarize({ev.key(r): r for r in rows}, "d", problems, 4)
-    # pass@k = 1 - C(4-c, k)/C(4, k): a (c=2): 1/2, 5/6, 1, 1; b (c=1): 1/4, 1/2, 3/4, 1
-    expected = {"problems": 2, "greedy": 0.5, "avg@4": 3 / 8,
-                "pass@1": 3 / 8, "pass@2": (5 / 6 + 1 / 2) / 2, "pass@3": (1 + 3 / 4) / 2, "pass@4": 1.0,
-                "maj@1": 0.5, "maj@2": 0.5, "maj@3": 0.0, "maj@4": 0.5,
-                "tool_fraction": 3 / 8, "calls_ok_fraction": 2 / 4, "calls_per_response": 4 / 8,
-                "response_length": 45.0}
-    assert res.pop("greedy_tools") == {"tool_fraction": 0.0, "calls_ok_fraction": None, "calls_per_response": 0.0,
-                                       "response_length": 10.0}
-    assert res == pytest.approx(expected)
-
-
-def test_table_shows_powers_of_two_and_k():
-    assert ev.table_ks(16) == [2, 4, 8, 16]
-    assert ev.table_ks(12) == [2, 4, 8, 12]
-    assert ev.table_ks(1) == []
+# --------------------------------------------------------------------------------------------------- records
 
 
 def test_record_answer_from_policy_tokens_and_tool_calls_kept(ckpt):
@@ -123,8 +90,8 @@ def test_duplicates_reported_and_counted_once(tmp_path, ckpt, capsys):
             {"id": "x3", "problem": "What is  2 + 3?\n", "answer": "5"}]
     data = write_jsonl(tmp_path / "dup.jsonl", rows)
     res = ev.main(["--model", str(ckpt), "--data", str(data), "--k", "1", "--out", str(tmp_path / "out"), *FAST])
-    assert "problem x1 is repeated as x3" in capsys.readouterr().out
-    assert res["dup"]["problems"] == 2 and res["dup"]["duplicates_dropped"] == 1
+    assert "dup: 1 of 3 rows repeat 1 problems; each problem is evaluated" in capsys.readouterr().out
+    assert res["results"]["dup"]["problems"] == 2 and res["files"]["dup"]["repeats"] == [["x1", "x3"]]
     ids = {json.loads(line)["id"] for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()}
     assert ids == {"x1", "x2"}
 
@@ -154,10 +121,145 @@ def test_no_arguments_evaluates_newest_demo_checkpoint_on_demo_heldout(tmp_path,
     heldout = heldout[:12]  # a prefix keeps the run short
     monkeypatch.setattr(ev, "demo_heldout", lambda: heldout)
     res = ev.main(["--k", "1", "--max-new-tokens", "2", "--slots", "64", "--sandbox-workers", "1"])
-    assert list(res) == ["arithmetic-heldout"] and res["arithmetic-heldout"]["problems"] == len(heldout)
+    assert list(res["results"]) == ["arithmetic-heldout"]  # one row, not one per kind of arithmetic
+    assert res["results"]["arithmetic-heldout"]["problems"] == len(heldout)
     assert "step_000002 on arithmetic-heldout" in capsys.readouterr().out
     ids = {json.loads(line)["id"] for line in Path("runs/eval/step_000002/samples.jsonl").read_text().splitlines()}
     assert ids == {p.id for p in heldout}
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+K = 4
+# source: [(name, greedy right, which of the K samples are right)]; wrong answers all say -1, so they vote together
+SOURCES = {"alpha": [("a1", True, "1111"), ("a2", False, "1000"), ("a3", True, "0000")],
+           "beta": [("b1", False, "0110"), ("b2", False, "0000")],
+           "gamma": [("g1", True, "1010"), ("g2", True, "1111"), ("g3", True, "0001"), ("g4", False, "1100")]}
+ROWS = ["a1", "b1", "g1", "a2", "g2", "a1", "a3", "g3", "b2", "g4", "a2", "g4", "a1"]  # 4 rows repeat 3 problems
+TEXT = {name: f"What is {i} + {i}? ({name})" for i, name in enumerate(ROWS[:3] + ["a2", "g2", "a3", "g3", "b2", "g4"])}
+PLAN = {TEXT[name]: (str(2 * int(TEXT[name].split()[2])), greedy, right)
+        for problems in SOURCES.values() for name, greedy, right in problems}
+SOURCE_OF = {name: source for source, problems in SOURCES.items() for name, _, _ in problems}
+
+
+def respond(problem: str, sample: int | None):
+    """The planned response: right or -1; alpha's first sample calls the tool and fails, every beta sample calls it."""
+    answer, greedy, right = PLAN[problem]
+    ok = greedy if sample is None else right[sample] == "1"
+    source = SOURCE_OF[problem.split("(")[1][:-1]]
+    calls = [] if sample is None else {"alpha": [ToolCall("1/0", "error", "ZeroDivisionError", 0.0)] * (sample == 0),
+                                       "beta": [ToolCall("print(1)", "ok", "1", 0.0)], "gamma": []}[source]
+    return f"\\boxed{{{answer if ok else -1}}}", calls
+
+
+# Counted by hand from SOURCES (pass@k = 1 - C(K-c, k)/C(K, k); maj@k ties go to the answer that came first).
+EXPECTED = {
+    "alpha": {"problems": 3, "greedy": 2 / 3, "avg@4": 5 / 12, "pass@1": 5 / 12, "pass@2": (1 + 1 / 2) / 3,
+              "pass@3": (1 + 3 / 4) / 3, "pass@4": 2 / 3, "maj@1": 2 / 3, "maj@2": 2 / 3, "maj@3": 1 / 3,
+              "maj@4": 1 / 3, "tool_fraction": 3 / 12, "calls_ok_fraction": 0.0, "calls_per_response": 3 / 12},
+    "beta": {"problems": 2, "greedy": 0.0, "avg@4": 2 / 8, "pass@1": 2 / 8, "pass@2": (5 / 6) / 2, "pass@3": 1 / 2,
+             "pass@4": 1 / 2, "maj@1": 0.0, "maj@2": 0.0, "maj@3": 1 / 2, "maj@4": 0.0,
+             "tool_fraction": 1.0, "calls_ok_fraction": 1.0, "calls_per_response": 1.0},
+    "gamma": {"problems": 4, "greedy": 3 / 4, "avg@4": 9 / 16, "pass@1": 9 / 16,
+              "pass@2": (5 / 6 + 1 + 1 / 2 + 5 / 6) / 4, "pass@3": (1 + 1 + 3 / 4 + 1) / 4, "pass@4": 1.0,
+              "maj@1": 3 / 4, "maj@2": 3 / 4, "maj@3": 3 / 4, "maj@4": 3 / 4,
+              "tool_fraction": 0.0, "calls_ok_fraction": None, "calls_per_response": 0.0}}
+AVERAGE = {"greedy": (2 / 3 + 0 + 3 / 4) / 3, "avg@4": (5 / 12 + 1 / 4 + 9 / 16) / 3, "pass@4": (2 / 3 + 1 / 2 + 1) / 3,
+           "maj@4": (1 / 3 + 0 + 3 / 4) / 3, "tool_fraction": (1 / 4 + 1 + 0) / 3, "calls_ok_fraction": (0 + 1) / 2}
+ALL = {"problems": 9, "greedy": 5 / 9, "avg@4": 16 / 36, "pass@4": 7 / 9, "maj@4": 4 / 9, "tool_fraction": 11 / 36,
+       "calls_ok_fraction": 8 / 11}
+
+
+def write_multi(path: Path) -> Path:
+    """ROWS as a JSONL file with `source` or a ToRL parquet file with `data_source`, by the suffix of ``path``."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, [{"problem": TEXT[n], "answer": PLAN[TEXT[n]][0], "source": SOURCE_OF[n]}
+                                  for n in ROWS])
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = [{"data_source": SOURCE_OF[n], "prompt": [{"role": "user", "content": torl_prompt(TEXT[n])}],
+             "reward_model": {"ground_truth": PLAN[TEXT[n]][0], "style": "rule"}} for n in ROWS]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def scripted(monkeypatch, ckpt):
+    policy = ScriptedPolicy(Tokenizer(ckpt), list(PLAN), respond)
+    monkeypatch.setattr(Generator, "generate", lambda gen, requests, progress=None: policy.generate(requests))
+
+
+def table_cells(text: str, first: str) -> list[list[str]]:
+    """The cells of the rows of the text table whose first cell is ``first`` (the header) and of those after it."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first])
+    return [line.split() for line in lines[start:] if line and not line.startswith(("results in", "|"))][:6]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_one_row_per_source_average_and_all_against_hand_count(tmp_path, ckpt, monkeypatch, capsys, suffix):
+    data = write_multi(tmp_path / f"multi{suffix}")
+    scripted(monkeypatch, ckpt)
+    res = ev.main(["--model", str(ckpt), "--data", str(data), "--k", str(K), "--out", str(tmp_path / "out"), *FAST])
+    out = capsys.readouterr().out
+    assert list(res["results"]) == ["alpha", "beta", "gamma"]
+    tok = Tokenizer(ckpt)
+    for source, expected in EXPECTED.items():
+        row = res["results"][source]
+        assert {key: row[key] for key in expected} == pytest.approx(expected), source
+        lengths = [len(tok.encode(respond(TEXT[n], j)[0])) for n, _, _ in SOURCES[source] for j in range(K)]
+        assert row["response_length"] == pytest.approx(sum(lengths) / len(lengths))
+        assert row["dataset"] == "multi" and row["time_s"] is None  # a part of its file
+    assert {key: res["average"][key] for key in AVERAGE} == pytest.approx(AVERAGE)
+    assert res["average"]["response_length"] == pytest.approx(
+        sum(res["results"][s]["response_length"] for s in SOURCES) / 3)
+    assert {key: res["all"][key] for key in ALL} == pytest.approx(ALL)
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == json.loads(json.dumps(res))
+
+    # the repeats: one line, the list in results.json (ids are "<stem>-<row - 1>" in both formats)
+    assert [line for line in out.splitlines() if "repeat" in line] == [
+        "multi: 4 of 13 rows repeat 3 problems; each problem is evaluated and counted once (listed in results.json)"]
+    assert res["files"]["multi"]["repeats"] == [["multi-000", "multi-005", "multi-012"], ["multi-003", "multi-010"],
+                                                ["multi-009", "multi-011"]]
+    assert res["files"]["multi"]["rows"] == 13 and res["files"]["multi"]["time_s"] > 0
+    cells = table_cells(out, "source")
+    assert [row[:3] for row in cells] == [["source", "n", "greedy"], ["alpha", "3", "66.7"], ["beta", "2", "0.0"],
+                                          ["gamma", "4", "75.0"], ["average", "9", "47.2"], ["all", "9", "55.6"]]
+    assert not any(line.startswith("|") for line in out.splitlines())  # no Markdown unless asked for
+
+
+def test_markdown_table_with_settings_line(tmp_path, ckpt, monkeypatch, capsys):
+    data = write_multi(tmp_path / "multi.jsonl")
+    scripted(monkeypatch, ckpt)
+    ev.main(["--model", str(ckpt), "--data", str(data), "--k", str(K), "--temperature", "0.7", "--markdown",
+             "--out", str(tmp_path / "out"), *FAST])
+    out = capsys.readouterr().out.splitlines()
+    md = [line for line in out if line.startswith("|")]
+    settings = out[out.index(md[0]) - 2]
+    assert settings == (f"model {ckpt}, k = 4 samples per problem (temperature 0.7, top-p 1.0) and one greedy, at most "
+                        f"6 new tokens and 1 tool call(s) per response") and out[out.index(md[0]) - 1] == ""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in md]
+    assert rows[1] == ["---"] * len(rows[0])
+    assert [rows[0]] + rows[2:] == table_cells("\n".join(out), "source")  # the same cells as the text table
+
+
+def test_several_files_with_and_without_sources(tmp_path, ckpt, monkeypatch):
+    """x: alpha and beta rows; y: beta rows and rows without a source; z: no source. beta is in two files, so
+    its rows are named by file; z is a whole file, so its row has the file's time."""
+    rows = lambda names, sources: [{"problem": TEXT[n], "answer": PLAN[TEXT[n]][0]} | ({"source": s} if s else {})
+                                   for n, s in zip(names, sources)]
+    x = write_jsonl(tmp_path / "x.jsonl", rows(["a1", "b1", "a2"], ["alpha", "beta", "alpha"]))
+    y = write_jsonl(tmp_path / "y.jsonl", rows(["b2", "g1", "g2"], ["beta", None, ""]))
+    z = write_jsonl(tmp_path / "z.jsonl", rows(["g3", "g4", "g4"], [None, None, None]))
+    scripted(monkeypatch, ckpt)
+    res = ev.main(["--model", str(ckpt), "--data", f"{x},{y},{z}", "--k", str(K), "--out", str(tmp_path / "out"),
+                   *FAST])
+    got = {name: (r["dataset"], r["problems"], r["greedy"]) for name, r in res["results"].items()}
+    assert got == {"alpha": ("x", 2, 1 / 2), "x/beta": ("x", 1, 0.0), "y/beta": ("y", 1, 0.0), "y": ("y", 2, 1.0),
+                   "z": ("z", 2, 1 / 2)}
+    assert [r["time_s"] is None for r in res["results"].values()] == [True, True, True, True, False]
+    assert res["average"]["greedy"] == pytest.approx((1 / 2 + 0 + 0 + 1 + 1 / 2) / 5)
+    assert res["all"]["greedy"] == pytest.approx(4 / 8) and res["all"]["problems"] == 8
+    assert res["files"]["z"]["repeats"] == [["z-001", "z-002"]] and res["files"]["x"]["repeats"] == []
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -182,7 +284,9 @@ class Counting:
 
 
 def without_time(results: dict) -> dict:
-    return {name: {k: v for k, v in r.items() if k != "time_s"} for name, r in results.items()}
+    """The rows of results.json without their wall times."""
+    rows = results["results"] | {"(average)": results["average"], "(all)": results["all"]}
+    return {name: {k: v for k, v in r.items() if k != "time_s"} for name, r in rows.items()}
 
 
 def samples_of(out: Path) -> list[dict]:
@@ -245,7 +349,7 @@ def test_cli_end_to_end_on_aime24(tmp_path, ckpt):
                           env=os.environ | {"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     header, row = proc.stdout.splitlines()[1:3]
-    assert header.split() == ["dataset", "n", "greedy", "avg@2", "pass@2", "maj@2", "tool%", "ok%", "calls", "len",
+    assert header.split() == ["source", "n", "greedy", "avg@2", "pass@2", "maj@2", "tool%", "ok%", "calls", "len",
                               "time_s"]
     assert row.split()[:2] == ["aime24", "30"]
     results = json.loads((out / "results.json").read_text())
@@ -265,6 +369,6 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, ckpt):
                           env=os.environ | {"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     one = ev.main(argv + ["--out", str(tmp_path / "one")])
-    two = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert without_time(two) == without_time(one)
     assert samples_of(tmp_path / "two") == samples_of(tmp_path / "one")

@@ -1,11 +1,12 @@
-"""pass@k against brute-force enumeration of all k-subsets; maj@k on hand-made votes."""
+"""pass@k against brute-force enumeration of all k-subsets; maj@k on hand-made votes; the mean over sources and the
+Markdown table by hand."""
 
 import itertools
 from fractions import Fraction
 
 import pytest
 
-from nanotorl.metrics import maj_at_k, mean_pass_at_k, pass_at_k
+from nanotorl.metrics import maj_at_k, mean_pass_at_k, pass_at_k, print_table, source_mean
 
 
 def brute_force_pass_at_k(correct: list[bool], k: int) -> Fraction:
@@ -71,3 +72,21 @@ def test_maj_at_k_groups_equivalent_answers_with_the_reward_check():
     # "0.5" and "\frac12" form one group of 2 and beat the single "1"
     assert maj_at_k(["1", "0.5", "\\frac12"], "\\frac{1}{2}", 3)
     assert not maj_at_k(["1", "0.5", "\\frac12"], "\\frac{1}{2}", 3, equivalent=exact)
+
+
+def test_source_mean_is_unweighted_and_skips_undefined_values():
+    rows = [{"acc": 0.5, "ok": None, "tools": {"calls": 1.0, "ok": None}},   # e.g. 30 problems
+            {"acc": 1.0, "ok": 0.25, "tools": {"calls": 3.0, "ok": None}},   # e.g. 500 problems: same weight
+            {"acc": 0.0, "ok": 0.75, "tools": {"calls": 2.0, "ok": None}}]
+    assert source_mean(rows) == {"acc": 0.5, "ok": 0.5, "tools": {"calls": 2.0, "ok": None}}
+    with pytest.raises(ValueError, match="at least one source"):
+        source_mean([])
+
+
+def test_markdown_table_has_header_rule_and_the_same_cells(capsys):
+    rows = [{"source": "aime24", "n": "30", "greedy": "3.3"}, {"source": "average", "n": "194", "greedy": "-"}]
+    print_table(rows, ["source", "n", "greedy"], markdown=True)
+    assert capsys.readouterr().out.splitlines() == ["| source  | n   | greedy |",
+                                                    "| ---     | --- | ---    |",
+                                                    "| aime24  | 30  | 3.3    |",
+                                                    "| average | 194 | -      |"]

@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+import train
+from conftest import REPO, ScriptedPolicy
 from nanotorl.checkpoint import load_model
+from nanotorl.config import InputsConfig, LogConfig, TrainConfig
+from nanotorl.data import Problem
+from nanotorl.demo import save_demo_tokenizer
+from nanotorl.generate import ToolCall
 from nanotorl.grpo import GRPOConfig, micro_batches, policy_loss, policy_sequence
 from nanotorl.model import Qwen2, Qwen2Config
+from nanotorl.tokenizer import Tokenizer
 
 # One thread per process: multi-threaded CPU reductions (e.g. the embedding's backward) are not bitwise
 # reproducible, and the resume test compares bits.
@@ -72,6 +78,51 @@ def test_masked_tool_tokens_get_no_gradient():
     policy = dict(seq, targets=list(seq["targets"]))
     policy["targets"][6] = 30
     assert any(not torch.allclose(a, b) for a, b in zip(base, grads(policy)))
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+# held-out problem: (source, greedy right, greedy calls the tool, which of the 2 samples are right)
+HELDOUT = {"p1": ("s1", True, False, "11"), "p2": ("s1", False, False, "01"), "p3": ("s2", False, True, "00"),
+           "p4": ("s3", True, False, "10"), "p5": ("s3", True, False, "11"), "p6": ("s3", False, False, "00")}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    save_demo_tokenizer(path)
+    return Tokenizer(path)
+
+
+def validate(tok, eval_data: str, rank: int = 0, world: int = 1) -> dict:
+    """train.evaluate with a scripted policy that answers as HELDOUT plans (eval_k = 2)."""
+    def respond(text, sample):
+        _, greedy, tool, right = HELDOUT[text]
+        ok = greedy if sample is None else right[sample] == "1"
+        calls = [ToolCall("print(1)", "ok", "1", 0.0)] if sample is None and tool else []
+        return f"\\boxed{{{1 if ok else 2}}}", calls
+
+    policy = ScriptedPolicy(tok, list(HELDOUT), respond)
+    heldout = [Problem(text, text, "1", source) for text, (source, *_) in HELDOUT.items()]
+    cfg = TrainConfig(inputs=InputsConfig(eval_data=eval_data), log=LogConfig(eval_k=2))
+    return train.evaluate(torch.nn.Linear(1, 1), policy, heldout, cfg, rank, world, torch.device("cpu"))
+
+
+def test_validation_per_source_and_their_mean_against_hand_count(tok):
+    got = validate(tok, "heldout.jsonl")
+    # by hand from HELDOUT: pass@1 = mean of c/2, pass@2 = any right
+    expected = {"eval_accuracy": 3 / 6, "eval_tool_fraction": 1 / 6, "eval_pass@1": 3 / 6, "eval_pass@2": 4 / 6,
+                "eval_accuracy/s1": 1 / 2, "eval_tool_fraction/s1": 0.0, "eval_pass@1/s1": 3 / 4, "eval_pass@2/s1": 1.0,
+                "eval_accuracy/s2": 0.0, "eval_tool_fraction/s2": 1.0, "eval_pass@1/s2": 0.0, "eval_pass@2/s2": 0.0,
+                "eval_accuracy/s3": 2 / 3, "eval_tool_fraction/s3": 0.0, "eval_pass@1/s3": 1 / 2,
+                "eval_pass@2/s3": 2 / 3,
+                "eval_accuracy/average": (1 / 2 + 0 + 2 / 3) / 3, "eval_tool_fraction/average": 1 / 3,
+                "eval_pass@1/average": (3 / 4 + 0 + 1 / 2) / 3, "eval_pass@2/average": (1 + 0 + 2 / 3) / 3}
+    assert got == pytest.approx(expected)
+    # every rank sums the same keys, also a rank that holds no problem of a source (rank 1 holds only s3)
+    assert validate(tok, "heldout.jsonl", 1, 2).keys() == validate(tok, "heldout.jsonl", 0, 2).keys() == expected.keys()
+    # the demo's held-out arithmetic (no --eval-data) is one set, whatever its problems' sources
+    assert validate(tok, "").keys() == {"eval_accuracy", "eval_tool_fraction", "eval_pass@1", "eval_pass@2"}
 
 
 # One generation slot: with several, which sequences share a forward depends on when sandbox results arrive,
@@ -134,7 +185,8 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
 
 
 def test_real_recipe_path_with_a_checkpoint_and_jsonl_data(tmp_path):
-    """--model DIR --data FILE: a Hugging Face checkpoint and JSONL problems, with a malformed row skipped."""
+    """--model DIR --data FILE: a Hugging Face checkpoint and JSONL problems, with a malformed row skipped;
+    --eval-data of two sources with a repeated problem: one line on the repeat, accuracies per source."""
     from nanotorl.checkpoint import save_model
     from nanotorl.demo import demo_config, save_demo_tokenizer
     from nanotorl.tokenizer import Tokenizer
@@ -143,14 +195,20 @@ def test_real_recipe_path_with_a_checkpoint_and_jsonl_data(tmp_path):
     save_model(Qwen2(demo_config(vocab)).init_weights(), tmp_path / "ckpt", tokenizer_dir=tmp_path / "ckpt")
     rows = [json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(6)]
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:3] + ['{"problem": "no answer"}'] + rows[3:]) + "\n")
+    heldout = [{"problem": f"What is {i} * 3?", "answer": str(3 * i), "source": s} for i, s in
+               [(7, "s1"), (8, "s2"), (7, "s1"), (9, "s1")]]
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(row) + "\n" for row in heldout))
     cmd = [sys.executable, "train.py", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.jsonl"),
-           "--eval-data", str(tmp_path / "train.jsonl"), "--skip-bad-rows", "true", "--out-dir", str(tmp_path / "out"),
-           "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-           "--eval-problems", "2", "--eval-k", "1", "--gen-slots", "4"]
+           "--eval-data", str(tmp_path / "heldout.jsonl"), "--skip-bad-rows", "true", "--out-dir",
+           str(tmp_path / "out"), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+           "8", "--eval-problems", "3", "--eval-k", "1", "--gen-slots", "4"]
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipped 1 malformed rows" in r.stderr + r.stdout
-    assert [row["step"] for row in metrics(tmp_path / "out")] == [0, 1]
+    assert "heldout.jsonl: 1 of 4 rows repeat 1 problems; each problem is evaluated" in r.stderr + r.stdout
+    rows = metrics(tmp_path / "out")
+    assert [row["step"] for row in rows] == [0, 1]
+    assert {"eval_accuracy/s1", "eval_accuracy/s2", "eval_accuracy/average"} <= rows[0].keys()
     load_model(tmp_path / "out" / "checkpoints" / "step_000001")
     r = subprocess.run(cmd[:-2] + ["--skip-bad-rows", "false"], cwd=REPO, env=ENV, capture_output=True, text=True,
                        timeout=600)
