@@ -125,6 +125,19 @@ def test_validation_per_source_and_their_mean_against_hand_count(tok):
     assert validate(tok, "").keys() == {"eval_accuracy", "eval_tool_fraction", "eval_pass@1", "eval_pass@2"}
 
 
+def test_held_out_repeats_dropped_before_the_limit_with_one_line(tmp_path, capsys):
+    rows = [{"problem": f"What is {i} * 3?", "answer": str(3 * i), "source": s} for i, s in
+            [(7, "s1"), (8, "s2"), (7, "s1"), (7, "s1"), (9, "s1"), (10, "s2")]]
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = str(tmp_path / "heldout.jsonl")
+    train_set, heldout = train.load_data(TrainConfig(inputs=InputsConfig(data=path, eval_data=path),
+                                                     log=LogConfig(eval_problems=3)))
+    assert len(train_set) == 6  # training problems may repeat: each is a draw
+    assert [p.problem for p in heldout] == ["What is 7 * 3?", "What is 8 * 3?", "What is 9 * 3?"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path / 'heldout.jsonl'}: 2 of 6 rows repeat 1 problems; each problem is evaluated and counted once"]
+
+
 # One generation slot: with several, which sequences share a forward depends on when sandbox results arrive,
 # and batched matmuls round differently for different batch sizes (same tokens, different last bits).
 DEMO_ARGS = ["--steps", "4", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "48",
