@@ -6,7 +6,7 @@
 
 Files: pool.py (the API), result.py (what a run gives back), server.py (the fork server), child.py
 (confinement of one run), isolation.py (namespaces, identities, pids cgroup, imports), policy.py (the
-seccomp allowlist), bpf.py (its compiler), syscalls.py (syscall numbers), protocol.py (the framing
+seccomp allowlist and its BPF compiler), syscalls.py (syscall numbers), protocol.py (the framing
 between pool and server). ``python -m sandbox CODE`` tries code by hand; docs/sandbox.md is the
 threat model.
 """

@@ -143,7 +143,7 @@ class Confinement:
     """What the server decided once for every run; ``confine`` applies it in each child."""
     workdir: str
     limits: list                 # from resource_limits
-    seccomp: object              # the RUN bpf.Filter, or None when allowed to run unconfined
+    seccomp: object              # the RUN policy.Filter, or None when allowed to run unconfined
     keep_fds: tuple = ()         # the import directories (sandbox/isolation.py), open in every run
     cgroup: str | None = None    # a pids cgroup directory that holds one subdirectory per slot
     switch_uid: bool = False     # whether the server may give runs an identity of their own

@@ -9,8 +9,9 @@ into Results and resolves futures. The pool never raises for anything the code d
 is a Result (sandbox/result.py), and ``Result.infra_error`` tells the sandbox's own failures from the
 code's. If the server dies, sends what is not the protocol, or makes no progress for ``watchdog``
 seconds while runs are outstanding (then we kill it), every outstanding run resolves as ``killed``
-with ``infra_error`` and a new server is started. ``close()`` (or leaving the ``with`` block, or interpreter exit) ends the server
-and every run; if the trainer dies outright, the server sees EOF on its socket and does the same.
+with ``infra_error`` and a new server is started. ``close()`` (or leaving the ``with`` block, or
+interpreter exit) ends the server and every run; if the trainer dies outright, the server sees EOF on
+its socket and does the same.
 """
 import concurrent.futures
 import itertools

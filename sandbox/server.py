@@ -42,8 +42,7 @@ import time
 from dataclasses import dataclass, field
 
 from sandbox import child, isolation, protocol
-from sandbox.bpf import Filter
-from sandbox.policy import RUN, SERVER
+from sandbox.policy import RUN, SERVER, Filter
 
 PR_SET_DUMPABLE = 4
 PROBE_ID = -1

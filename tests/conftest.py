@@ -119,7 +119,7 @@ def make_hf_checkpoint(path, seed=0, dtype=torch.float32, model_type="qwen2", **
 # The sandbox in both namespace modes. "no-namespaces" starts each server under a seccomp filter that makes
 # unshare() fail with EPERM, as many containers do: the server really is refused and confines runs without them.
 REFUSE_UNSHARE = """import ctypes, platform
-from sandbox.bpf import SockFilter, SockFprog
+from sandbox.policy import SockFilter, SockFprog
 unshare = {"x86_64": 272, "aarch64": 97}[platform.machine()]
 prog = (SockFilter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, unshare), (0x06, 0, 0, 0x50001), (0x06, 0, 0, 0x7FFF0000))
 libc = ctypes.CDLL(None)

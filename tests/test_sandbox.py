@@ -21,9 +21,8 @@ import time
 import pytest
 
 from sandbox import SandboxPool, protocol
-from sandbox.bpf import compile_policy
-from sandbox.policy import ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, POLICY, RUN, SELF, SERVER, When, combine
-from sandbox.syscalls import NUMBERS
+from sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When, combine,
+                            compile_policy)
 SANDBOX_MODES = ["namespaces", "no-namespaces"]  # see sandbox_pool in tests/conftest.py
 
 ARCH = platform.machine()
@@ -570,7 +569,7 @@ def test_no_orphans_when_the_trainer_is_interrupted_or_killed(sig):
 NO_SECCOMP = """
 import ctypes, json, platform, warnings
 from sandbox import SandboxPool, protocol
-from sandbox.bpf import SockFilter, SockFprog
+from sandbox.policy import SockFilter, SockFprog
 prctl, seccomp = {"x86_64": (157, 317), "aarch64": (167, 277)}[platform.machine()]
 einval, allow = 0x50000 | 22, 0x7FFF0000  # answer like a kernel built without seccomp
 prog = (SockFilter * 8)((0x20, 0, 0, 0), (0x15, 0, 3, prctl), (0x20, 0, 0, 16), (0x15, 0, 3, 22),
