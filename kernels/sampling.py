@@ -48,7 +48,7 @@ RNG_BLOCK = 2048   # tokens per block of the two-level Gumbel-max; part of what 
 FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR
 NPIV = 16          # pivots per search pass
 SEARCH_CAP = 16384  # the search moves to a per-row scratch copy once its bracket holds this few tokens
-_SEARCH_BLOCK = 256
+_SEARCH_BLOCK = 128   # logits per search iteration: at 256, the fp32 threshold search spills registers (triton 3.6)
 _BLOCKS_PER_PROGRAM = 4   # the block kernel reads 4 x 2048 logits per program (16-32 KiB in flight)
 
 
