@@ -46,6 +46,7 @@ from nanotorl.config import TrainConfig
 from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems,
                            repeats_line)
 from nanotorl.generate import Generator, SamplingParams
+from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
 from nanotorl.rollout import Draw, Sample, rollout
 from nanotorl.tokenizer import Tokenizer
@@ -209,6 +210,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help=f"response budget, tool output included (default "
                                                       f"{PAPER_MAX_NEW_TOKENS}; the demo's own for the demo)")
     p.add_argument("--trigger", choices=("fence", "output"), default="fence", help="see nanotorl.generate")
+    p.add_argument("--prompt-template", choices=PROMPT_TEMPLATES, default="torl",
+                   help="torl: the paper's base-model prompt; chat: the checkpoint's chat template (as in training)")
+    p.add_argument("--template-vars", default="", help="JSON object for the chat template, e.g. "
+                                                       "'{\"enable_thinking\": false}' (as in training)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's own")
     p.add_argument("--slots", type=int, default=64, help="concurrent sequences per rank")
     p.add_argument("--cuda-graph", action="store_true", help="decode step as a CUDA graph (GPU)")
@@ -223,6 +228,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
+    try:
+        args.template_vars = parse_template_vars(args.template_vars)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -268,16 +277,18 @@ def main(argv=None) -> dict | None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device).eval()
-    tok = Tokenizer(model_dir)
+    tok = Tokenizer(model_dir, args.prompt_template, args.template_vars)
     out = args.out or Path("runs/eval") / model_dir.name
     settings = {"model": str(model_dir.resolve()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     settings |= {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls",
-                                               "trigger", "seed")}
+                                               "trigger", "seed", "prompt_template", "template_vars")}
     if rank == 0:
         check_settings(out, settings)
         records = merge_records(out)
         log(f"evaluating {model_dir} on {', '.join(sets)} | {world} process(es) on {device.type} | out {out}"
             + (f" | {len(records)} samples reloaded" if records else ""))
+        first = next(iter(sets.values()))[0].problem
+        log(f"prompt of the first problem ({args.prompt_template}):\n{tok.prompt(first)}")
     done = dist.broadcast_object(set(records) if rank == 0 else None)
 
     longest = max(len(tok.prompt_ids(p.problem)) for problems in sets.values() for p in problems)

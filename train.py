@@ -27,6 +27,7 @@ from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.rollout import finish_stats, groups, rollout, rollout_stats
+from nanotorl.prompt import parse_template_vars
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 
@@ -209,6 +210,7 @@ def load_policy(cfg: TrainConfig, rank: int, world: int, device):
             build_base_model(base, log=tqdm.write)
         dist.barrier()
     model_dir = ckpt or base
+    tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars))
     cuda = device.type == "cuda"
     dtype = getattr(torch, cfg.optim.dtype)
     model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)
@@ -220,7 +222,7 @@ def load_policy(cfg: TrainConfig, rank: int, world: int, device):
     if rank == 0:
         tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
                    f"on {device.type} | out_dir {cfg.log.out_dir}")
-    return model, optimizer, Tokenizer(model_dir), start
+    return model, optimizer, tok, start
 
 
 def fitting_problems(cfg: TrainConfig, tok: Tokenizer, rank: int):
@@ -243,6 +245,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)
     model, optimizer, tok, start = load_policy(cfg, rank, world, device)
     fits, heldout = fitting_problems(cfg, tok, rank)
+    if rank == 0:
+        tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
     ro = cfg.rollout
     sampling = SamplingParams(temperature=ro.temperature, top_p=ro.top_p)
     log = Log(cfg, rank, start)

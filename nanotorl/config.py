@@ -21,10 +21,12 @@ from nanotorl.grpo import GRPOConfig
 
 @dataclass
 class InputsConfig:
-    model: str = ""                 # Hugging Face Qwen2 directory; "" = the demo's base model, built on first use
+    model: str = ""                 # Hugging Face Qwen2/Qwen3 directory; "" = the demo's base model, built on first use
     data: str = ""                  # JSONL {problem, answer} or ToRL parquet; "" = the demo's synthetic arithmetic
     eval_data: str = ""             # held-out set for validation (the demo uses its held-out arithmetic split)
     skip_bad_rows: bool = False     # skip (and count) malformed data rows instead of stopping
+    prompt_template: str = "torl"   # 'torl': the paper's base-model prompt; 'chat': the checkpoint's chat template
+    template_vars: str = ""         # JSON object for the chat template, e.g. '{"enable_thinking": false}'
     demo_base_dir: str = ""         # "" = the committed nanotorl/demo_base (rebuilt there if deleted)
     demo_train_problems: int = 4000
 

@@ -91,6 +91,42 @@ def shared_path(*parts) -> Path:
     return path
 
 
+def save_chat_tokenizer(path, template="qwen3"):
+    """An instruct model's tokenizer files, small: the demo tokenizer plus <|im_start|> and <|im_end|>, eos_token
+    <|im_end|>, generation_config.json's end ids [<|im_end|>, <|endoftext|>] and a chat template of
+    tests/chat_templates. Returns (<|im_end|>, <|endoftext|>) ids."""
+    from tokenizers import AddedToken
+
+    from nanotorl.demo import demo_tokenizer
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tk = demo_tokenizer()
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    tk.save(str(path / "tokenizer.json"))
+    ends = tk.token_to_id("<|im_end|>"), tk.token_to_id("<|endoftext|>")
+    chat_template = (Path(__file__).parent / "chat_templates" / f"{template}.jinja").read_text()
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": chat_template}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": list(ends)}))
+    return ends
+
+
+def make_chat_checkpoint(path):
+    """A tiny random Qwen3 (our model with Qwen3's switches, head_dim apart from hidden/heads) with the
+    :func:`save_chat_tokenizer` files: an instruct checkpoint to prompt with --prompt-template chat."""
+    from nanotorl.checkpoint import save_model
+    from nanotorl.model import Qwen2, Qwen2Config
+    from nanotorl.tokenizer import Tokenizer
+    ends = save_chat_tokenizer(path)
+    cfg = Qwen2Config(vocab_size=Tokenizer(path).vocab_size, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                      max_position_embeddings=1024, tie_word_embeddings=False, qkv_bias=False, qk_norm=True)
+    save_model(Qwen2(cfg).init_weights(std=0.3, generator=torch.Generator().manual_seed(0)), path,
+               tokenizer_dir=path, eos_ids=list(ends))
+    return path
+
+
 def make_hf_checkpoint(path, seed=0, dtype=torch.float32, model_type="qwen2", **overrides):
     """Save a random ``transformers`` Qwen2ForCausalLM (or Qwen3ForCausalLM for ``model_type="qwen3"``, head_dim
     hidden/heads unless given) with non-trivial weights (biases and norms, q/k norms included)."""

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import eval as ev
-from conftest import REPO, ScriptedPolicy, shared_path
+from conftest import REPO, ScriptedPolicy, make_chat_checkpoint, shared_path
 from nanotorl.checkpoint import save_model
 from nanotorl.config import TrainConfig
-from nanotorl.data import Problem, arithmetic_problems, torl_prompt
+from nanotorl.data import Problem, arithmetic_problems, load_problems, torl_prompt
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Completion, Generator, ToolCall
 from nanotorl.model import Qwen2, Qwen2Config
@@ -342,13 +342,17 @@ def test_torn_last_line_is_regenerated_and_other_settings_refused(tmp_path, ckpt
 
 def test_cli_end_to_end_on_aime24(tmp_path, ckpt):
     data = shared_path("data", "aime24.jsonl")
+    aime24 = load_problems(data)
     out = tmp_path / "out"
     cmd = [sys.executable, "eval.py", "--model", str(ckpt), "--data", "aime24", "--data-dir", str(data.parent),
            "--k", "2", "--max-new-tokens", "3", "--slots", "32", "--sandbox-workers", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    header, row = proc.stdout.splitlines()[1:3]
+    assert f"prompt of the first problem (torl):\n{torl_prompt(aime24[0].problem)}\n" in proc.stdout
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("source"))
+    header, row = lines[start:start + 2]
     assert header.split() == ["source", "n", "greedy", "avg@2", "pass@2", "maj@2", "tool%", "ok%", "calls", "len",
                               "time_s"]
     assert row.split()[:2] == ["aime24", "30"]
@@ -372,3 +376,24 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, ckpt):
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert without_time(two) == without_time(one)
     assert samples_of(tmp_path / "two") == samples_of(tmp_path / "one")
+
+
+def test_chat_template_prompts_and_is_part_of_the_settings(tmp_path, capsys):
+    """--prompt-template chat with --template-vars on a Qwen3 instruct-style checkpoint: the first prompt is printed
+    and recorded in the settings (samples made with another prompt are not mixed in); bad variables are refused."""
+    ckpt = make_chat_checkpoint(tmp_path / "ckpt")
+    data = small_set(tmp_path, n=2)
+    argv = ["--model", str(ckpt), "--data", str(data), "--k", "1", "--out", str(tmp_path / "out"), *FAST,
+            "--prompt-template", "chat", "--template-vars", '{"enable_thinking": false}']
+    ev.main(argv)
+    tok = Tokenizer(ckpt, "chat", {"enable_thinking": False})
+    first = load_problems(data)[0].problem
+    assert f"prompt of the first problem (chat):\n{tok.prompt(first)}\n" in capsys.readouterr().out
+    assert tok.prompt(first).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert (settings["prompt_template"], settings["template_vars"]) == ("chat", {"enable_thinking": False})
+    with pytest.raises(ValueError, match="other settings.*prompt_template: 'chat' there, 'torl' now"):
+        ev.main(argv[:-4])
+    with pytest.raises(SystemExit):
+        ev.main(argv[:-1] + ["enable_thinking=false"])
+    assert "--template-vars must be a JSON object" in capsys.readouterr().err

@@ -8,10 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import AddedToken
 
-from conftest import interpreted, shared_path
-from nanotorl.demo import demo_tokenizer, save_demo_tokenizer
+from conftest import interpreted, save_chat_tokenizer, shared_path
+from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
@@ -133,12 +132,8 @@ def chat_tok(tmp_path_factory):
     """The demo tokenizer with an instruct model's end ids: <|im_end|> (eos_token) and <|endoftext|>, as
     generation_config.json lists them, plus "!" from config.json."""
     path = tmp_path_factory.mktemp("chat_tok")
-    tk = demo_tokenizer()
-    tk.add_special_tokens([AddedToken("<|im_end|>", special=True)])
-    tk.save(str(path / "tokenizer.json"))
-    im_end, endoftext, bang = tk.token_to_id("<|im_end|>"), tk.token_to_id("<|endoftext|>"), tk.token_to_id("!")
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    im_end, endoftext = save_chat_tokenizer(path)
+    bang = Tokenizer(path).token_to_id("!")
     (path / "config.json").write_text(json.dumps({"eos_token_id": bang}))
     tok = Tokenizer(path)
     assert tok.eos_ids == [im_end, endoftext, bang]

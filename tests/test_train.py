@@ -226,3 +226,28 @@ def test_real_recipe_path_with_a_checkpoint_and_jsonl_data(tmp_path):
     r = subprocess.run(cmd[:-2] + ["--skip-bad-rows", "false"], cwd=REPO, env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode != 0 and "train.jsonl:4" in r.stderr
+
+
+def test_qwen3_with_its_chat_template_trains_and_saves_as_it_came(tmp_path):
+    """--prompt-template chat --template-vars on a Qwen3 instruct-style checkpoint: the first prompt is printed, and
+    the saved checkpoint is a Qwen3 with every end id and the chat template, prompted the same way again."""
+    from conftest import make_chat_checkpoint
+    from nanotorl.data import torl_user_message
+    from nanotorl.tokenizer import Tokenizer
+    base = make_chat_checkpoint(tmp_path / "base")
+    rows = [json.dumps({"problem": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    cmd = [sys.executable, "train.py", "--model", str(base), "--data", str(tmp_path / "train.jsonl"),
+           "--prompt-template", "chat", "--template-vars", '{"enable_thinking": false}', "--out-dir",
+           str(tmp_path / "out"), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+           "8", "--eval-every", "0", "--gen-slots", "4"]
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    prompt = f"<|im_start|>user\n{torl_user_message('What is 0 + 0?')}<|im_end|>\n<|im_start|>assistant\n" \
+             "<think>\n\n</think>\n\n"
+    assert f"prompt of the first problem (chat):\n{prompt}\n" in r.stdout
+    saved = tmp_path / "out" / "checkpoints" / "step_000001"
+    config = json.loads((saved / "config.json").read_text())
+    assert (config["model_type"], config["head_dim"], config["eos_token_id"]) == ("qwen3", 12, Tokenizer(base).eos_ids)
+    assert Tokenizer(saved, "chat", {"enable_thinking": False}).prompt("What is 0 + 0?") == prompt
+    assert load_model(saved).cfg == load_model(base).cfg
