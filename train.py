@@ -26,8 +26,8 @@ from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import group_advantages, micro_batches, policy_loss, policy_sequence, uniform_groups
 from nanotorl.metrics import pass_at_k, source_mean
-from nanotorl.rollout import finish_stats, groups, rollout, rollout_stats
 from nanotorl.prompt import parse_template_vars
+from nanotorl.rollout import finish_stats, groups, rollout, rollout_stats
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 

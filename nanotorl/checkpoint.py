@@ -66,7 +66,8 @@ def load_config(path) -> Qwen2Config:
     _check_supported(raw, file)
     missing = [k for k in SHAPE_KEYS if raw.get(k) is None]
     if missing:
-        raise ValueError(f"{file}: config.json lacks {missing}; a Hugging Face Qwen config sets all of {list(SHAPE_KEYS)}")
+        raise ValueError(f"{file}: config.json lacks {missing}; a Hugging Face Qwen config sets all of "
+                         f"{list(SHAPE_KEYS)}")
     fields = {k: raw[k] for k in SHAPE_KEYS} | {k: raw.get(k, v) for k, v in HF_DEFAULTS.items()}
     rope = raw.get("rope_parameters") or {}
     if "rope_theta" not in raw and "rope_theta" in rope:

@@ -37,7 +37,8 @@ def parse_template_vars(text: str) -> dict:
         raise ValueError(f"--template-vars must be a JSON object such as '{{\"enable_thinking\": false}}', "
                          f"got {text!r} ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"--template-vars must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+        raise ValueError(f"--template-vars must be a JSON object such as '{{\"enable_thinking\": false}}', "
+                         f"got {text!r}")
     return value
 
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2/Qwen3 checkpoints, the path to ../shared,
-a scripted policy."""
+"""Shared fixtures: the Triton interpreter on CPU, random Hugging Face Qwen2/Qwen3 checkpoints (and instruct-style
+tokenizer files), the path to ../shared, a scripted policy."""
 import importlib
 import importlib.metadata
 import importlib.util

@@ -108,7 +108,8 @@ DROP = object()  # a key to leave out of config.json
 REFUSED = {  # config.json changes -> what the error must name (found, then supported)
     "qwen3-moe": (dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=8),
                   r"mixture-of-experts.*qwen3_moe.*Qwen3MoeForCausalLM.*'qwen3'"),
-    "qwen2-moe": (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]), r"mixture-of-experts.*qwen2_moe"),
+    "qwen2-moe": (dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"]),
+                  r"mixture-of-experts.*qwen2_moe"),
     "experts-in-dense-type": (dict(num_experts=4), r"mixture-of-experts.*'num_experts': 4"),
     "sliding-window": (dict(use_sliding_window=True, sliding_window=256), r"sliding-window.*use_sliding_window=True"),
     "sliding-layers": (dict(layer_types=["full_attention", "sliding_attention"]),

@@ -1,4 +1,5 @@
-"""Prompts against transformers' apply_chat_template, on Qwen2.5-instruct- and Qwen3-style templates (tests/chat_templates)."""
+"""Prompts against transformers' apply_chat_template, on Qwen2.5-instruct- and Qwen3-style templates
+(tests/chat_templates), and the sandbox around them."""
 import json
 import shutil
 from pathlib import Path
@@ -114,8 +115,9 @@ CONVERSATION = [
     {"role": "assistant", "content": "It is \\boxed{1024}.", "reasoning_content": "the tool said 1024"},
     {"role": "user", "content": "And 3**3?"},
 ]
-TOOLS = [{"type": "function", "function": {"name": "python", "description": "Run <code> & print, é",
-                                           "parameters": {"type": "object", "properties": {"code": {"type": "string"}}}}}]
+CODE = {"type": "object", "properties": {"code": {"type": "string"}}}
+TOOLS = [{"type": "function",
+          "function": {"name": "python", "description": "Run <code> & print, é", "parameters": CODE}}]
 # The helpers transformers gives a template: loop controls, tojson (HTML and non-ASCII kept, options), raise_exception,
 # the special tokens as variables, {% generation %} blocks.
 HELPERS = ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{{ m | tojson }}|"
@@ -180,8 +182,9 @@ def test_clear_errors(tmp_path):
         Tokenizer(named, "chat")
 
 
-@pytest.mark.parametrize("text, expected", [("", {}), ("  ", {}), ('{"enable_thinking": false}', {"enable_thinking": False}),
-                                            ('{"a": [1, "b"], "c": null}', {"a": [1, "b"], "c": None})])
+@pytest.mark.parametrize("text, expected", [
+    ("", {}), ("  ", {}), ('{"enable_thinking": false}', {"enable_thinking": False}),
+    ('{"a": [1, "b"], "c": null}', {"a": [1, "b"], "c": None})])
 def test_template_vars_parse_as_a_json_object(text, expected):
     assert parse_template_vars(text) == expected
 
