@@ -8,13 +8,30 @@ then the ``eos_token_id`` lists of ``generation_config.json`` and ``config.json`
 is ``pad_token``, else eos_id. Text is encoded without any added special tokens (a prompt's special tokens are in
 its text) and decoded with every token kept, so decode(encode(s)) == s. :meth:`Tokenizer.prompt` is the prompt of
 a problem, ToRL's or the checkpoint's chat template (:mod:`nanotorl.prompt`).
+
+:meth:`Tokenizer.token_bytes` gives the exact bytes of one token, which the generator reads its responses from
+(:mod:`nanotorl.fences`). In byte-level BPE (Qwen, Llama 3, GPT-2) a token may hold part of a UTF-8 character
+("😀" is 4 bytes, often 2 tokens), which decoding the token alone would turn into U+FFFD: its vocabulary stores
+every byte as one printable character (GPT-2's ``bytes_to_unicode`` table, :data:`BYTE_LEVEL`), mapped back here.
 """
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from nanotorl.prompt import make_prompt
+
+
+def _byte_level() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves, the 68 others (control
+    characters, space, DEL, NBSP, soft hyphen...) for the characters 256, 257, ... in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + n): b for n, b in enumerate(moved)}
+
+
+BYTE_LEVEL = _byte_level()  # character of a byte-level BPE token -> the byte it stands for
 
 
 def _token_text(value):
@@ -39,6 +56,9 @@ class Tokenizer:
         self.eos_ids = list(dict.fromkeys([self.eos_id] + generation_ids + model_ids))  # in order, no repeats
         self.pad_id = self._special_id(config.get("pad_token"), None, "pad", default=self.eos_id)
         self.prompt = make_prompt(prompt_template, path, config, template_vars)  # problem -> prompt text
+        self._byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
+        self._added = {i: t.content for i, t in self.tk.get_added_tokens_decoder().items()}
+        self._bytes = {}  # token id -> its bytes, filled as tokens are met
 
     @staticmethod
     def _read(file: Path) -> dict:
@@ -77,6 +97,20 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token ``token_id`` stands for: exact for byte-level BPE (partial UTF-8 characters included),
+        for added tokens and for tokenizers whose tokens decode on their own (the demo's)."""
+        data = self._bytes.get(token_id)
+        if data is None:
+            if token_id in self._added:
+                data = self._added[token_id].encode()
+            elif self._byte_level:
+                data = bytes(BYTE_LEVEL[ch] for ch in self.tk.id_to_token(token_id))
+            else:
+                data = self.decode([token_id]).encode()
+            self._bytes[token_id] = data
+        return data
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)

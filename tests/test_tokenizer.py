@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from conftest import shared_path
+from nanotorl.demo import save_demo_tokenizer
 from nanotorl.tokenizer import Tokenizer
 
 
@@ -94,3 +95,24 @@ def test_torl_prompt_ids(qwen):
     text = qwen.decode(ids)
     assert text.startswith("A conversation between User and Assistant.")
     assert text.endswith("What is 1+1?\nAssistant:")
+
+
+def test_token_bytes_are_what_the_decoder_makes_of_each_token(qwen):
+    """Every id of the vocabulary: its bytes, read as UTF-8 (invalid sequences replaced), are what the tokenizers
+    library decodes the token to; and the bytes of a text's tokens, joined, are the text's bytes, where a
+    character is cut between tokens too."""
+    for i in range(qwen.vocab_size):
+        assert qwen.token_bytes(i).decode("utf-8", "replace") == qwen.decode([i]), i
+    text = "数学 🦜🧬 ```python\r\n\tprint('é')\n<|endoftext|>"
+    ids = qwen.encode(text)
+    assert any(b"\xef\xbf\xbd" in qwen.decode([i]).encode() for i in ids)  # some token holds part of a character
+    assert b"".join(qwen.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_token_bytes_of_the_demo_tokenizer(tmp_path):
+    save_demo_tokenizer(tmp_path)
+    tok = Tokenizer(tmp_path)
+    text = "```python\nprint(6 * 7)\n```\n```output\n42\n```\nThe answer is \\boxed{42}<|endoftext|>"
+    ids = tok.encode(text)
+    assert len(ids) < len(text)  # whole-phrase tokens among the characters
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
