@@ -6,6 +6,11 @@ Only tokens the policy generated (loss mask 1) are searched for the answer: tool
 response with mask 0 and is decoded separately, so a `\\boxed{}` printed by the sandbox can never be scored as
 the model's answer (`policy_segments` then `score`).
 
+The answer, one rule for the whole policy text however tool output cuts it into segments (`final_answer`): the
+argument of the last `\\boxed` (or `\\fbox`) the policy wrote; if that box is never closed (the response was cut
+off inside it), there is no answer: an earlier box is not taken instead, whether it sits in the same segment or
+before a tool call. A box does not reach over tool output: its braces must close in its own segment.
+
 Equivalence (`is_equivalent`) first tries a cheap exact path (normalised strings, exact numbers), then
 math-verify (the library ToRL used). math-verify can run for ever on some inputs (sympy expanding
 `10^{10^{10}}`), and its own time limit uses SIGALRM, which works only in the main thread. So its checks run in
@@ -307,11 +312,11 @@ def is_equivalent(pred: str, truth: str, timeout: float = 5.0, *, verifier: Veri
 
 
 def final_answer(segments: list[str]) -> str | None:
-    """The last `\\boxed{}` answer over the policy's own segments (from `policy_segments`), or None."""
+    """The answer of the policy's own segments (from `policy_segments`): `last_boxed` of the last segment that
+    holds a `\\boxed`, so None when the last box is unclosed, as within one segment (module docstring)."""
     for segment in reversed(segments):
-        answer = last_boxed(segment)
-        if answer is not None:
-            return answer
+        if _BOX.search(segment):
+            return last_boxed(segment)
     return None
 
 

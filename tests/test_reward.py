@@ -77,6 +77,34 @@ def test_policy_answer_after_tool_output_scores_plus_one():
     assert score(policy_segments(ids, mask, decode), "42").reward == 1.0
 
 
+def test_box_cut_off_after_a_tool_call_is_no_answer_as_in_one_segment():
+    """The issue's case: a closed \\boxed{4}, a tool call, then an unclosed \\boxed{5 (the response was cut off).
+    One rule for the whole policy text: the last box is unclosed, so no answer, in one segment or split."""
+    first, last = "First guess \\boxed{4}.\n```python\nprint(5)\n```\n", "So it is \\boxed{5"
+    ids, mask = fake_tokens([(first, 1), ("```output\n5\n```\n", 0), (last, 1)])
+    split = policy_segments(ids, mask, decode)
+    assert split == [first, last]
+    for segments in (split, [first + last]):
+        assert final_answer(segments) is None and score(segments, "4").reward == -1.0
+
+
+def test_final_answer_is_the_same_however_tool_output_cuts_the_policy_text():
+    """Random policy texts (closed boxes, bare boxes, prose, and sometimes an unclosed box at the end) cut between
+    their pieces into 1-4 segments with tool output between: the answer is last_boxed of the whole text."""
+    rng = np.random.default_rng(0)
+    pieces = ["We get \\boxed{4}. ", "Check: \\boxed{\\frac{1}{2}} ", "prose ", "$\\boxed 7$ ", "\\fbox{9} ",
+              "no box\n"]
+    for _ in range(300):
+        text = list(rng.choice(pieces, rng.integers(1, 6)))
+        if rng.random() < 0.4:
+            text.append(str(rng.choice(["\\boxed{5", "\\boxed{\\frac{1}{", "\\boxed"])))  # cut off
+        cuts = sorted(set(rng.integers(1, len(text) + 1, rng.integers(0, 4)).tolist()))
+        parts = [("".join(text[a:b]), 1) for a, b in zip([0] + cuts, cuts + [len(text)]) if a < b]
+        layout = [p for part in parts for p in (part, ("```output\n\\boxed{8}\n```\n", 0))][:-1]
+        segments = policy_segments(*fake_tokens(layout), decode)
+        assert final_answer(segments) == final_answer(["".join(text)]) == last_boxed("".join(text)), text
+
+
 def test_policy_segments_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="must match"):
         policy_segments([1, 2, 3], [1, 1], decode)
