@@ -41,7 +41,8 @@ from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
-from nanotorl.tool import FENCE, format_observation
+from nanotorl.fences import tool_call
+from nanotorl.tool import format_observation
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen2.5"
 GREEDY = SamplingParams(temperature=0.0)
@@ -121,13 +122,16 @@ def throughput(name, model, hf, tok, B, new, device, iters, bandwidth) -> list[d
 
 class Scripted(torch.nn.Module):
     """A model whose sequences write given scripts: at position p of a slot, the logit of ``script[p + 1]`` gets
-    +1e4. A slot's script is looked up by its prompt when a prefill starts at position 0 and kept in a device
-    table, read with tensor indexing only (so a decode step can be captured in a CUDA graph). The target id
+    +1e4. A slot's script is looked up by its prompt (all prompts of one length, the first tokens of a prefill
+    row that starts at position 0: the row may be padded) and kept in a device table, read with tensor indexing only (so a decode step can be captured in a CUDA graph). The target id
     travels to :meth:`logits` as one extra fp32 feature of the hidden state (the generator reorders rows)."""
 
     def __init__(self, model, scripts: dict[tuple, list[int]], slots: int):
         super().__init__()
         self.model, self.cfg, self.scripts = model, model.cfg, scripts
+        self.prompt_len = len(next(iter(scripts)))
+        if any(len(p) != self.prompt_len for p in scripts):
+            raise ValueError(f"Scripted needs prompts of one length, got {sorted({len(p) for p in scripts})}")
         length = max(len(v) for v in scripts.values()) + 1
         self.table = torch.full((slots, length), -1, device=model.head_weight.device)  # [slots, L]: script ids
 
@@ -142,7 +146,7 @@ class Scripted(torch.nn.Module):
         if ids.shape[1] > 1:  # a prefill: new prompts take their scripts
             for b, (slot, start) in enumerate(zip(slots.tolist(), positions[:, 0].tolist())):
                 if start == 0:
-                    script = torch.tensor(self.scripts[tuple(ids[b].tolist())])
+                    script = torch.tensor(self.scripts[tuple(ids[b, :self.prompt_len].tolist())])
                     self.table[slot] = -1
                     self.table[slot, :len(script)] = script
         nxt = (positions + 1).clamp(max=self.table.shape[1] - 1)
@@ -179,7 +183,7 @@ def tool_script(tok: Tokenizer, prompt, new: int, lead: int | None) -> list[int]
     block, written = tok.encode("```python\nprint(2 + 3)\n```\n"), list(filler[:lead])
     for t in block:  # the generator pauses at the first token that closes the block
         written.append(t)
-        if FENCE.search(tok.decode(written)):
+        if tool_call(tok.decode(written), "fence"):
             break
     head = "" if tok.decode(written[-8:]).endswith("\n") else "\n"
     written += tok.encode(f"{head}```output\n{format_observation('5', None, True)}\n```\n")

@@ -16,9 +16,11 @@ tool observation (what the model sees of the tool is in ``nanotorl/tool.py``). T
      ``cuda_graph`` the decoding covers every slot with fixed shapes instead (``_decode_in_graph``: a CUDA graph
      captured per `generate` call and replayed, which also draws their tokens);
   5. sample (``_sample``): one sampler call draws the next token of every slot whose tokens are all cached;
-  6. advance (``_advance``): a slot whose policy text now closes a ```python block submits the code to the
-     sandbox and pauses, without stalling the others; a slot that wrote an end id (any of the tokenizer's
-     ``eos_ids``, unless ``stop_ids`` says otherwise) or ran out of tokens is finished and freed.
+  6. advance (``_advance``): a slot that wrote an end id (any of the tokenizer's ``eos_ids``, unless ``stop_ids``
+     says otherwise) or ran out of tokens is finished and freed; one whose policy text now makes a tool call
+     (a closed ```python block, or ToRL's ```output line: :mod:`nanotorl.fences`) submits the code to the
+     sandbox and pauses, without stalling the others. Each slot reads its text incrementally: a
+     :class:`nanotorl.fences.Scanner` takes each new token's bytes, and nothing is decoded again.
 
 Only the observation tokens (plus the fence token sampled just before the pause) are prefilled on resume.
 """
@@ -31,8 +33,9 @@ import torch
 
 from kernels.sampling import sample
 from nanotorl.decode_step import DecodeStep
+from nanotorl.fences import Scanner
 from nanotorl.model import KVCache
-from nanotorl.tool import FENCE, OUTPUT_TRIGGER, ToolCall, finished_call, observation_block, submit
+from nanotorl.tool import ToolCall, finished_call, observation_block, submit
 
 @dataclass
 class SamplingParams:
@@ -70,7 +73,7 @@ class _Slot:
         self.tokens = list(request.prompt_ids)
         self.n_cached = 0
         self.out = Completion(list(request.prompt_ids), [], [], [], [], "")
-        self.segment_start = 0   # response index where the current policy text (after the last observation) starts
+        self.scanner = None      # reads the policy text since the last observation (None: no call can fire)
         self.future = None       # pending sandbox run
         self.code = None
 
@@ -82,8 +85,9 @@ class _Slot:
 class Generator:
     """Batched generation with tool calls for one model. ``trigger``: 'fence' runs a block as soon as it is
     closed; 'output' waits until the model itself writes "```output" (ToRL's original trigger, for base
-    Qwen2.5-Math checkpoints that learned to write it). ``cuda_graph``: decode through
-    :class:`nanotorl.decode_step.DecodeStep` (every slot, fixed shapes; a CUDA graph on GPU)."""
+    Qwen2.5-Math checkpoints that learned to write it); the exact rules are in :mod:`nanotorl.fences`.
+    ``cuda_graph``: decode through :class:`nanotorl.decode_step.DecodeStep` (every slot, fixed shapes; a CUDA
+    graph on GPU)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
                  prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False):
@@ -95,7 +99,6 @@ class Generator:
         self.cache = None
         self.cuda_graph, self.decode_step = cuda_graph, None
         self.closed = False
-        self._backtick = {}  # token id -> does its text contain a backtick (only those can close a fence)
         self.stats = {"tool_wait_s": 0.0}
 
     def close(self):
@@ -138,6 +141,7 @@ class Generator:
                 order, req = queue.popleft()
                 i = free.pop()
                 active[i] = _Slot(i, req, order)
+                active[i].scanner = self._scanner(active[i])
                 if self.decode_step is not None:
                     self.decode_step.set_request(i, req)
             finished = self._collect_tool_results(active, block=all(s.waiting for s in active.values()))
@@ -250,7 +254,7 @@ class Generator:
 
     def _advance(self, s: _Slot, tok: int, logprob: float) -> bool:
         """Append a drawn token to its slot, then finish the slot (eos, out of room), pause it for the tool (a
-        closed code fence) or let it go on; True if it finished."""
+        tool call) or let it go on; True if it finished."""
         s.tokens.append(tok)
         out = s.out
         out.response_ids.append(tok)
@@ -262,37 +266,30 @@ class Generator:
         if self._out_of_room(s):
             out.finish_reason = "length"
             return True
-        if self._has_backtick(tok):
-            return self._maybe_call_tool(s)
+        if s.scanner is not None:
+            code = s.scanner.feed(self.tokenizer.token_bytes(tok))
+            if code is not None:
+                return self._call_tool(s, code)
         return False
 
     def _out_of_room(self, s: _Slot) -> bool:
         return len(s.out.response_ids) >= s.request.max_new_tokens or len(s.tokens) >= self.max_len
 
-    def _has_backtick(self, tok: int) -> bool:
-        """Does the token's text hold a backtick? Only such a token can close a code fence (memoised per token)."""
-        if tok not in self._backtick:
-            self._backtick[tok] = "`" in self.tokenizer.decode([tok])
-        return self._backtick[tok]
+    def _scanner(self, s: _Slot) -> Scanner | None:
+        """A scanner for the slot's next stretch of policy text, or None when no call can fire there: no sandbox,
+        or the tool budget spent with trigger 'fence' (further blocks are text). With trigger 'output' a spent
+        budget still watches for the trigger, which then ends the response, as in ToRL."""
+        if self.sandbox is None or (self.trigger == "fence" and len(s.out.tool_calls) >= s.request.max_tool_calls):
+            return None
+        return Scanner(self.trigger)
 
-    def _maybe_call_tool(self, s: _Slot) -> bool:
-        """Pause ``s`` on a closed python block (or on "```output" in ToRL's mode); True if it must finish."""
-        if self.sandbox is None:
-            return False
-        text = self.tokenizer.decode(s.out.response_ids[s.segment_start:])
-        if self.trigger == "fence":
-            if len(s.out.tool_calls) >= s.request.max_tool_calls:
-                return False  # budget spent: further blocks stay plain text
-            match = FENCE.search(text)
-        else:
-            match = OUTPUT_TRIGGER.search(text)
-            if match and len(s.out.tool_calls) >= s.request.max_tool_calls:
-                s.out.finish_reason = "tool_budget"
-                return True
-        if not match:
-            return False
-        s.code = match.group(1)
-        s.future = submit(self.sandbox, s.code)
+    def _call_tool(self, s: _Slot, code: str) -> bool:
+        """Submit ``code`` and pause ``s``; True if it must finish instead ('output' trigger, budget spent)."""
+        if len(s.out.tool_calls) >= s.request.max_tool_calls:
+            s.out.finish_reason = "tool_budget"
+            return True
+        s.code = code
+        s.future = submit(self.sandbox, code)
         return False
 
     def _collect_tool_results(self, active: dict, block: bool) -> list[_Slot]:
@@ -325,7 +322,7 @@ class Generator:
         s.out.response_ids += ids
         s.out.loss_mask += [0] * len(ids)
         s.out.logprobs += [0.0] * len(ids)
-        s.segment_start = len(s.out.response_ids)
+        s.scanner = self._scanner(s)
         if self._out_of_room(s):
             s.out.finish_reason = "length"
             return True

@@ -2,7 +2,8 @@
 
 A response calls the tool with a closed ```python block in its own text since the last observation (trigger
 'fence'), or, in ToRL's original mode (trigger 'output'), with such a block followed by the model writing
-"```output" itself. The code runs in the sandbox, and the result comes back as an observation block
+"```output" itself; the exact rules (Markdown's fences, on any tokenization) are in :mod:`nanotorl.fences`. The
+code runs in the sandbox, and the result comes back as an observation block
 
     ```output
     <format_observation(stdout, last error line, ok)>
@@ -11,13 +12,10 @@ A response calls the tool with a closed ```python block in its own text since th
 on a line of its own (in 'output' mode the model already wrote the opening fence). An empty block and a sandbox
 that fails are calls too: the model sees an error, and training goes on.
 """
-import re
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 TIMEOUT_MESSAGE = "TimeoutError: the code ran out of time and printed nothing"
-FENCE = re.compile(r"```python[^\n]*\n(.*?)```", re.S)          # a closed python block
-OUTPUT_TRIGGER = re.compile(r"```python[^\n]*\n(.*?)```.*?```output", re.S)  # ToRL's original stop string
 
 
 @dataclass

@@ -298,6 +298,21 @@ def test_fence_split_across_qwen_tokens_is_detected():
     assert box.calls == ["print(6*7)\n"] and out.response_ids == script[len(prompt):]
 
 
+def test_torl_output_trigger_fires_on_qwen_tokens_and_runs_the_last_block():
+    """Qwen2.5 ends "```output\n" with the tokens "output" and "\n", neither holding a backtick: the sequence must
+    pause right there (the model's own ```output line kept), run the last python block, not the first, and
+    never treat the model's later text as an observation. The real ids, not renumbered (tests/test_fences.py)."""
+    qwen = Tokenizer(shared_path("tokenizers", "qwen2.5"))
+    before = "Try:\n```python\nprint(1)\n```\nBetter:\n```python\nprint(2 + 3)\n```\n```output\n"
+    assert [qwen.decode([t]) for t in qwen.encode(before)[-3:]] == ["```", "output", "\n"]
+    prompt, script, obs, n1, n2 = scripted(qwen, before, "\\boxed{5}", "5", trigger="output")
+    box = FakeSandbox()
+    out = Generator(Forced(script, qwen.vocab_size), qwen, box, max_len=128, trigger="output").generate(
+        [Request(prompt, max_new_tokens=80, sampling=SamplingParams(temperature=0.0))])[0]
+    assert box.calls == ["print(2 + 3)\n"] and out.response_ids == script[len(prompt):]
+    assert out.loss_mask == [1] * n1 + [0] * len(obs) + [1] * n2 and qwen.decode(obs) == "5\n```\n"
+
+
 def test_each_position_draws_fresh_randomness(tok):
     """Uniform logits: every position must draw anew (seeded by the token's position), so a long sample visits
     many tokens; reusing one position's noise would repeat a single token."""
