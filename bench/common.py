@@ -11,17 +11,51 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
-def kernel_args(doc: str) -> argparse.Namespace:
-    """The kernel benchmarks' command line: ``--quick`` for fewer shapes and iterations."""
+def kernel_args(doc: str, *switches: tuple[str, str]) -> argparse.Namespace:
+    """The kernel benchmarks' command line: ``--quick`` for fewer shapes and iterations, and more on/off
+    ``switches`` given as (flag, help)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    for flag, help_text in switches:
+        parser.add_argument(flag, action="store_true", help=help_text)
     return parser.parse_args()
 
 
-def measure(fn, warmup: int = 2, iters: int = 10, device: str = "cpu") -> dict:
-    """Median wall time of ``fn()`` in seconds and the peak memory it allocated (CUDA only)."""
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors allocated while active (``with LiveTensorBytes() as m: ...; m.peak``): the CPU
+    counterpart of ``torch.cuda.max_memory_allocated``, which the CPU allocator lacks.
+
+    Every op's outputs whose storage is new (not one of its inputs', so views and in-place results are not counted
+    twice) are counted until their storage is freed; tensors that existed before do not count. Scratch memory an
+    op frees before returning is not seen: it is a lower bound on what the process allocates, exact for what
+    PyTorch code keeps (logits, masks, saved activations). Slows every op down: measure time separately.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.live = {key: ref for key, ref in self.live.items() if not ref[0].expired()}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs and storage._cdata not in self.live:
+                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+def measure(fn, warmup: int = 2, iters: int = 10, device: str = "cpu", cpu_memory: bool = False) -> dict:
+    """Median wall time of ``fn()`` in seconds and the peak memory it allocated: CUDA's counters, or on CPU with
+    ``cpu_memory`` one more call under :class:`LiveTensorBytes` (NaN otherwise)."""
     cuda = device.startswith("cuda")
     for _ in range(warmup):
         fn()
@@ -37,6 +71,10 @@ def measure(fn, warmup: int = 2, iters: int = 10, device: str = "cpu") -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() - base if cuda else float("nan")
+    if cpu_memory and not cuda:
+        with LiveTensorBytes() as live:
+            fn()
+        peak = live.peak
     return {"time_s": statistics.median(times), "peak_mem_bytes": peak}
 
 

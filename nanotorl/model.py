@@ -2,7 +2,8 @@
 
 One forward serves every use:
   * training: full sequences ``[B, T]``, padded or packed; ``seq_ids [B, T]`` says which sequence each token
-    belongs to (attention stays inside a sequence, causal), ``positions`` restart at 0 for every sequence;
+    belongs to (attention stays inside a sequence, causal: :mod:`nanotorl.attention` picks the kernel that does it
+    without a T x T mask where it can), ``positions`` restart at 0 for every sequence;
   * generation: new tokens of some cache slots are written into a preallocated :class:`KVCache` at their
     positions and attend to everything their slot holds, so the generator can pause and resume any slot.
     Several groups of rows (e.g. one token for each decoding slot and a chunk for each prefilling one) can
@@ -29,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import use_triton
 from kernels.decode_attention import decode_attention
 from kernels.logprob import logprob
+from nanotorl.attention import Packing, attend, pack, sdpa, sequence_positions
 
 
 @dataclass
@@ -143,13 +145,6 @@ def rope(x, rot):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def sequence_mask(seq_ids):
-    """Boolean attention mask [B, 1, T, T] for packed or padded rows: token i sees token j <= i of its sequence."""
-    T = seq_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
-    return ((seq_ids[:, :, None] == seq_ids[:, None, :]) & causal)[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen2Config, layer: int):
         super().__init__()
@@ -165,13 +160,13 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
-    def forward(self, x, rot, seq_ids=None, windows: list[CacheWindow] | None = None):
+    def forward(self, x, rot, packing: Packing | None = None, windows: list[CacheWindow] | None = None):
         B, T, _ = x.shape
         q = rope(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), rot)  # [B, T, Hq, d]
         k = rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), rot)    # [B, T, Hkv, d]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if windows is None:
-            out = self._attend(q, k, v, sequence_mask(seq_ids) if seq_ids is not None else None)
+            out = sdpa(q, k, v) if packing is None else attend(q, k, v, packing)
         else:  # x: [1, N, D], the tokens of every group in a row; attention group by group
             outs, start = [], 0
             for w in windows:
@@ -182,13 +177,6 @@ class Attention(nn.Module):
                 outs.append(self._attend_cached(*qkv, w).reshape(b * t, -1))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out.reshape(B, T, -1))
-
-    @staticmethod
-    def _attend(q, k, v, mask):
-        """q: [B, T, Hq, d], k/v: [B, S, Hkv, d], mask: [B, 1, T, S] bool or None (plain causal)."""
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return out.transpose(1, 2)
 
     def _attend_cached(self, q, k, v, w: CacheWindow):
         """Write the new k/v of each row into its slot at its positions, then attend to the slot's prefix."""
@@ -202,9 +190,9 @@ class Attention(nn.Module):
         B, T, Hq, d = q.shape
         if T == 1:  # one token per row: its G = Hq / Hkv query heads become G query rows of their KV head
             q = q.view(B, self.n_kv, Hq // self.n_kv, d).transpose(1, 2)  # [B, T=G, H=Hkv, d]
-            out = self._attend(q, keys.to(q.dtype), values.to(q.dtype), w.mask)  # [B, G, Hkv, d]
+            out = sdpa(q, keys.to(q.dtype), values.to(q.dtype), w.mask)  # [B, G, Hkv, d]
             return out.transpose(1, 2).reshape(B, 1, Hq, d)
-        return self._attend(q, keys.to(q.dtype), values.to(q.dtype), w.mask)
+        return sdpa(q, keys.to(q.dtype), values.to(q.dtype), w.mask)
 
 
 class MLP(nn.Module):
@@ -226,8 +214,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rot, seq_ids=None, windows: list[CacheWindow] | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), rot, seq_ids, windows)
+    def forward(self, x, rot, packing: Packing | None = None, windows: list[CacheWindow] | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rot, packing, windows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -278,11 +266,12 @@ class Qwen2(nn.Module):
             positions = self._default_positions(input_ids, seq_ids)
         x = self.embed_tokens(input_ids)
         rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        packing = pack(seq_ids, x.dtype) if seq_ids is not None and windows is None else None
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rot, seq_ids, windows, use_reentrant=False)
+                x = checkpoint(layer, x, rot, packing, windows, use_reentrant=False)
             else:
-                x = layer(x, rot, seq_ids, windows)
+                x = layer(x, rot, packing, windows)
         h = self.norm(x)
         if windows is None:
             return h
@@ -301,12 +290,11 @@ class Qwen2(nn.Module):
 
     @staticmethod
     def _default_positions(input_ids, seq_ids):
+        """positions [B, T]: 0..T-1, or with ``seq_ids`` the number of earlier tokens of the same sequence in the row."""
         B, T = input_ids.shape
         if seq_ids is None:
             return torch.arange(T, device=input_ids.device).expand(B, T)
-        # position = number of earlier tokens of the same sequence in the row
-        same = sequence_mask(seq_ids)[:, 0]  # [B, T, T]
-        return same.sum(-1) - 1
+        return sequence_positions(seq_ids)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random initialisation for models trained from scratch (the demo): normal(0, std) weights,
