@@ -111,8 +111,7 @@ class Packing:
     order: torch.Tensor | None = None      # varlen: the B*T tokens grouped by sequence ([B*T]); None if they are
     inverse: torch.Tensor | None = None    # varlen: back to row order
     cu_seqlens: torch.Tensor | None = None  # varlen: [sequences + 1] int32, where each starts in that order
-    bounds: tuple[int, ...] = ()           # varlen: the same on the host
-    max_len: int = 0                       # varlen: the longest sequence
+    lengths: tuple[int, ...] = ()          # varlen: the sequences' lengths in that order, on the host
 
 
 def pack(seq_ids, dtype) -> Packing:
@@ -127,10 +126,9 @@ def pack(seq_ids, dtype) -> Packing:
     order = (order + T * torch.arange(B, device=seq_ids.device)[:, None]).flatten()   # [B * T]
     starts = first.flatten().nonzero()[:, 0]
     cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
-    bounds = tuple(cu.tolist())
     grouped = not torch.equal(order, torch.arange(B * T, device=order.device))   # only if a sequence is split
     return Packing(path, order=order if grouped else None, inverse=torch.argsort(order) if grouped else None,
-                   cu_seqlens=cu, bounds=bounds, max_len=max(b - a for a, b in zip(bounds, bounds[1:])))
+                   cu_seqlens=cu, lengths=tuple(cu.diff().tolist()))
 
 
 def document_block_mask(seq_ids) -> BlockMask:
@@ -191,9 +189,10 @@ def _varlen(q, k, v, p: Packing):
     if p.order is not None:
         q, k, v = q[p.order], k[p.order], v[p.order]
     if p.path == "flash_attn":
-        out = flash_varlen()[0](q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len, causal=True)
-    else:
-        out = torch.cat([sdpa(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(p.bounds, p.bounds[1:])])
+        longest = max(p.lengths)
+        out = flash_varlen()[0](q, k, v, p.cu_seqlens, p.cu_seqlens, longest, longest, causal=True)
+    else:  # split, not sliced: the backward writes each gradient once, not a full-size one per sequence
+        out = torch.cat([sdpa(*(z[None] for z in qkv))[0] for qkv in zip(*(z.split(p.lengths) for z in (q, k, v)))])
     if p.order is not None:
         out = out[p.inverse]
     return out.view(B, T, *out.shape[1:])
