@@ -372,6 +372,8 @@ def fused_logprob(h, weight, targets, bias=None, temperature=1.0, return_entropy
 
 
 def logprob(h, weight, targets, bias=None, temperature=1.0, return_entropy=False):
-    """What the trainer calls: ``fused_logprob`` when ``kernels.use_triton(h)``, else ``logprob_ref``."""
-    impl = fused_logprob if kernels.use_triton(h) else logprob_ref
+    """What the trainer calls: ``fused_logprob`` when ``kernels.use_triton(h)``, else ``chunked_logprob``
+    (``logprob_ref`` one slice of the vocabulary at a time: kernels/logprob_chunked.py, which builds on this module)."""
+    from kernels.logprob_chunked import chunked_logprob
+    impl = fused_logprob if kernels.use_triton(h) else chunked_logprob
     return impl(h, weight, targets, bias=bias, temperature=temperature, return_entropy=return_entropy)
