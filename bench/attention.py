@@ -2,7 +2,7 @@
 kernel and causal SDPA per sequence (nanotorl/attention.py).
 
     python -m bench.attention            # GPU: rows of 4,096 and 16,384 tokens, bf16; CPU: rows of 1,024 and 2,048
-    python -m bench.attention --quick    # fewer iterations
+    python -m bench.attention --quick    # only the longer rows, fewer iterations (bench/gpu_check.sh)
 
 One row of T tokens packed with responses of about 3,000 tokens (a few hundred on CPU), Qwen2.5-1.5B's heads
 (12 query heads, 2 KV heads, d = 128). Each call builds the row's packing (mask, block mask or sequence bounds,
@@ -10,7 +10,8 @@ what the model builds once per forward for all its layers), attends and back-pro
 FlexAttention is compiled (its first call, compile included, is first_call_s); flash_attn runs when it imports.
 Peak memory is what a call allocates beyond its inputs: CUDA's counters, on CPU the tensors counted by
 bench.common.LiveTensorBytes. Ratios are over the dense path's time and memory, measured in the same run;
-maxdiff is the largest difference of the output from the dense path's. Saved as JSON under bench/results/.
+maxdiff is the largest difference of the output from the dense path's. Saved as JSON under bench/results/ after
+every measurement, so that a run stopped at its time limit keeps what it measured.
 """
 import os
 import time
@@ -61,13 +62,14 @@ def run_path(path, q, k, v, seq_ids, grad):
     return out.detach()
 
 
-def bench_row(T, mean_len, device, dtype, iters, names):
+def bench_row(T, mean_len, device, dtype, iters, names, rows, save):
+    """Every path on one packed row of T tokens; appends to ``rows`` and calls ``save()`` after each."""
     seq_ids = packed_row(T, mean_len).to(device)
     g = torch.Generator(device=device).manual_seed(0)
     Hq, Hkv, d = HEADS
     q, k, v = (torch.randn(1, T, H, d, device=device, dtype=dtype, generator=g).requires_grad_() for H in (Hq, Hkv, Hkv))
     grad = torch.randn(1, T, Hq, d, device=device, dtype=dtype, generator=g)
-    rows, dense_out = [], None
+    dense_out = dense = None
     for path in names:
         t0 = time.perf_counter()
         out = run_path(path, q, k, v, seq_ids, grad)
@@ -76,16 +78,16 @@ def bench_row(T, mean_len, device, dtype, iters, names):
         first = time.perf_counter() - t0
         m = measure(lambda p=path: run_path(p, q, k, v, seq_ids, grad), warmup=0, iters=iters, device=device,
                     cpu_memory=True)
-        dense_out = out if dense_out is None else dense_out
-        rows.append({"T": T, "sequences": int(seq_ids.max()) + 1, "impl": path, "first_call_s": first,
-                     "ms": m["time_s"] * 1e3, "peak_mb": m["peak_mem_bytes"] / 2**20,
-                     "maxdiff": (out.float() - dense_out.float()).abs().max().item()})
+        row = {"T": T, "sequences": int(seq_ids.max()) + 1, "impl": path, "first_call_s": first,
+               "ms": m["time_s"] * 1e3, "peak_mb": m["peak_mem_bytes"] / 2**20}
+        dense_out, dense = (out, row) if dense is None else (dense_out, dense)
+        row |= {"x_dense": row["ms"] / dense["ms"], "peak_x_dense": row["peak_mb"] / dense["peak_mb"],
+                "maxdiff": (out.float() - dense_out.float()).abs().max().item()}
+        rows.append(row)
+        save()
         del out
         if device == "cuda":
             torch.cuda.empty_cache()
-    for r in rows:
-        r["x_dense"], r["peak_x_dense"] = r["ms"] / rows[0]["ms"], r["peak_mb"] / rows[0]["peak_mb"]
-    return rows
 
 
 def main():
@@ -95,14 +97,14 @@ def main():
     else:
         print("no GPU: small rows in fp32")
         device, dtype, sizes, mean_len = "cpu", torch.float32, (1024, 2048), 384
-    iters = 3 if args.quick else 10
+    sizes, iters = (sizes[-1:], 3) if args.quick else (sizes, 10)
     names, left_out = paths(device)
     for why in left_out:
         print(f"left out: {why}")
     rows = []
     for T in sizes:
-        rows += bench_row(T, mean_len, device, dtype, iters, names)
-        save_result("attention", rows, "_quick" if args.quick else "")  # after every size: a stopped run keeps them
+        bench_row(T, mean_len, device, dtype, iters, names, rows,
+                  save=lambda: save_result("attention", rows, "_quick" if args.quick else ""))
     print_table(rows, COLUMNS)
 
 

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one run that fits a short device session (8 minutes in all):
 #   1. the dependencies: installs what is missing from bench/wheelhouse/ (bench/wheelhouse.sh) when it is there,
 #      offline, then prints whatever is still missing (bench/deps.py);
-#   2. the kernel benchmarks on their quick shapes;
+#   2. the kernel benchmarks on their quick shapes, and packed attention at 16k tokens (bench.attention);
 #   3. the GPU tests;
 #   4. the generator against HF at the target batches, and the decode step eager and as a CUDA graph;
 #   5. last, the decode step under torch.compile, whose compile may take minutes.
@@ -17,14 +17,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export BENCH_RESULTS=${BENCH_RESULTS:-bench/results}
-GPU_TESTS="tests/test_decode_attention.py tests/test_logprob.py tests/test_sampling.py tests/test_generate.py"
+GPU_TESTS="tests/test_attention.py tests/test_decode_attention.py tests/test_logprob.py tests/test_sampling.py tests/test_generate.py"
 PARTS=(  # limit in seconds | name | arguments of $PY; 480 s in all (tests/test_gpu_check.py holds it to that)
-    "30|dependencies|-m bench.deps --install bench/wheelhouse"
+    "20|dependencies|-m bench.deps --install bench/wheelhouse"
     "45|bench.logprob|-m bench.logprob --quick"
     "35|bench.sampling|-m bench.sampling --quick"
     "30|bench.decode|-m bench.decode --quick"
+    "35|bench.attention|-m bench.attention --quick"
     "120|gpu tests|-m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS"
-    "140|bench.generate|-m bench.generate --device cuda --quick --batches 1,64,256"
+    "115|bench.generate|-m bench.generate --device cuda --quick --batches 1,64,256"
     "40|bench.decode_step|-m bench.decode_step --device cuda --impls eager,graph"
     "40|bench.decode_step compiled|-m bench.decode_step --device cuda --impls eager,compiled"
 )
