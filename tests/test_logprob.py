@@ -163,16 +163,18 @@ def test_from_logits_reads_strided_rows_and_columns():
     torch.testing.assert_close(lpl.logprob_from_logits(logits.T[::2], targets[::2]), want[::2], atol=1e-5, rtol=0)
 
 
-def test_dispatcher_picks_triton_or_reference(monkeypatch):
+def test_dispatcher_picks_triton_or_the_torch_path(monkeypatch):
+    """The torch path is kernels/logprob_chunked.py (tests/test_logprob_chunked.py holds it to the reference)."""
+    import kernels.logprob_chunked
     calls = []
     monkeypatch.setattr(lp, "fused_logprob", lambda *a, **k: calls.append("fused"))
-    monkeypatch.setattr(lp, "logprob_ref", lambda *a, **k: calls.append("ref"))
+    monkeypatch.setattr(kernels.logprob_chunked, "chunked_logprob", lambda *a, **k: calls.append("torch"))
     h, W, _, targets = _inputs(3, 24, 50, torch.float32, "cpu", bias=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     lp.logprob(h, W, targets)
     monkeypatch.setenv("NANOTORL_KERNELS", "torch")
     lp.logprob(h, W, targets)
-    assert calls == ["fused", "ref"]
+    assert calls == ["fused", "torch"]
 
 
 def test_bad_inputs_raise_clear_errors():
