@@ -67,7 +67,8 @@ def bench_row(T, mean_len, device, dtype, iters, names, rows, save):
     seq_ids = packed_row(T, mean_len).to(device)
     g = torch.Generator(device=device).manual_seed(0)
     Hq, Hkv, d = HEADS
-    q, k, v = (torch.randn(1, T, H, d, device=device, dtype=dtype, generator=g).requires_grad_() for H in (Hq, Hkv, Hkv))
+    q, k, v = (torch.randn(1, T, H, d, device=device, dtype=dtype, generator=g).requires_grad_()
+               for H in (Hq, Hkv, Hkv))
     grad = torch.randn(1, T, Hq, d, device=device, dtype=dtype, generator=g)
     dense_out = dense = None
     for path in names:

@@ -290,7 +290,8 @@ class Qwen2(nn.Module):
 
     @staticmethod
     def _default_positions(input_ids, seq_ids):
-        """positions [B, T]: 0..T-1, or with ``seq_ids`` the number of earlier tokens of the same sequence in the row."""
+        """positions [B, T]: 0..T-1, or with ``seq_ids`` the number of earlier tokens of the same sequence in the
+        row."""
         B, T = input_ids.shape
         if seq_ids is None:
             return torch.arange(T, device=input_ids.device).expand(B, T)

@@ -115,7 +115,8 @@ def block_mask_as_tokens(block_mask, seq_ids):
         for b in range(B):
             for qb in range(n):
                 for kb in indices[b, 0, qb, :counts[b, 0, qb]].tolist():
-                    rows, cols = slice(qb * FLEX_BLOCK, (qb + 1) * FLEX_BLOCK), slice(kb * FLEX_BLOCK, (kb + 1) * FLEX_BLOCK)
+                    rows = slice(qb * FLEX_BLOCK, (qb + 1) * FLEX_BLOCK)
+                    cols = slice(kb * FLEX_BLOCK, (kb + 1) * FLEX_BLOCK)
                     out[b, rows, cols] = True if full else token[b, rows, cols]
     return out
 
