@@ -10,7 +10,7 @@ exactly L tokens each (no stop ids on ours, ``min_new_tokens = L`` on TRL), one 
 text (1 if it contains a "7", else 0), group-normalised advantages, the clipped token-mean loss (TRL's "dapo":
 normalised by the tokens of the whole step) with no KL, gradient accumulation over micro-batches of the same
 number of sequences, gradient-norm clipping, one AdamW step at a constant learning rate. No tools, fp32.
-  ours  nanotorl.generate.Generator (sandbox None) then ``train_on`` from train.py, as train.py's loop does; the
+  ours  nanotorl.generate.Generator (sandbox None) then ``train_step`` from train.py, as train.py's loop does; the
         requests and seeds are those ``rollout`` builds, but rewards come from the shared function (``rollout``
         scores with math-verify, which would time the verifier, not GRPO).
   trl   GRPOTrainer with transformers ``generate`` (no vLLM), no gradient checkpointing (TRL's default is on),
@@ -40,7 +40,7 @@ from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2
 from nanotorl.rollout import Sample, sample_seed
 from nanotorl.tokenizer import Tokenizer
-from train import train_on
+from train import train_step
 
 COLUMNS = ["impl", "prompts", "G", "new", "micro_batch", "accum", "s_per_step", "s_generate", "speedup_vs_trl"]
 
@@ -72,7 +72,7 @@ def step_prompts(tok: Tokenizer, n: int) -> list[str]:
 
 
 def time_ours(path, tok, problems, cfg, steps: int, warmup: int) -> dict:
-    """train.py's step, reward excepted: generate every group, score, then one optimizer step with ``train_on``."""
+    """train.py's step, reward excepted: generate every group, score, then one optimizer step with ``train_step``."""
     device = torch.device("cpu")
     model = load_model(path, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -95,7 +95,7 @@ def time_ours(path, tok, problems, cfg, steps: int, warmup: int) -> dict:
         samples = [Sample(mine[k // cfg.grpo.group_size], c, None, False, shared_reward(tok.decode(c.response_ids)))
                    for k, c in enumerate(completions)]
         t1 = time.perf_counter()
-        train_on(model, optimizer, samples, cfg, device, world=1)
+        train_step(model, optimizer, samples, cfg, device, world=1)
         if step >= warmup:
             total.append(time.perf_counter() - t0)
             generate.append(t1 - t0)

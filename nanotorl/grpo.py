@@ -13,7 +13,9 @@ default, or the mean over sequences of each sequence's token mean. The optional 
 the low-variance estimator  k3 = exp(ref - logp) - (ref - logp) - 1  (coefficient 0 by default, as in ToRL).
 
 logp_old is the log-prob the generator computed while sampling: the generator and the trainer run the same model
-code, so no second forward is needed, and the gap between the two is measured on the first micro-batch.
+code, so no second forward is needed, and the gap between the two is logged (``LossStats``).
+
+One step's batch (:func:`grpo_batch`): samples -> advantages -> per-token sequences -> micro-batches.
 """
 from dataclasses import dataclass
 
@@ -118,3 +120,70 @@ def policy_sequence(prompt_ids, response_ids, loss_mask, old_logprobs, advantage
             "weight": pad + [m * scale for m in loss_mask] + [0.0],
             "old_logp": pad + list(old_logprobs) + [0.0],
             "advantage": [advantage] * len(ids)}
+
+
+# ------------------------------------------------------------------------------------------- one step's batch
+
+
+@dataclass
+class Batch:
+    """This rank's share of one GRPO step, ready for the trainer."""
+    micro_batches: list[dict]   # right-padded [B, T] tensors, see :func:`micro_batches`
+    tokens: int                 # policy tokens (weight > 0): the normalizer of token aggregation, once summed
+    sequences: int              # responses kept: the normalizer of sequence aggregation, once summed
+
+
+def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int) -> Batch:
+    """samples -> advantages -> sequences -> micro-batches of at most ``max_tokens`` tokens.
+
+    ``samples`` (:class:`nanotorl.rollout.Sample`) come in whole groups of ``cfg.group_size`` consecutive
+    responses to one prompt; with ``skip_uniform_groups`` the groups whose rewards are all equal are left out.
+    """
+    rewards = torch.tensor([s.reward for s in samples])
+    adv = group_advantages(rewards, cfg.group_size, cfg.std_normalize)
+    keep = (~uniform_groups(rewards, cfg.group_size) if cfg.skip_uniform_groups
+            else torch.ones(len(samples), dtype=bool))
+    seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
+                            s.completion.logprobs, float(a), cfg.aggregation)
+            for s, a, k in zip(samples, adv.tolist(), keep.tolist()) if k]
+    return Batch(micro_batches(seqs, max_tokens), tokens=sum(sum(m > 0 for m in s["weight"]) for s in seqs),
+                 sequences=len(seqs))
+
+
+def loss_normalizer(cfg: GRPOConfig, tokens: float, sequences: float) -> float:
+    """What :func:`policy_loss` divides by, from the global counts of policy tokens and of sequences (at least 1)."""
+    return max(tokens if cfg.aggregation == "token" else sequences, 1.0)
+
+
+def filler_micro_batch() -> dict:
+    """A two-token sequence with weight 0, so its loss and gradient are 0. Under FSDP every rank must make the
+    same number of forward/backward passes: a rank that has run out of micro-batches makes these."""
+    return micro_batches([policy_sequence([0], [0], [0], [0.0], 0.0)], 1)[0]
+
+
+class LossStats:
+    """Sums over the micro-batches of one step, for the log; :meth:`means` once summed over the ranks."""
+
+    def __init__(self):
+        self.sums = {"clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
+        self.gap_max = 0.0  # largest |trainer log-prob - generator log-prob| of a policy token
+
+    def add(self, loss, stats: dict, logp, old_logp, weight, entropy) -> None:
+        """One micro-batch: its loss and :func:`policy_loss` stats; per token [N]: log-probs now and at
+        sampling, weights, entropies."""
+        on = weight > 0
+        gap = (logp.detach() - old_logp).abs()[on]
+        self.sums["clipped"] += stats["clipped"]
+        self.sums["kl"] += stats.get("kl", 0.0)
+        self.sums["entropy"] += float(entropy.detach()[on].sum())
+        self.sums["gap_sum"] += float(gap.sum())
+        self.sums["loss"] += float(loss.detach())
+        self.gap_max = max(self.gap_max, float(gap.max()) if gap.numel() else 0.0)
+
+    @staticmethod
+    def means(sums: dict, gap_max: float, grad_norm: float) -> dict:
+        """The step's record from ``sums`` (with ``tokens``, the policy tokens) added up over the ranks."""
+        n = max(sums["tokens"], 1)
+        return {"entropy": sums["entropy"] / n, "clip_fraction": sums["clipped"] / n, "kl": sums["kl"] / n,
+                "loss": sums["loss"], "grad_norm": grad_norm, "logprob_gap_mean": sums["gap_sum"] / n,
+                "logprob_gap_max": gap_max, "trained_tokens": int(sums["tokens"])}

@@ -44,7 +44,7 @@ def main(out):
     # gradients that are zero in exact arithmetic, like the key bias's)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     mine, _ = dist.shard_of(global_batch(cfg), rank, world, cfg.grpo.group_size)
-    stats = train.train_on(model, opt, mine, cfg, device, world)
+    stats = train.train_step(model, opt, mine, cfg, device, world)
     weights = dist.full_state_dict(model)
     if rank == 0:
         torch.save({"weights": weights, "stats": stats}, out)
