@@ -40,9 +40,13 @@ if DEV == "cpu" and _release(triton.__version__) < (3, 7) and _release(importlib
 
 
 def interpreted(name: str):
-    """Import the kernel module ``name`` with its kernels defined for the interpreter on CPU."""
+    """Import the kernel module ``name`` with its kernels defined for the interpreter on CPU, after the kernel
+    modules whose Triton functions it imports (an interpreted kernel can only call interpreted functions)."""
     module = importlib.import_module(name)
     if DEV == "cpu":
+        imported_from = {getattr(getattr(v, "fn", None), "__module__", None) for v in vars(module).values()}
+        for dependency in sorted(m for m in imported_from - {name} if m and m.startswith("kernels.")):
+            interpreted(dependency)
         before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
         try:

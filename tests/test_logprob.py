@@ -13,7 +13,7 @@ from sm90 import record_launches
 
 ON_GPU = DEV == "cuda"
 lp = interpreted("kernels.logprob")
-lpl = interpreted("kernels.logprob_logits")  # after kernels.logprob: it imports that module's forward kernel
+lpl = interpreted("kernels.logprob_logits")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 

@@ -16,7 +16,6 @@ import torch
 from conftest import DEV, assert_compiles_for_h100, interpreted
 from sm90 import record_launches
 
-interpreted("kernels.rng")  # first: the sampling kernels call its noise functions
 S = interpreted("kernels.sampling")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 PATHS = {"ref": S.sample_ref, "triton": S.sample_triton}
