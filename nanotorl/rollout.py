@@ -38,17 +38,22 @@ def groups(problems: list[Problem], group_size: int, sampling: SamplingParams, f
     return [Draw(p, first_index + i, j, sampling) for i, p in enumerate(problems) for j in range(group_size)]
 
 
-def rollout(generator: Generator, draws: list[Draw], *, max_new_tokens: int, max_tool_calls: int, seed: int,
-            code_penalty: float = 0.0, progress=None) -> list[Sample]:
-    """Generate every draw in one batch and score it; the samples come back in the order of ``draws``."""
-    tok = generator.tokenizer
+def requests(tok, draws: list[Draw], *, max_new_tokens: int, max_tool_calls: int, seed: int) -> list[Request]:
+    """The generator's request for every draw, in order: its prompt ids and its own seed."""
     prompts = {}  # each problem's prompt, encoded once and shared by its draws
     for d in draws:
         if d.problem.problem not in prompts:
             prompts[d.problem.problem] = tok.prompt_ids(d.problem.problem)
-    requests = [Request(prompts[d.problem.problem], max_new_tokens=max_new_tokens, sampling=d.sampling,
-                        seed=sample_seed(seed, d.index, d.sample), max_tool_calls=max_tool_calls) for d in draws]
-    completions = generator.generate(requests, progress=progress)
+    return [Request(prompts[d.problem.problem], max_new_tokens=max_new_tokens, sampling=d.sampling,
+                    seed=sample_seed(seed, d.index, d.sample), max_tool_calls=max_tool_calls) for d in draws]
+
+
+def rollout(generator: Generator, draws: list[Draw], *, max_new_tokens: int, max_tool_calls: int, seed: int,
+            code_penalty: float = 0.0, progress=None) -> list[Sample]:
+    """Generate every draw in one batch and score it; the samples come back in the order of ``draws``."""
+    tok = generator.tokenizer
+    batch = requests(tok, draws, max_new_tokens=max_new_tokens, max_tool_calls=max_tool_calls, seed=seed)
+    completions = generator.generate(batch, progress=progress)
     return [score_completion(d.problem, c, tok.decode, code_penalty) for d, c in zip(draws, completions)]
 
 
