@@ -180,7 +180,9 @@ class Generator:
 
     def _forward(self, prefill: list[_Slot], decode: list[_Slot], active: dict) -> tuple[list[_Slot], torch.Tensor]:
         """One model forward of the prefill chunks and the decoding tokens, written into the KV cache; returns the
-        slots whose tokens are then all cached (prefilled ones first) and their last hidden states [R, D]."""
+        slots whose tokens are then all cached (prefilled ones first) and their last hidden states [R, D]. A
+        prefilling slot whose tokens are another's (the samples of one prompt) is not fed: :meth:`_copy_twins`."""
+        prefill, twins = _twins(prefill, self.prefill_chunk)
         groups = []  # rows that share every layer of the forward but attention
         if prefill:
             groups.append(self._prefill_group(prefill))
@@ -197,7 +199,22 @@ class Generator:
             s.n_cached += 1
         ready = [s for g in groups for s in g.ready]
         last_h = [h[[row for row, _ in g.last], [col for _, col in g.last]] for g, h in zip(groups, hidden) if g.ready]
-        return ready, torch.cat(last_h) if ready else None
+        last_h = torch.cat(last_h) if ready else None
+        return self._copy_twins(twins, ready, last_h) if twins else (ready, last_h)
+
+    def _copy_twins(self, twins: list[tuple[_Slot, _Slot]], ready: list[_Slot], last_h: torch.Tensor):
+        """Each (slot, twin) of :func:`_twins`: the slot takes the cache rows its twin was just fed and, if they
+        complete it, its twin's last hidden state; returns ``ready`` and ``last_h`` [R, D] with those slots added."""
+        row = {s.index: r for r, s in enumerate(ready)}
+        done = []  # (slot, row of its twin's hidden state)
+        for s, twin in twins:
+            self.cache.copy_positions(twin.index, s.index, s.n_cached, twin.n_cached)
+            s.n_cached = twin.n_cached
+            if twin.index in row:
+                done.append((s, row[twin.index]))
+        if not done:
+            return ready, last_h
+        return ready + [s for s, _ in done], torch.cat([last_h, last_h[[r for _, r in done]]])
 
     def _prefill_group(self, prefill: list[_Slot]) -> "_Group":
         """The next chunk (at most ``prefill_chunk`` tokens) of every prefilling slot; ready: those it completes."""
@@ -345,6 +362,20 @@ def _schedule(running: list[_Slot]) -> tuple[list[_Slot], list[_Slot]]:
     pause, fed in chunks) and those with one (the token drawn last step), each in slot order."""
     return ([s for s in running if len(s.tokens) - s.n_cached > 1],
             [s for s in running if len(s.tokens) - s.n_cached == 1])
+
+
+def _twins(prefill: list[_Slot], chunk: int) -> tuple[list[_Slot], list[tuple[_Slot, _Slot]]]:
+    """(fed, twins): the prefilling slots to feed, in slot order, and (slot, twin) for every other one: a slot whose
+    tokens from the first to the end of this chunk are those of an earlier slot that is fed, its twin (the G samples
+    of one prompt). The twins' caches then hold the same keys and values, so the slot copies them."""
+    fed, twins, first = [], [], {}
+    for s in prefill:
+        twin = first.setdefault((s.n_cached, tuple(s.tokens[:s.n_cached + chunk])), s)
+        if twin is s:
+            fed.append(s)
+        else:
+            twins.append((s, twin))
+    return fed, twins
 
 
 def _decode_span(decode: list[_Slot]) -> list[int]:

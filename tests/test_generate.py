@@ -166,6 +166,24 @@ def test_batched_sampling_equals_one_at_a_time(model, tok):
     assert len({tuple(o.response_ids) for o in batched}) > 1  # really sampling
 
 
+def test_samples_of_one_prompt_share_its_prefill(model, tok):
+    """G samples of each prompt in one batch: one of them is fed the prompt (chunk by chunk), the others copy its
+    cache and last hidden state, and each draws exactly what it draws alone, log-probs included. A chunk whose
+    tokens so far are the same in several prompts ("What is ...") is fed once too."""
+    ps = prompts(tok, 3)
+    reqs = [Request(p, max_new_tokens=8, seed=10 * i + j, sampling=SamplingParams(temperature=1.0))
+            for i, p in enumerate(ps) for j in range(3)]
+    batched = Generator(model, tok, slots=9, max_len=64, prefill_chunk=4).generate(reqs)
+    alone = [Generator(model, tok, slots=1, max_len=64, prefill_chunk=4).generate([r])[0] for r in reqs]
+    assert [o.response_ids for o in batched] == [o.response_ids for o in alone]
+    for b, a in zip(batched, alone):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    fed_once = sum(len(prefix) - c for c in range(0, max(map(len, ps)), 4)   # each distinct prefix of each chunk
+                   for prefix in {tuple(p[:c + 4]) for p in ps if len(p) > c})
+    assert sum(o.prefill_tokens for o in batched) == fed_once < sum(map(len, ps))
+    assert len({tuple(o.response_ids) for o in batched}) > 3  # the samples of a prompt differ
+
+
 def test_more_requests_than_slots_each_returned_once(model, tok):
     reqs = [Request(p, max_new_tokens=3 + i % 4, seed=i) for i, p in enumerate(prompts(tok, 13))]
     done = []
