@@ -81,6 +81,11 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def copy_positions(self, src: int, dst: int, start: int, end: int):
+        """Positions start..end-1 of slot ``src`` copied into slot ``dst``, in every layer."""
+        self.k[:, dst, start:end] = self.k[:, src, start:end]
+        self.v[:, dst, start:end] = self.v[:, src, start:end]
+
     def window(self, slots, positions) -> "CacheWindow":
         """What every layer of one cached forward reads, worked out once for all layers.
 
@@ -120,29 +125,27 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(positions, head_dim: int, theta: float, dtype):
-    """cos and sin [B, T, 1, d] of the rotary embedding at ``positions [B, T]``, once per forward.
+    """cos and signed sin [B, T, 1, d] of the rotary embedding at ``positions [B, T]``, once per forward.
 
-    The angle of pair (i, i + d/2) at position p is p * theta^(-2i/d); computed in fp32 and cast to the
-    activations' dtype, exactly as Hugging Face's Qwen2 does.
+    The angle a_i of pair (i, i + d/2) at position p is p * theta^(-2i/d); computed in fp32 and cast to the
+    activations' dtype, exactly as Hugging Face's Qwen2 does. cos = [cos a, cos a], sin = [-sin a, sin a]: the
+    sign of "rotate half" is in the table, so :func:`rope` needs no negation.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # [B, T, d/2]
-    angles = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, T, 1, d]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = positions.float()[..., None, None] * inv_freq  # [B, T, 1, d/2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def rope(x, rot):
-    """Rotary embedding, "rotate half" convention. x: [B, T, H, d]; rot: (cos, sin) from :func:`rope_tables`."""
-    cos, sin = rot
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotary embedding, "rotate half" convention: x * cos + [-x2, x1] * sin with x = [x1, x2] halves, written as
+    x * cos + [x2, x1] * [-sin, sin] (the same products, bit for bit). x: [B, T, H, d]; rot from :func:`rope_tables`."""
+    cos, signed_sin = rot
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class Attention(nn.Module):
