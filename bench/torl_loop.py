@@ -9,7 +9,7 @@ response so far, observation: a full re-prefill), up to C times. Here on HF ``ge
   every end id of the tokenizer as ``eos_token_id``, and ``max_new_tokens`` the largest budget left (each row is cut
   to its own afterwards);
 - a row stops where our generator pauses: a stopping criterion fires on the same rule (:func:`fired_code`), checked
-  only on rows whose newest token could fire a call (it holds a backtick or a line end), like ours;
+  only on rows whose newest token could fire a call (it holds a line end: a call fires at the end of a line);
 - HF ``generate`` keeps a finished row in the batch: it is fed pad tokens through every layer until the last row
   ends; the call returns as soon as every row has ended (eos, the stop, or its budget), the most it allows;
 - the code of every stopped row is submitted to the sandbox before any result is awaited (the runs overlap), and
@@ -21,14 +21,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from nanotorl.generate import Completion
-from nanotorl.tool import FENCE, OUTPUT_TRIGGER, ToolCall, finished_call, observation_block, submit
+from nanotorl.fences import tool_call
+from nanotorl.tool import ToolCall, finished_call, observation_block, submit
 
 
 def fired_code(text: str, trigger: str) -> str | None:
     """The code of the tool call that the policy text since the last observation makes, or None: the generator's
-    rule (a closed python block; with trigger 'output', such a block followed by "```output")."""
-    match = (FENCE if trigger == "fence" else OUTPUT_TRIGGER).search(text)
-    return match.group(1) if match else None
+    rule (:func:`nanotorl.fences.tool_call`)."""
+    call = tool_call(text, trigger)
+    return None if call is None else call.code
 
 
 class ToolStop(StoppingCriteria):
@@ -71,8 +72,8 @@ class Row:
 
 
 def may_fire_table(tok) -> torch.Tensor:
-    """[V] bool: does the token's text hold a backtick or a line end (only those can complete a call)?"""
-    return torch.tensor([any(c in tok.decode([i]) for c in "`\n") for i in range(tok.vocab_size)])
+    """[V] bool: does the token hold a line end (a call fires only at the end of a line, :mod:`nanotorl.fences`)?"""
+    return torch.tensor([b"\n" in tok.token_bytes(i) for i in range(tok.vocab_size)])
 
 
 def torl_loop(hf, tok, sandbox, prompts: list[list[int]], *, max_new_tokens: int, max_tool_calls: int,

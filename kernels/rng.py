@@ -11,6 +11,8 @@ is C. Wellons' lowbias32 mixer, absorbing one 32-bit word at a time:
 Nothing is stateful, so a row draws the same noise whatever batch it is in, and the PyTorch functions (int64
 arithmetic kept below 2^63) and the Triton ones (uint32 arithmetic) give the same bits.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -48,9 +50,17 @@ def row_key(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return _hash32(seeds & _M32, (seeds >> 32) & _M32, offsets & _M32, (offsets >> 32) & _M32)
 
 
-def gumbel(key: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
-    """Gumbel noise for ``index`` ([B, n] int64) in the rows keyed by ``key`` ([B]): [B, n] float32."""
-    h = _hash32(index * 2 + stream, key[:, None].expand_as(index))
+@functools.lru_cache(maxsize=16)
+def _first_word(n: int, stream: int, device: torch.device) -> torch.Tensor:
+    """mix(2 i + stream) for every index i < n: the hash of an index after its first word, the same in every row,
+    so it is made once per size, stream and device: [n] int64."""
+    return _mix32(torch.arange(n, device=device) * 2 + stream)
+
+
+def gumbel(key: torch.Tensor, index: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """Gumbel noise for ``index`` ([B, m] int64, each below ``n``) in the rows keyed by ``key`` ([B]): [B, m]
+    float32. The hash absorbs 2 index + stream (its first round read from :func:`_first_word`), then the key."""
+    h = _mix32(_first_word(n, stream, key.device)[index] ^ key[:, None])
     u = ((h >> 9) * 2 + 1).float() * 2.0 ** -24   # in (0, 1), exact in float32
     return -torch.log(-torch.log(u))
 

@@ -107,21 +107,29 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     sp = torch.full((B, nb * W), -math.inf, device=dev)              # s padded to whole blocks
     s = sp[:, :V]
     torch.div(logits.float(), t[:, None], out=s)
-    tau = _thresholds_ref(s, top_k, top_p.float(), min_p)
-    s.masked_fill_((s < tau[:, None]) & ~greedy[:, None], -math.inf)  # only survivors stay finite
+    if bool((((top_k > 0) & (top_k < V)) | (top_p < 1) | (min_p > 0)).any()):  # some row filters
+        tau = _thresholds_ref(s, top_k, top_p.float(), min_p)
+        s.masked_fill_((s < tau[:, None]) & ~greedy[:, None], -math.inf)  # only survivors stay finite
     blocks = sp.view(B, nb, W)
     lse_c = torch.logsumexp(blocks, -1)                               # log Z_c: [B, nb]
     key = row_key(seeds, offsets)
-    bidx = torch.arange(nb, device=dev).expand(B, nb)
-    score = torch.where(greedy[:, None], blocks.amax(-1), lse_c + gumbel(key, bidx, STREAM_BLOCK))
-    c = score.argmax(-1)                                              # chosen block: [B]
-    rows = torch.arange(B, device=dev)
-    cand = blocks[rows, c]                                            # [B, W]
+    c = _block_ref(blocks, lse_c, key, greedy)                        # chosen block: [B]
+    cand = blocks[:, 0] if nb == 1 else blocks[torch.arange(B, device=dev), c]   # [B, W]
     tidx = c[:, None] * W + torch.arange(W, device=dev)
-    pick = torch.where(greedy[:, None], cand, cand + gumbel(key, tidx, STREAM_TOKEN)).argmax(-1)
+    pick = torch.where(greedy[:, None], cand, cand + gumbel(key, tidx, STREAM_TOKEN, nb * W)).argmax(-1)
     tokens = c * W + pick
-    logprobs = cand[rows, pick] - torch.logsumexp(lse_c, -1)
+    logprobs = cand.gather(1, pick[:, None])[:, 0] - torch.logsumexp(lse_c, -1)
     return tokens, logprobs
+
+
+def _block_ref(blocks, lse_c, key, greedy) -> torch.Tensor:
+    """The first level of the draw: block c [B] by Gumbel-max over the block log-masses (greedy rows: the block
+    of the largest logit); with one block there is nothing to draw."""
+    B, nb, _ = blocks.shape
+    if nb == 1:
+        return torch.zeros(B, dtype=torch.int64, device=blocks.device)
+    bidx = torch.arange(nb, device=blocks.device).expand(B, nb)
+    return torch.where(greedy[:, None], blocks.amax(-1), lse_c + gumbel(key, bidx, STREAM_BLOCK, nb)).argmax(-1)
 
 
 def _check(logits, temperature, top_k, top_p, min_p, seeds, offsets):

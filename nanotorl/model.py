@@ -81,6 +81,12 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store one layer's new keys and values k, v [N, Hkv, d] at ``rows`` [N], indices into the cache's
+        (slot, position) pairs flattened (slot * max_len + position)."""
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache.view(-1, *new.shape[1:]).index_copy_(0, rows, new.to(cache.dtype))
+
     def copy_positions(self, src: int, dst: int, start: int, end: int):
         """Positions start..end-1 of slot ``src`` copied into slot ``dst``, in every layer."""
         self.k[:, dst, start:end] = self.k[:, src, start:end]
@@ -92,25 +98,28 @@ class KVCache(nn.Module):
         A one-token step on the Triton path leaves everything to the decode kernel (it reads each slot's
         length from ``positions``): no host sync, so the step can be captured in a CUDA graph; the caller keeps
         positions inside the cache (the generator does)."""
+        flat = (slots[:, None] * self.max_len + positions).flatten()  # [B * T]: where the new tokens go
         if positions.shape[1] == 1 and use_triton(positions):
-            return CacheWindow(self, slots, positions, None, 0, None)
+            return CacheWindow(self, slots, positions, flat, None, 0, None)
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} does not fit a cache of length {self.max_len}")
         S, lo, B = int(positions.max()) + 1, int(slots[0]), len(slots)
         consecutive = torch.equal(slots, torch.arange(lo, lo + B, device=slots.device))
-        mask = torch.arange(S, device=positions.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        return CacheWindow(self, slots, positions, slice(lo, lo + B) if consecutive else slots, S, mask[:, None])
+        mask = torch.arange(S, device=positions.device) <= positions[:, None, :, None]  # [B, 1, T, S]
+        return CacheWindow(self, slots, positions, flat, slice(lo, lo + B) if consecutive else slots, S, mask)
 
 
 @dataclass
 class CacheWindow:
-    """One cached forward: rows ``slots [B]`` of the cache get new tokens at ``positions [B, T]``; ``rows``
-    selects those cache rows (a slice when they are consecutive, so reading them is a view, not a copy), and
-    ``mask [B, 1, T, S]`` lets each new token see its slot's positions 0..p. ``rows`` is None when the decode
-    kernel reads the cache itself."""
+    """One cached forward: rows ``slots [B]`` of the cache get new tokens at ``positions [B, T]``, which ``flat``
+    [B * T] indexes in the cache flattened over (slot, position) (:meth:`KVCache.write`); ``rows`` selects those
+    cache rows (a slice when they are consecutive, so reading them is a view, not a copy), and ``mask [B, 1, T, S]``
+    lets each new token see its slot's positions 0..p. ``rows`` is None when the decode kernel reads the cache
+    itself."""
     cache: KVCache
     slots: torch.Tensor
     positions: torch.Tensor
+    flat: torch.Tensor
     rows: slice | torch.Tensor | None
     S: int
     mask: torch.Tensor | None
@@ -164,38 +173,39 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, x, rot, packing: Packing | None = None, windows: list[CacheWindow] | None = None):
-        B, T, _ = x.shape
-        q = rope(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), rot)  # [B, T, Hq, d]
-        k = rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), rot)    # [B, T, Hkv, d]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        """x: [B, T, D] (training), or [N, D], the tokens of every group of a cached forward in a row."""
+        rows = x.shape[:-1]
+        q = rope(self.q_norm(self.q_proj(x).view(*rows, self.n_heads, self.head_dim)), rot)  # [..., Hq, d]
+        k = rope(self.k_norm(self.k_proj(x).view(*rows, self.n_kv, self.head_dim)), rot)    # [..., Hkv, d]
+        v = self.v_proj(x).view(*rows, self.n_kv, self.head_dim)
         if windows is None:
             out = sdpa(q, k, v) if packing is None else attend(q, k, v, packing)
-        else:  # x: [1, N, D], the tokens of every group in a row; attention group by group
-            outs, start = [], 0
-            for w in windows:
-                b, t = w.positions.shape
-                rows = slice(start, start + b * t)
-                start += b * t
-                qkv = (z[0, rows].view(b, t, *z.shape[2:]) for z in (q, k, v))
-                outs.append(self._attend_cached(*qkv, w).reshape(b * t, -1))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.o_proj(out.reshape(B, T, -1))
+        elif len(windows) == 1:
+            out = self._attend_cached(q, k, v, windows[0])
+        else:  # attention group by group
+            sizes = [w.flat.numel() for w in windows]
+            out = torch.cat([self._attend_cached(*part, w)
+                             for *part, w in zip(q.split(sizes), k.split(sizes), v.split(sizes), windows)])
+        return self.o_proj(out.flatten(-2))
 
     def _attend_cached(self, q, k, v, w: CacheWindow):
-        """Write the new k/v of each row into its slot at its positions, then attend to the slot's prefix."""
+        """Write the new k, v [B * T, Hkv, d] of one group into its slots at its positions, then let each query
+        q [B * T, Hq, d] attend to its slot's prefix; returns [B * T, Hq, d]."""
+        w.cache.write(self.layer, w.flat, k, v)
         k_cache, v_cache = w.cache.k[self.layer], w.cache.v[self.layer]  # [slots, S_max, Hkv, d]
-        k_cache[w.slots[:, None], w.positions] = k.to(k_cache.dtype)
-        v_cache[w.slots[:, None], w.positions] = v.to(v_cache.dtype)
         if w.rows is None:  # decode on GPU: the Triton flash-decoding kernel
-            out = decode_attention(q[:, 0].to(k_cache.dtype), k_cache, v_cache, w.slots, w.positions[:, 0] + 1)
-            return out.to(q.dtype)[:, None]
-        keys, values = k_cache[w.rows, :w.S], v_cache[w.rows, :w.S]  # [B, S, Hkv, d]
-        B, T, Hq, d = q.shape
+            out = decode_attention(q.to(k_cache.dtype), k_cache, v_cache, w.slots, w.positions[:, 0] + 1)
+            return out.to(q.dtype)
+        B, T = w.positions.shape
+        Hq, d = q.shape[1:]
+        keys, values = (c[w.rows, :w.S].transpose(1, 2).to(q.dtype) for c in (k_cache, v_cache))  # [B, Hkv, S, d]
         if T == 1:  # one token per row: its G = Hq / Hkv query heads become G query rows of their KV head
-            q = q.view(B, self.n_kv, Hq // self.n_kv, d).transpose(1, 2)  # [B, T=G, H=Hkv, d]
-            out = sdpa(q, keys.to(q.dtype), values.to(q.dtype), w.mask)  # [B, G, Hkv, d]
-            return out.transpose(1, 2).reshape(B, 1, Hq, d)
-        return sdpa(q, keys.to(q.dtype), values.to(q.dtype), w.mask)
+            out = F.scaled_dot_product_attention(q.view(B, self.n_kv, Hq // self.n_kv, d), keys, values,
+                                                 attn_mask=w.mask)  # [B, Hkv, G, d]
+            return out.view(B, Hq, d)
+        out = F.scaled_dot_product_attention(q.view(B, T, Hq, d).transpose(1, 2), keys, values, attn_mask=w.mask,
+                                             enable_gqa=True)  # [B, Hq, T, d]
+        return out.transpose(1, 2).reshape(B * T, Hq, d)
 
 
 class MLP(nn.Module):
@@ -263,8 +273,8 @@ class Qwen2(nn.Module):
             if not groups:
                 input_ids, positions, slots = [input_ids], [positions], [slots]
             windows = [cache.window(s, p) for s, p in zip(slots, positions, strict=True)]
-            input_ids = torch.cat([ids.flatten() for ids in input_ids])[None]  # [1, N]: every group's tokens
-            positions = torch.cat([p.flatten() for p in positions])[None]
+            input_ids = torch.cat([ids.flatten() for ids in input_ids])  # [N]: every group's tokens in a row
+            positions = torch.cat([p.flatten() for p in positions])
         elif positions is None:
             positions = self._default_positions(input_ids, seq_ids)
         x = self.embed_tokens(input_ids)
@@ -278,8 +288,8 @@ class Qwen2(nn.Module):
         h = self.norm(x)
         if windows is None:
             return h
-        sizes = [w.positions.numel() for w in windows]
-        out = [part.view(*w.positions.shape, -1) for part, w in zip(h[0].split(sizes), windows)]
+        sizes = [w.flat.numel() for w in windows]
+        out = [part.view(*w.positions.shape, -1) for part, w in zip(h.split(sizes), windows)]
         return out if groups else out[0]
 
     def token_logprobs(self, input_ids, targets, positions=None, seq_ids=None, temperature: float = 1.0,
