@@ -7,8 +7,8 @@
 Files: pool.py (the API), result.py (what a run gives back), server.py (the fork server), child.py
 (confinement of one run), isolation.py (namespaces, identities, pids cgroup, imports), policy.py (the
 seccomp allowlist and its BPF compiler), syscalls.py (syscall numbers), protocol.py (the framing
-between pool and server). ``python -m sandbox CODE`` tries code by hand; docs/sandbox.md is the
-threat model.
+between pool and server), leftovers.py (what a killed pool left, removed by the next one). ``python -m
+sandbox CODE`` tries code by hand; docs/sandbox.md is the threat model.
 """
 from sandbox.pool import DEFAULT_PRELOAD, SandboxPool
 from sandbox.result import Result

@@ -109,7 +109,7 @@ def share_import_roots(exclude: str) -> tuple[int, ...]:
     return tuple(roots.values())
 
 
-def _pids_hierarchy() -> str | None:
+def pids_hierarchy() -> str | None:
     """This process's directory in the pids controller's hierarchy (cgroup v1 or v2), or None."""
     with open("/proc/self/cgroup") as f:
         memberships = [line.rstrip("\n").split(":", 2) for line in f]
@@ -135,7 +135,7 @@ def make_pids_cgroup(name: str, slots: int, tasks: int) -> tuple[str | None, str
     Returns (directory, None), or (None, why not) where no writable pids controller is available."""
     parent = None
     try:
-        parent = _pids_hierarchy()
+        parent = pids_hierarchy()
         if parent is None:
             return None, "no pids controller is mounted"
         top = os.path.join(parent, name)
@@ -159,7 +159,7 @@ def make_pids_cgroup(name: str, slots: int, tasks: int) -> tuple[str | None, str
 def pids_cgroup_path(name: str) -> str | None:
     """Where make_pids_cgroup(name, ...) puts its cgroup when called from a process in this one's cgroup."""
     try:
-        parent = _pids_hierarchy()
+        parent = pids_hierarchy()
     except OSError:
         return None
     return None if parent is None else os.path.join(parent, name)

@@ -11,7 +11,8 @@ code's. If the server dies, sends what is not the protocol, or makes no progress
 seconds while runs are outstanding (then we kill it), every outstanding run resolves as ``killed``
 with ``infra_error`` and a new server is started. ``close()`` (or leaving the ``with`` block, or
 interpreter exit) ends the server and every run; if the trainer dies outright, the server sees EOF on
-its socket and does the same.
+its socket and does the same. What a pool of a process that was killed leaves (its working directory, and in the
+mode without namespaces its pids cgroups) the next pool removes: sandbox/leftovers.py.
 """
 import concurrent.futures
 import itertools
@@ -27,7 +28,7 @@ import time
 import warnings
 import weakref
 
-from sandbox import isolation, protocol
+from sandbox import isolation, leftovers, protocol
 from sandbox.result import Result, infra_failure, to_result
 
 DEFAULT_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
@@ -157,7 +158,8 @@ class SandboxPool:
                     "warmup": (SYMPY_WARMUP if "sympy" in preload else "") if warmup is None else warmup}
         self.watchdog = watchdog
         self._server_main = SERVER_MAIN
-        self._workdir = tempfile.mkdtemp(prefix="nanotorl-sandbox-")
+        leftovers.remove_dead()  # what pools of crashed processes left (sandbox/leftovers.py)
+        self._workdir = tempfile.mkdtemp(prefix=leftovers.owner_prefix())
         os.chmod(self._workdir, 0o755)  # runs (another uid) may list it: it stays empty, they cannot write
         self._lock = threading.Lock()
         self._ids, self._starts = itertools.count(), itertools.count()
