@@ -30,9 +30,9 @@ samples.jsonl at the start and at the end. A rerun reloads the samples there, ke
 mode, sample index), and generates only the missing ones (a larger --k adds samples). The ranks must share
 the out dir (one machine, or a shared filesystem).
 """
-import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotorl import dist
+from nanotorl import cli, dist
 from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_model
 from nanotorl.config import TrainConfig
 from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems,
@@ -198,7 +198,7 @@ def check_settings(out: Path, settings: dict) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint with the Python tool: greedy, avg@k, "
+    p = cli.ArgumentParser(description="Evaluate a checkpoint with the Python tool: greedy, avg@k, "
                                             "pass@k, maj@k, tool statistics (see the module docstring)")
     p.add_argument("--model", help="checkpoint directory (default: the newest demo checkpoint)")
     p.add_argument("--data", help=f"comma-separated dataset names or paths (default: the demo's {DEMO_SET} set)")
@@ -225,6 +225,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
     p.add_argument("--out", type=Path, help="results directory (default runs/eval/<model dir name>)")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown, settings above it")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line)")
     args = p.parse_args(argv)
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
@@ -252,12 +253,20 @@ def demo_heldout() -> list[Problem]:
 
 
 def write_results(out: Path, sets: dict, files: dict, times: dict, settings: dict, args, model_dir: Path) -> dict:
-    """Rank 0, once every sample is in: results.json (module docstring) and the table; returns what it wrote."""
-    rep = report(merge_records(out), sets, args.k, times)
+    """Rank 0, once every sample is in: results.json (module docstring) and the table, then a warning if tool calls
+    failed in the sandbox itself; returns what it wrote."""
+    records = merge_records(out)
+    rep = report(records, sets, args.k, times)
     rep = {"settings": settings | {"k": args.k}} | rep | {
         "files": {name: files.get(name, {}) | {"time_s": times[name]} for name in sets}}
     (out / "results.json").write_text(json.dumps(rep, indent=1))
     print_report(rep, args.k, settings_line(str(model_dir), settings, args.k) if args.markdown else None)
+    calls = [c for r in records.values() for c in r["tool_calls"]]
+    infra = [c["observation"] for c in calls if c.get("infra_error")]
+    if infra:
+        print(f"warning: {len(infra)} of {len(calls)} tool calls failed in the sandbox itself, not in the code (e.g. "
+              f"{infra[0]!r}): the results understate the model; delete their samples from {out / 'samples.jsonl'} "
+              f"and run again to redo them")
     return rep
 
 
@@ -311,4 +320,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

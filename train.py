@@ -5,6 +5,7 @@
 
 One step of :func:`main`'s loop, top to bottom (each arrow a call into one module):
     rollout_step   problems -> rollout (nanotorl.rollout: nanotorl.generate + sandbox) -> rewards (nanotorl.reward)
+    check_tool_health  stop (nothing of the step written) if the sandbox itself failed past --tool-failure-limit
     train_step     -> advantages -> micro-batches (nanotorl.grpo.grpo_batch)
                    -> loss (nanotorl.grpo.policy_loss), backward per micro-batch -> AdamW step
     then           statistics, held-out evaluation, metrics.jsonl (Log), checkpoint (nanotorl.checkpoint)
@@ -13,6 +14,7 @@ generating), checkpoints are Hugging Face directories plus the optimizer, and a 
 the newest complete checkpoint in ``out_dir``. The options are nanotorl.config's (``--help`` lists them).
 """
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotorl import dist
+from nanotorl import cli, dist
 from nanotorl.checkpoint import latest_checkpoint, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, repeats_line
@@ -29,7 +31,7 @@ from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
-from nanotorl.rollout import Sample, finish_stats, groups, rollout, rollout_stats
+from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
 from nanotorl.tokenizer import Tokenizer
 from sandbox import SandboxPool
 
@@ -99,6 +101,24 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     optimizer.zero_grad(set_to_none=True)
     sums = dist.all_sum(stats.sums | {"tokens": batch.tokens}, device)
     return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm))
+
+
+def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -> None:
+    """Stop the run (:class:`nanotorl.cli.Stop`) before ``step`` updates the model when more than
+    ``--tool-failure-limit`` of its tool calls failed in the sandbox itself; ``sums`` and ``failures`` are the
+    step's :func:`rollout_stats` and :func:`tool_failures`, summed over the ranks. Nothing of the step is written,
+    so the newest checkpoint stays the last complete one and the same command resumes from it."""
+    calls, failed, limit = sums["calls"], sums["calls_infra_failed"], cfg.rollout.tool_failure_limit
+    if not calls or failed / calls <= limit:
+        return
+    what = "; ".join(f"{int(n)} x {key.removeprefix('infra/')!r}"
+                     for key, n in most_common({k: v for k, v in failures.items() if k.startswith("infra/")}, 3))
+    ckpt = latest_checkpoint(cfg.log.out_dir)
+    kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
+    raise cli.Stop(f"step {step}: the sandbox itself failed on {int(failed)} of {int(calls)} tool calls "
+                   f"({failed / calls:.1%}, above --tool-failure-limit {limit:g}): {what}. Training stopped before "
+                   f"this step's update; {kept}. Check the sandbox (python -m sandbox 'print(1)'), then run the same "
+                   f"command again to resume")
 
 
 def eval_sums(greedy, sampled, k: int) -> dict:
@@ -184,7 +204,14 @@ class Log:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    def __enter__(self) -> "Log":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self):
+        """End the bar (so that a following error starts its own line) and the TensorBoard and wandb runs."""
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
@@ -244,8 +271,8 @@ def main(argv=None):
     if rank == 0:
         tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
     ro = cfg.rollout
-    log = Log(cfg, rank, start)
-    with SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout, cpu_time=ro.sandbox_timeout) as box:
+    with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
+                                                   cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
                         trigger=ro.trigger, cuda_graph=ro.cuda_graph)
         if start == 0 and heldout and cfg.log.eval_every:
@@ -254,10 +281,12 @@ def main(argv=None):
             t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
             samples = rollout_step(model, gen, fits, step, cfg, rank, world)             # rollout -> rewards
             t1 = time.perf_counter()
+            sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
+            failures = dist.all_counts(tool_failures(samples))
+            check_tool_health(sums, failures, step + 1, cfg)                            # stop if the sandbox fails
             record = {"step": step + 1} | train_step(model, optimizer, samples, cfg, device, world)  # -> AdamW
             t2 = time.perf_counter()
-            sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
-            record |= finish_stats(sums) | {
+            record |= finish_stats(sums, failures) | {
                 "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
                 "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
             if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
@@ -266,7 +295,6 @@ def main(argv=None):
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(model, optimizer, tok, cfg.log.out_dir, step + 1, asdict(cfg),
                                 cfg.log.keep_checkpoints, rank, world)
-    log.close()
     if rank == 0:
         from nanotorl.plot import plot_metrics
         png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
@@ -275,4 +303,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -29,7 +29,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -40,9 +39,10 @@ from nanotorl.demo import demo_config, save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2, Qwen2Config
-from nanotorl.tokenizer import Tokenizer
 from nanotorl.fences import tool_call
+from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import format_observation
+from sandbox.result import Result
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen2.5"
 GREEDY = SamplingParams(temperature=0.0)
@@ -168,7 +168,7 @@ class FakeSandbox:
 
     def _run(self, code):
         time.sleep(self.latency)
-        return SimpleNamespace(status="ok", stdout="5\n", error_line=None, wall_time=self.latency)
+        return Result("ok", "5\n", wall_time=self.latency)
 
     def submit(self, code):
         return self.pool.submit(self._run, code)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanotorl import dist
+from nanotorl.cli import read_json
 from nanotorl.model import Qwen2, Qwen2Config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
@@ -61,7 +62,7 @@ def load_config(path) -> Qwen2Config:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
                                 f"(Hugging Face Qwen2/Qwen3 format)")
-    raw = json.loads(file.read_text())
+    raw = read_json(file)
     family = _family(raw, file)
     _check_supported(raw, file)
     missing = [k for k in SHAPE_KEYS if raw.get(k) is None]
@@ -112,14 +113,17 @@ def _check_supported(raw: dict, file: Path) -> None:
 
 def checkpoint_dtype(path) -> torch.dtype | None:
     """The dtype a checkpoint declares in config.json (``torch_dtype`` or ``dtype``), if any."""
-    raw = json.loads((Path(path) / "config.json").read_text())
+    raw = read_json(Path(path) / "config.json")
     return DTYPES.get(raw.get("torch_dtype") or raw.get("dtype"))
 
 
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file}}}}, found no weight_map")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
@@ -151,7 +155,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
 
     files, found = _weight_files(path), {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _open_weights(file) as f:
             for key in f.keys():
                 if not key.endswith(IGNORED_SUFFIXES):
                     found[key] = (file, tuple(f.get_slice(key).get_shape()))
@@ -167,14 +171,25 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
                              f"the config implies {list(shape)}")
 
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_weights(file) as f:
             for key in f.keys():
                 if key in expected:
                     name = expected[key][0]
                     module, _, attr = name.rpartition(".")
-                    tensor = f.get_tensor(key).to(device=device, dtype=dtype)
+                    try:
+                        tensor = f.get_tensor(key).to(device=device, dtype=dtype)
+                    except SafetensorError as e:
+                        raise ValueError(f"{file}: tensor {key} cannot be read ({e}); the file is damaged") from None
                     model.get_submodule(module)._parameters[attr] = nn.Parameter(tensor)
     return model
+
+
+def _open_weights(file: Path):
+    """``safe_open`` of a weights file, or a ValueError naming it when it is not a safetensors file."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def config_to_hf(cfg: Qwen2Config, dtype: torch.dtype) -> dict:
@@ -285,7 +300,11 @@ def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dic
 
 def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
     """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step."""
-    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    try:
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    except Exception as e:  # torch.load raises what the unpickler or the zip reader raised
+        raise ValueError(f"{ckpt / 'trainer.pt'}: cannot read the training state ({type(e).__name__}: {e}); move "
+                         f"{ckpt} away to resume from the checkpoint before it") from None
     if state["world"] != world:
         raise ValueError(f"{ckpt} was written by {state['world']} process(es), this run has {world}: resume with "
                          f"--nproc_per_node={state['world']}, or start a new --out-dir from its weights (--model {ckpt})")

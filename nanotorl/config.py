@@ -11,11 +11,14 @@ validation, checkpoints and logs).
 Flags stay flat: every field of every nested dataclass is one flag named after the field (``clip_high`` ->
 ``--clip-high``, not ``--grpo.clip-high``), so commands read the same whatever concern a field belongs to, and
 field names are unique across the whole tree (tests/test_config.py checks it, and that every field has its flag).
-A flag overrides its field on top of the ``--preset``; booleans take true/false (also 1/0, yes/no, on/off).
+A flag overrides its field on top of the ``--preset``; booleans take true/false (also 1/0, yes/no, on/off), and a
+boolean flag alone means true (``--skip-bad-rows``). A value of the wrong type is refused by the parser (one
+``error:`` line, exit status 2: :class:`nanotorl.cli.ArgumentParser`), a value out of range by the dataclass's own
+check (a ValueError that names the flag).
 """
-import argparse
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
+from nanotorl.cli import ArgumentParser, parse_bool
 from nanotorl.grpo import GRPOConfig
 
 
@@ -44,6 +47,14 @@ class RolloutConfig:
     sandbox_workers: int = 2
     sandbox_timeout: float = 5.0
     code_penalty: float = 0.0       # extra penalty for a failed tool call (the paper's ablation used 0.5)
+    tool_failure_limit: float = 0.05  # stop when more of a step's calls than this fail in the sandbox itself
+
+    def __post_init__(self):
+        if not 0.0 <= self.tool_failure_limit <= 1.0:
+            raise ValueError(f"--tool-failure-limit must be a fraction of the calls, from 0 (stop on the first "
+                             f"sandbox failure) to 1 (never stop), got {self.tool_failure_limit}")
+        if self.max_tool_calls < 0:
+            raise ValueError(f"--max-tool-calls must be 0 (no tool) or more, got {self.max_tool_calls}")
 
 
 @dataclass
@@ -67,6 +78,7 @@ class LogConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     wandb_project: str = ""
+    debug: bool = False             # show the traceback of an error (else one "error: ..." line, nanotorl.cli)
 
 
 @dataclass
@@ -124,23 +136,18 @@ def with_value(cfg, path: tuple, value):
     return replace(cfg, **{path[0]: with_value(getattr(cfg, path[0]), path[1:], value)})
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def parse_args(argv=None) -> TrainConfig:
     """``--preset NAME`` then ``--field value`` overrides for any field of the config tree (module docstring)."""
-    parser = argparse.ArgumentParser(description="ToRL training (GRPO with a Python tool)")
+    parser = ArgumentParser(description="ToRL training (GRPO with a Python tool)")
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     leaves = flag_fields()
     for name, (_, f) in leaves.items():
-        kind = _bool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(
-            f.type if isinstance(f.type, str) else f.type.__name__, str)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+        flag = "--" + name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=name, type=parse_bool, nargs="?", const=True, default=None)
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+        parser.add_argument(flag, dest=name, type=kind, default=None)
     args = vars(parser.parse_args(argv))
     cfg = PRESETS[args.pop("preset")]
     for name, value in args.items():

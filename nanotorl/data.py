@@ -116,8 +116,13 @@ def _from_torl(row: dict, where: str, default_id: str, default_source: str) -> P
 
 def _jsonl_rows(path: Path):
     """(line number, parsed row or the ValueError for that line) for every non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, ValueError(f"{path}:{line_no}: not UTF-8 text (byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -127,18 +132,23 @@ def _jsonl_rows(path: Path):
 
 
 def _parquet_rows(path: Path):
+    import pyarrow
     import pyarrow.parquet as pq
 
-    for row_no, row in enumerate(pq.read_table(path).to_pylist(), 1):
-        yield row_no, row
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except pyarrow.ArrowException as e:
+        raise ValueError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
+    yield from enumerate(rows, 1)
 
 
 def load_problems(path, *, skip_bad: bool = False) -> LoadedProblems:
     """Problems from a JSONL or parquet file (format in the module docstring).
 
-    A malformed row raises ValueError "<file>:<line>: <what is wrong>" (line = 1-based line of a JSONL file,
-    1-based row of a parquet file). With skip_bad=True such rows are skipped instead and their messages kept
-    in the result's `skipped` list. Two rows with the same id are an error too (the second is the bad row).
+    A malformed row raises ValueError "<file>:<line>: <what is wrong>; pass --skip-bad-rows ..." (line = 1-based
+    line of a JSONL file, 1-based row of a parquet file; the flag of train.py and eval.py that sets ``skip_bad``),
+    and a file that is not parquet "<file>: not a readable parquet file". With skip_bad=True such rows are skipped
+    instead and their messages kept in the result's `skipped` list. Two rows with the same id are an error too (the second is the bad row).
     Duplicated problem texts are kept: see `find_duplicates`.
     """
     path = Path(path)
@@ -159,7 +169,7 @@ def load_problems(path, *, skip_bad: bool = False) -> LoadedProblems:
                 raise ValueError(f"{where}: id {problem.id!r} already used by an earlier row; ids must be unique")
         except ValueError as e:
             if not skip_bad:
-                raise ValueError(f"{e}\n(pass skip_bad=True to skip malformed rows and count them)") from None
+                raise ValueError(f"{e}; pass --skip-bad-rows to skip malformed rows (and count them)") from None
             skipped.append(str(e))
             continue
         seen_ids.add(problem.id)

@@ -164,6 +164,19 @@ def all_sum(values: dict, device) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
+def all_counts(counts: dict) -> dict:
+    """Add up dicts of counts over the ranks, whose keys may differ from rank to rank (e.g. error kinds)."""
+    if not distributed():
+        return dict(counts)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, dict(counts))
+    total = {}
+    for part in every:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def all_max(value: float, device) -> float:
     if not distributed():
         return value

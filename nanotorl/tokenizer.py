@@ -14,12 +14,12 @@ a problem, ToRL's or the checkpoint's chat template (:mod:`nanotorl.prompt`).
 ("😀" is 4 bytes, often 2 tokens), which decoding the token alone would turn into U+FFFD: its vocabulary stores
 every byte as one printable character (GPT-2's ``bytes_to_unicode`` table, :data:`BYTE_LEVEL`), mapped back here.
 """
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders
 
+from nanotorl.cli import read_json
 from nanotorl.prompt import make_prompt
 
 
@@ -48,7 +48,10 @@ class Tokenizer:
             raise FileNotFoundError(f"{file} not found: the checkpoint directory needs a tokenizers-format "
                                     f"tokenizer.json")
         self.path = path
-        self.tk = HFTokenizer.from_file(str(file))
+        try:
+            self.tk = HFTokenizer.from_file(str(file))
+        except Exception as e:  # what the tokenizers library raises for a file it cannot read
+            raise ValueError(f"{file}: not a tokenizers-format tokenizer.json ({e})") from None
         config = self._read(path / "tokenizer_config.json")
         model_ids, generation_ids = (self._eos_list(path / name) for name in ("config.json", "generation_config.json"))
         fallback = next(iter(model_ids + generation_ids), None)
@@ -62,7 +65,7 @@ class Tokenizer:
 
     @staticmethod
     def _read(file: Path) -> dict:
-        return json.loads(file.read_text()) if file.is_file() else {}
+        return read_json(file) if file.is_file() else {}
 
     def _eos_list(self, file: Path) -> list[int]:
         """The ``eos_token_id`` of a config file as a list (it is an id, a list of ids, or absent)."""

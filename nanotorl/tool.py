@@ -10,12 +10,20 @@ code runs in the sandbox, and the result comes back as an observation block
     ```
 
 on a line of its own (in 'output' mode the model already wrote the opening fence). An empty block and a sandbox
-that fails are calls too: the model sees an error, and training goes on.
+that fails are calls too: the model sees an error, and the rollout goes on.
+
+Every call says what went wrong, if anything (:class:`ToolCall`): ``error_kind`` names it (the exception the code
+raised, e.g. "NameError", or the sandbox's status: "timeout", "memory", "output_limit", "denied", "killed"), and
+``infra_error`` tells a failure of the sandbox itself (``Result.infra_error``: the server died or stopped answering;
+or ``submit`` raised, or its future failed) from a failure of the code. An infrastructure failure is shown to the
+model as "SandboxError: <what failed>", and its kind is "SandboxError"; the trainer counts them and stops past
+``--tool-failure-limit``.
 """
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 TIMEOUT_MESSAGE = "TimeoutError: the code ran out of time and printed nothing"
+SANDBOX_ERROR = "SandboxError"  # the error kind, and the observation's first word, of an infrastructure failure
 
 
 @dataclass
@@ -24,6 +32,25 @@ class ToolCall:
     status: str        # the sandbox's status, or 'error' for an empty block / a failed sandbox
     observation: str   # what was inserted between the output fences
     wall_time: float
+    error_kind: str | None = None  # None if the code ran fine, else what went wrong (module docstring)
+    infra_error: bool = False      # the sandbox failed, not the code
+
+
+def error_kind_of(status: str, error_line: str | None) -> str | None:
+    """What went wrong in a run of the code: None for "ok"; for "error" the exception's name from the last error
+    line ("NameError: name 'x' is not defined" -> "NameError", "numpy.linalg.LinAlgError: ..." -> "LinAlgError"),
+    or "error" when that line names none (``sys.exit(3)``); else the status itself ("timeout", "memory", ...)."""
+    if status == "ok":
+        return None
+    if status != "error":
+        return status
+    name = (error_line or "").split(":", 1)[0].strip()
+    return name.rsplit(".", 1)[-1] if name and all(part.isidentifier() for part in name.split(".")) else "error"
+
+
+def sandbox_failure(code: str, what: str, wall_time: float = 0.0, status: str = "error") -> ToolCall:
+    """The call of a run that the sandbox itself failed (``what`` says how)."""
+    return ToolCall(code, status, f"{SANDBOX_ERROR}: {what}", wall_time, SANDBOX_ERROR, infra_error=True)
 
 
 def format_observation(stdout: str, error_line: str | None, ok: bool) -> str:
@@ -50,11 +77,11 @@ def submit(sandbox, code: str) -> Future:
     """Run ``code`` in ``sandbox``: a future of the sandbox's result, or of a ToolCall error when the block is
     empty or the sandbox itself fails."""
     if not code.strip():
-        return _done(ToolCall(code, "error", "SyntaxError: empty code block", 0.0))
+        return _done(ToolCall(code, "error", "SyntaxError: empty code block", 0.0, "SyntaxError"))
     try:
         return sandbox.submit(code)
-    except Exception as e:  # the sandbox itself failed: the model sees an error, training goes on
-        return _done(ToolCall(code, "error", f"SandboxError: {e}", 0.0))
+    except Exception as e:  # the sandbox itself failed: the model sees an error, the rollout goes on
+        return _done(sandbox_failure(code, str(e)))
 
 
 def finished_call(future: Future, code: str) -> ToolCall:
@@ -62,11 +89,15 @@ def finished_call(future: Future, code: str) -> ToolCall:
     try:
         result = future.result()
     except Exception as e:
-        return ToolCall(code, "error", f"SandboxError: {e}", 0.0)
+        return sandbox_failure(code, str(e))
     if isinstance(result, ToolCall):
         return result
+    if result.infra_error:  # the Result's stderr says what failed: "sandbox: the server died ..."
+        what = result.stderr.strip().removeprefix("sandbox:").strip()
+        return sandbox_failure(code, what, result.wall_time, result.status)
     text = format_observation(result.stdout, result.error_line, result.status == "ok")
-    return ToolCall(code, result.status, text, result.wall_time)
+    return ToolCall(code, result.status, text, result.wall_time,
+                    error_kind_of(result.status, result.error_line))
 
 
 def _done(value) -> Future:

@@ -87,7 +87,8 @@ def main(out, tok_dir):
         want = Generator(reference, tok, slots=2, max_len=48).generate(reqs)
     seen |= {"fsdp_hooks": CALLS, "steps": len(steps),
              "same": [o.response_ids for o in outs] == [w.response_ids for w in want],
-             "logprob_diff": max(abs(a - b) for o, w in zip(outs, want) for a, b in zip(o.logprobs, w.logprobs))}
+             "logprob_diff": max(abs(a - b) for o, w in zip(outs, want) for a, b in zip(o.logprobs, w.logprobs)),
+             "counts": dist.all_counts({f"only on rank {rank}": rank + 1, "on both": 10})}  # keys differ by rank
     if rank == 0:
         with open(out, "w") as f:
             json.dump(seen, f)

@@ -7,6 +7,7 @@ import pytest
 from nanotorl.config import PRESETS, TrainConfig, flag_fields, parse_args
 
 CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16"}  # str fields with a meaning
+BOUNDED = {"tool_failure_limit": 0.5}  # number fields with a range: another value inside it
 
 
 def leaves(cfg, path=()):
@@ -26,6 +27,8 @@ def other_value(name, value):
     """A value of the same type as ``value`` but different, and its command-line spelling."""
     if isinstance(value, bool):
         return (not value), str(not value).lower()
+    if name in BOUNDED:
+        return BOUNDED[name], str(BOUNDED[name])
     if isinstance(value, (int, float)):
         return value + 3, str(value + 3)
     return CHOICES.get(name, "x/y"), CHOICES.get(name, "x/y")

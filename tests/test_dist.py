@@ -1,4 +1,5 @@
-"""nanotorl/dist.py around generation, on two CPU processes (gloo): see tests/dist_generate.py for what runs."""
+"""nanotorl/dist.py around generation, and its sums of counts, on two CPU processes (gloo): see
+tests/dist_generate.py for what runs."""
 import json
 
 import pytest
@@ -26,3 +27,8 @@ def test_decode_step_bypasses_fsdp_hooks_and_matches_the_unsharded_model(seen):
     assert seen["steps"] >= 2 * 2  # two rollouts, each with decode steps (the first token follows the prefill)
     assert seen["fsdp_hooks"]["step"] == 0 and seen["fsdp_hooks"]["elsewhere"] > 0  # the spy sees the prefills
     assert seen["same"] and seen["logprob_diff"] < 1e-4
+
+
+def test_counts_with_other_keys_on_each_rank_add_up(seen):
+    """The error kinds of a step differ from rank to rank: dist.all_counts adds them up whatever each rank holds."""
+    assert seen["counts"] == {"only on rank 0": 1, "only on rank 1": 2, "on both": 20}

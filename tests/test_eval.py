@@ -61,7 +61,8 @@ def test_record_answer_from_policy_tokens_and_tool_calls_kept(ckpt):
     r = ev.to_record("d", "sampled", 3, score_completion(Problem("p", "What?", "9"), c, tok.decode), tok)
     assert r["response"] == "".join(text for text, _ in parts)  # the full text, tool block included
     assert r["extracted"] == "2" and r["correct"] is False and r["reward"] == -1.0  # printed 9 is not the answer
-    assert r["tool_calls"] == [{"code": "print(2)\n", "status": "ok", "observation": "\\boxed{9}", "wall_time": 0.01}]
+    assert r["tool_calls"] == [{"code": "print(2)\n", "status": "ok", "observation": "\\boxed{9}", "wall_time": 0.01,
+                               "error_kind": None, "infra_error": False}]
     assert (r["id"], r["mode"], r["index"], r["finish_reason"], r["response_tokens"]) == ("p", "sampled", 3, "eos",
                                                                                           len(mask))
 

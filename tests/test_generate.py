@@ -4,7 +4,6 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import format_observation
+from sandbox.result import Result
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,10 @@ class FakeSandbox:
         try:
             with contextlib.redirect_stdout(out):
                 exec(code, {})
-            return SimpleNamespace(status="ok", stdout=out.getvalue(), error_line=None, wall_time=self.delay)
+            return Result("ok", out.getvalue(), wall_time=self.delay)
         except Exception as e:
-            return SimpleNamespace(status="error", stdout=out.getvalue(), wall_time=self.delay,
-                                   error_line=f"{type(e).__name__}: {e}")
+            return Result("error", out.getvalue(), exit_code=1, wall_time=self.delay,
+                          error_line=f"{type(e).__name__}: {e}")
 
     def submit(self, code):
         self.calls.append(code)

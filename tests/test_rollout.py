@@ -1,14 +1,18 @@
 """rollout: the requests it makes (prompt, seed, sampling, budgets) for groups and single draws, and the samples
-it returns, in draw order, scored on the policy's own tokens (never tool output) with the code penalty."""
+it returns, in draw order, scored on the policy's own tokens (never tool output) with the code penalty; the
+statistics of tool health and turns, and the void-turn and truncation flags, against hand counts."""
 import json
+from concurrent.futures import Future
 
 import pytest
 
 from nanotorl.data import Problem
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Completion, SamplingParams, ToolCall
-from nanotorl.rollout import Draw, finish_stats, groups, rollout, rollout_stats, sample_seed
+from nanotorl.rollout import Draw, finish_stats, groups, rollout, rollout_stats, sample_seed, tool_failures
 from nanotorl.tokenizer import Tokenizer
+from nanotorl.tool import finished_call
+from sandbox.result import Result
 
 A = Problem("a", "What is 2 + 3?", "5")
 B = Problem("b", "What is 4 * 4?", "16")
@@ -22,8 +26,8 @@ def tok(tmp_path_factory):
 
 
 class Scripted:
-    """A generator stand-in: records the requests and answers each with the next (parts, tool calls) of a script;
-    parts are (text, mask) pieces, mask 0 for tool output."""
+    """A generator stand-in: records the requests and answers each with the next (parts, tool calls[, finish
+    reason]) of a script; parts are (text, mask) pieces, mask 0 for tool output."""
 
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script, self.requests = tokenizer, list(script), []
@@ -31,10 +35,10 @@ class Scripted:
     def generate(self, requests, progress=None):
         self.requests += requests
         out = []
-        for r, (parts, calls) in zip(requests, self.script):
+        for r, (parts, calls, *finish) in zip(requests, self.script):
             ids = [self.tokenizer.encode(text) for text, _ in parts]
             mask = [m for (_, m), piece in zip(parts, ids) for _ in piece]
-            out.append(Completion(r.prompt_ids, sum(ids, []), mask, [0.0] * len(mask), calls, "eos"))
+            out.append(Completion(r.prompt_ids, sum(ids, []), mask, [0.0] * len(mask), calls, (finish or ["eos"])[0]))
         return out
 
 
@@ -76,5 +80,73 @@ def test_stats_without_tool_calls_are_valid_json(tok):
                       max_new_tokens=9, max_tool_calls=1, seed=0)
     stats = finish_stats(rollout_stats(samples))
     assert stats == {"reward": 1.0, "accuracy": 1.0, "tool_fraction": 0.0, "calls_ok_fraction": None,
-                     "calls_per_response": 0.0, "response_length": len(tok.encode("\\boxed{5}"))}
+                     "calls_per_response": 0.0, "response_length": len(tok.encode("\\boxed{5}")),
+                     "tool_infra_failures": 0, "tool_code_failures": 0, "multi_call_fraction": 0.0,
+                     "calls_fixed_fraction": None, "truncated_fraction": 0.0, "void_turn_fraction": 0.0}
     json.dumps(stats, allow_nan=False)
+
+
+def call(code, result: Result):
+    """The ToolCall the generator makes of ``result`` (nanotorl.tool.finished_call)."""
+    future = Future()
+    future.set_result(result)
+    return finished_call(future, code)
+
+
+OK = Result("ok", "1\n", exit_code=0)
+NAME = Result("error", exit_code=1, error_line="NameError: name 'x' is not defined")
+SYNTAX = Result("error", exit_code=1, error_line="SyntaxError: invalid syntax")
+TIMEOUT = Result("timeout")
+DIED = Result("killed", stderr="sandbox: the server died before this run finished\n", infra_error=True)
+
+
+def test_tool_health_and_multi_turn_stats_against_hand_count(tok):
+    """Per response: its calls; by hand: 8 calls, 3 ok, 2 infrastructure failures (not code failures), 3 code
+    failures of which 2 were retried and 1 fixed by the next call; 3 responses with 2 or more calls."""
+    per_response = [[call("x", NAME), call("print(1)", OK)],          # fixed by the next call
+                    [call("loop", TIMEOUT), call("(", SYNTAX)],       # retried, not fixed; the SyntaxError not retried
+                    [call("print(1)", DIED)],
+                    [call("print(1)", OK)],
+                    [],
+                    [call("print(1)", DIED), call("print(1)", OK)]]  # an infrastructure failure is not the code's
+    script = [([("\\boxed{1}", 1)], calls) for calls in per_response]
+    samples = rollout(Scripted(tok, script), groups([A], 6, SamplingParams()), max_new_tokens=9, max_tool_calls=3,
+                      seed=0)
+    stats = finish_stats(rollout_stats(samples), tool_failures(samples))
+    assert {k: v for k, v in stats.items() if k.startswith(("tool_", "calls_", "multi"))} == {
+        "tool_fraction": 5 / 6, "calls_ok_fraction": 3 / 8, "calls_per_response": 8 / 6,
+        "tool_infra_failures": 2, "tool_code_failures": 3,
+        "tool_errors/SandboxError": 2, "tool_errors/NameError": 1, "tool_errors/SyntaxError": 1,
+        "tool_errors/timeout": 1, "multi_call_fraction": 3 / 6, "calls_fixed_fraction": 1 / 2}
+    assert list(stats).index("tool_errors/SandboxError") < list(stats).index("tool_errors/NameError")  # most first
+    assert tool_failures(samples)["infra/SandboxError: the server died before this run finished"] == 2
+
+
+BLOCK = "```python\nprint(1)\n```\n"
+OBSERVATION = ("```output\n1\n```\n", 0)
+
+# (parts, number of calls, finish reason) -> (void turn, truncated): the rule of nanotorl/rollout.py's docstring
+TURNS = {
+    "answer, no call": (([("so \\boxed{5}", 1)], 0, "eos"), (False, False)),
+    "nothing, no call": (([("I think", 1)], 0, "eos"), (True, False)),
+    "cut off, no call": (([("I think", 1)], 0, "length"), (True, True)),
+    "cut off after an answer": (([("\\boxed{5} and", 1)], 0, "length"), (False, False)),
+    "call, then an answer": (([(BLOCK, 1), OBSERVATION, ("so \\boxed{5}", 1)], 1, "eos"), (False, False)),
+    "call, then nothing": (([(BLOCK, 1), OBSERVATION, ("hmm", 1)], 1, "eos"), (True, False)),
+    "call, then a box left open": (([(BLOCK, 1), OBSERVATION, ("\\boxed{5", 1)], 1, "length"), (True, True)),
+    "call, then a block past the budget": (([(BLOCK, 1), OBSERVATION, (BLOCK + "done", 1)], 1, "eos"), (False, False)),
+    "call, then an unclosed block": (([(BLOCK, 1), OBSERVATION, ("```python\nprint(", 1)], 1, "length"), (True, True)),
+    "answer in a turn before the last": (([("\\boxed{5}\n" + BLOCK, 1), OBSERVATION, ("ok", 1)], 1, "eos"),
+                                         (True, False)),
+    "cut inside the observation": (([(BLOCK, 1), ("```output\n1", 0)], 1, "length"), (False, True)),
+    "three calls, then an answer": (([(BLOCK, 1), OBSERVATION] * 3 + [("\\boxed{5}", 1)], 3, "eos"), (False, False)),
+    "three calls, then nothing": (([(BLOCK, 1), OBSERVATION] * 3 + [("hmm", 1)], 3, "eos"), (True, False)),
+}
+
+
+@pytest.mark.parametrize("case", TURNS)
+def test_void_turns_and_truncated_responses_by_the_documented_rule(tok, case):
+    (parts, calls, finish), expected = TURNS[case]
+    sample = rollout(Scripted(tok, [(parts, [call("print(1)", OK)] * calls, finish)]), groups([A], 1, SamplingParams()),
+                     max_new_tokens=99, max_tool_calls=3, seed=0)[0]
+    assert (sample.void_turn, sample.truncated) == expected

@@ -14,7 +14,8 @@ import torch
 import train
 from conftest import REPO, ScriptedPolicy
 from nanotorl.checkpoint import load_model
-from nanotorl.config import InputsConfig, LogConfig, TrainConfig
+from nanotorl.cli import Stop
+from nanotorl.config import InputsConfig, LogConfig, RolloutConfig, TrainConfig
 from nanotorl.data import Problem
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import ToolCall
@@ -251,3 +252,60 @@ def test_qwen3_with_its_chat_template_trains_and_saves_as_it_came(tmp_path):
     assert (config["model_type"], config["head_dim"], config["eos_token_id"]) == ("qwen3", 12, Tokenizer(base).eos_ids)
     assert Tokenizer(saved, "chat", {"enable_thinking": False}).prompt("What is 0 + 0?") == prompt
     assert load_model(saved).cfg == load_model(base).cfg
+
+
+# ------------------------------------------------------------------------------------------ tool health
+
+# train.py with every sandbox server dying at its first run (as if the sandbox machine kept dying): the pool reports
+# each lost run as an infrastructure failure and starts a new server. Nothing preloaded, so that restarts are quick.
+DYING_SANDBOX = """
+import functools, runpy, sys
+import sandbox, sandbox.pool
+sandbox.pool.SERVER_MAIN = ("import os, sandbox.server\\n"
+                            "sandbox.server.Zygote.on_control = lambda *_: os._exit(137)\\n" + sandbox.pool.SERVER_MAIN)
+sandbox.SandboxPool = functools.partial(sandbox.pool.SandboxPool, preload=())
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_dying_sandbox_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["--out-dir", str(out), "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "48",
+            "--eval-every", "0", "--save-every", "1", "--gen-slots", "8"]
+    run_demo_steps = [sys.executable, "train.py", *args, "--steps", "1"]
+    first = subprocess.run(run_demo_steps, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-c", DYING_SANDBOX, *args, "--steps", "4"], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    stopped = int(line.split()[2].rstrip(":"))  # "error: step N: the sandbox itself failed on ..."
+    assert line.startswith(f"error: step {stopped}: the sandbox itself failed on "), line
+    assert "above --tool-failure-limit 0.05" in line and "x 'SandboxError: the server died before this run" in line
+    kept = out / "checkpoints" / f"step_{stopped - 1:06d}"
+    assert f"the last checkpoint, {kept}, is intact" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted(  # no partial checkpoint of the step
+        f"step_{s:06d}" for s in range(max(1, stopped - 2), stopped))
+    load_model(kept)
+    assert [row["step"] for row in metrics(out)][-1] == stopped - 1
+
+
+def health(calls, infra, limit):
+    cfg = TrainConfig(rollout=RolloutConfig(tool_failure_limit=limit), log=LogConfig(out_dir="/nonexistent"))
+    sums = {"calls": calls, "calls_infra_failed": infra}
+    failures = {"infra/SandboxError: the server died": infra - 1, "infra/SandboxError: could not start": 1,
+                "kind/SandboxError": infra}
+    train.check_tool_health(sums, failures, 7, cfg)
+
+
+def test_the_run_stops_only_above_the_tool_failure_limit():
+    health(calls=100, infra=5, limit=0.05)   # 5% is not above 5%
+    health(calls=0, infra=0, limit=0.0)      # no call, nothing failed
+    health(calls=10, infra=10, limit=1.0)    # 1 never stops
+    with pytest.raises(Stop, match=r"^step 7: the sandbox itself failed on 6 of 100 tool calls \(6.0%, above "
+                                   r"--tool-failure-limit 0.05\): 5 x 'SandboxError: the server died'; 1 x "
+                                   r"'SandboxError: could not start'\. .*no checkpoint was written yet"):
+        health(calls=100, infra=6, limit=0.05)
+    with pytest.raises(Stop, match="1 of 50 tool calls"):
+        health(calls=50, infra=1, limit=0.0)
