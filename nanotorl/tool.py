@@ -85,14 +85,16 @@ def submit(sandbox, code: str) -> Future:
 
 
 def finished_call(future: Future, code: str) -> ToolCall:
-    """The ToolCall of a finished :func:`submit` future, its observation formatted for the model."""
+    """The ToolCall of a finished :func:`submit` future, its observation formatted for the model. The future holds a
+    :class:`sandbox.Result` (or anything with its status, stdout, error_line and wall_time; without infra_error it
+    counts as the code's outcome)."""
     try:
         result = future.result()
     except Exception as e:
         return sandbox_failure(code, str(e))
     if isinstance(result, ToolCall):
         return result
-    if result.infra_error:  # the Result's stderr says what failed: "sandbox: the server died ..."
+    if getattr(result, "infra_error", False):  # its stderr says what failed: "sandbox: the server died ..."
         what = result.stderr.strip().removeprefix("sandbox:").strip()
         return sandbox_failure(code, what, result.wall_time, result.status)
     text = format_observation(result.stdout, result.error_line, result.status == "ok")

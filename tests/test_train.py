@@ -3,6 +3,7 @@ result, and the demo runs end to end."""
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -309,3 +310,58 @@ def test_the_run_stops_only_above_the_tool_failure_limit():
         health(calls=100, infra=6, limit=0.05)
     with pytest.raises(Stop, match="1 of 50 tool calls"):
         health(calls=50, infra=1, limit=0.0)
+
+
+# ------------------------------------------------------------------------------------------ logging backends
+
+RECORDS = [{"step": 1, "reward": 0.5, "tool_errors/NameError": 3, "calls_fixed_fraction": None},
+           {"step": 2, "reward": 0.75, "tool_infra_failures": 1, "calls_fixed_fraction": 0.5}]
+
+
+def test_tensorboard_gets_every_number_of_every_step(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard: the logging "
+                                              "extra); --tensorboard true needs it")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    with train.Log(TrainConfig(steps=2, log=LogConfig(out_dir=str(tmp_path), tensorboard=True)), 0, 0) as log:
+        for record in RECORDS:
+            log(record)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    got = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert got == {"step": [(1, 1.0), (2, 2.0)], "reward": [(1, 0.5), (2, 0.75)], "tool_errors/NameError": [(1, 3.0)],
+                   "tool_infra_failures": [(2, 1.0)], "calls_fixed_fraction": [(2, 0.5)]}  # None is not a number
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline wandb run file: LevelDB-log blocks of 32 KiB after a 7-byte header, each
+    record a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) and a Record protobuf."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, rows, part = run_file.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the rest of a block: padding
+            pos += left
+            continue
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_gets_every_record(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb: the logging extra); "
+                                               "--wandb-project needs it")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(name, value)
+    with train.Log(TrainConfig(steps=2, log=LogConfig(out_dir=str(tmp_path), wandb_project="nanotorl-test")), 0,
+                   0) as log:
+        for record in RECORDS:
+            log(record)
+    wandb.teardown()  # finish() returns before wandb's own process has written everything; this waits for it
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wandb_history(run_file)]
+    assert rows == RECORDS
