@@ -166,9 +166,12 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
         os.closerange(lo, hi)
     os.chdir(cfg.workdir)
-    if cfg.cgroup:
-        with open(os.path.join(cfg.cgroup, str(slot), "cgroup.procs"), "w") as f:
-            f.write("0")
+    if cfg.cgroup:  # os.open, not open(): no io objects to build in a fresh child (~0.2 CPU-ms per run)
+        procs = os.open(os.path.join(cfg.cgroup, str(slot), "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(procs, b"0")
+        finally:
+            os.close(procs)
     for res, soft_hard in cfg.limits:
         resource.setrlimit(res, soft_hard)
     if cfg.switch_uid:
