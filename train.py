@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from nanotorl import cli, dist
+from nanotorl.attention import attention_path
 from nanotorl.checkpoint import latest_checkpoint, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, repeats_line
@@ -79,7 +80,7 @@ def rollout_step(model, gen: Generator, problems, step: int, cfg: TrainConfig, r
 def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device, world: int) -> dict:
     """One optimizer step on this rank's samples (whole groups): the GRPO batch, then the loss and its backward
     micro-batch by micro-batch, gradient clipping and the AdamW step; returns the step's statistics (all ranks)."""
-    batch = grpo_batch(samples, cfg.grpo, cfg.optim.micro_batch_tokens)
+    batch = grpo_batch(samples, cfg.grpo, cfg.optim.micro_batch_tokens, pack=cfg.optim.pack_rows)
     total = dist.all_sum({"tokens": batch.tokens, "sequences": batch.sequences}, device)
     normalizer = loss_normalizer(cfg.grpo, total["tokens"], total["sequences"])  # global: exact under FSDP
     # FSDP needs the same number of passes on every rank: a rank that runs out makes filler passes (weight 0)
@@ -88,8 +89,8 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     model.train()
     for mb in batch.micro_batches + [filler_micro_batch()] * (passes - len(batch.micro_batches)):
         mb = {k: v.to(device) for k, v in mb.items()}
-        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], temperature=cfg.rollout.temperature,
-                                             return_entropy=True)
+        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], seq_ids=mb.get("seq_ids"),
+                                             temperature=cfg.rollout.temperature, return_entropy=True)
         old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
         loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
         (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
@@ -245,7 +246,17 @@ def load_policy(cfg: TrainConfig, rank: int, world: int, device):
     if rank == 0:
         tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
                    f"on {device.type} | out_dir {cfg.log.out_dir}")
+        tqdm.write(training_rows(cfg, device, dtype))
     return model, optimizer, tok, start
+
+
+def training_rows(cfg: TrainConfig, device, dtype) -> str:
+    """How the trainer lays out its micro-batches and which attention that takes, said once at start-up."""
+    T = cfg.optim.micro_batch_tokens
+    if not cfg.optim.pack_rows:
+        return f"training rows: one response each, right-padded, {T} tokens per micro-batch (plain causal attention)"
+    path, why = attention_path(device, dtype, T)
+    return f"training rows: responses packed into rows of up to {T} tokens | attention for rows of {T}: {path} ({why})"
 
 
 def fitting_problems(cfg: TrainConfig, tok: Tokenizer, rank: int):

@@ -63,6 +63,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096  # tokens per packed micro-batch (gradient accumulation over them)
+    pack_rows: bool = False         # several responses per row (nanotorl/attention.py keeps them apart); else one each
     dtype: str = "float32"          # parameter dtype on CPU; on GPU: compute dtype under FSDP2 mixed precision
     activation_checkpointing: bool = False
     cpu_offload: bool = False
@@ -101,8 +102,8 @@ def torl_recipe(size: str, gen_slots: int, micro_batch_tokens: int) -> TrainConf
         rollout=RolloutConfig(max_new_tokens=3072, max_prompt_tokens=400, gen_slots=gen_slots, sandbox_workers=16,
                               sandbox_timeout=10.0),
         grpo=GRPOConfig(group_size=16),
-        optim=OptimConfig(lr=1e-6, weight_decay=0.01, micro_batch_tokens=micro_batch_tokens, dtype="bfloat16",
-                          activation_checkpointing=True),
+        optim=OptimConfig(lr=1e-6, weight_decay=0.01, micro_batch_tokens=micro_batch_tokens, pack_rows=True,
+                          dtype="bfloat16", activation_checkpointing=True),
         log=LogConfig(out_dir=f"runs/torl-{size}", eval_every=20, eval_problems=500, eval_k=16, save_every=20))
 
 

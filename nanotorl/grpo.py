@@ -15,11 +15,15 @@ the low-variance estimator  k3 = exp(ref - logp) - (ref - logp) - 1  (coefficien
 logp_old is the log-prob the generator computed while sampling: the generator and the trainer run the same model
 code, so no second forward is needed, and the gap between the two is logged (``LossStats``).
 
-One step's batch (:func:`grpo_batch`): samples -> advantages -> per-token sequences -> micro-batches.
+One step's batch (:func:`grpo_batch`): samples -> advantages -> per-token sequences -> micro-batches, either one
+response per row, right-padded, or several packed into each row (``seq_ids`` keeps their attention apart); each
+token's loss is the same either way.
 """
 from dataclasses import dataclass
 
 import torch
+
+from nanotorl.attention import FLEX_BLOCK
 
 
 @dataclass
@@ -78,8 +82,9 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, normalizer: f
     return (per_token * mask).sum() / normalizer, stats
 
 
-def micro_batches(sequences: list[dict], max_tokens: int) -> list[dict]:
-    """Group sequences into right-padded micro-batches [B, T] of at most ``max_tokens`` (B * T) tokens.
+def micro_batches(sequences: list[dict], max_tokens: int, pack: bool = False) -> list[dict]:
+    """Group sequences into right-padded micro-batches [B, T] of at most ``max_tokens`` (B * T) tokens, or with
+    ``pack`` into packed rows (:func:`packed_micro_batches`).
 
     Each sequence is a dict of equal-length per-token lists; ``input_ids`` and ``targets`` (-100: no loss)
     are required, pads get id 0, target -100 and 0 elsewhere. Sequences are sorted by length first so rows
@@ -87,6 +92,8 @@ def micro_batches(sequences: list[dict], max_tokens: int) -> list[dict]:
     for the real tokens (they never look ahead at pads). A sequence longer than ``max_tokens`` gets a
     micro-batch of its own.
     """
+    if pack:
+        return packed_micro_batches(sequences, max_tokens)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
     groups, current = [], []
     for i in order:
@@ -100,9 +107,50 @@ def micro_batches(sequences: list[dict], max_tokens: int) -> list[dict]:
     out = []
     for group in groups:
         T = len(group[-1]["input_ids"])
-        pad = {k: (-100 if k == "targets" else 0) for k in group[0]}
-        out.append({k: torch.tensor([s[k] + [pad[k]] * (T - len(s[k])) for s in group]) for k in group[0]})
+        out.append({k: torch.tensor([_padded(s[k], k, T) for s in group]) for k in group[0]})
     return out
+
+
+def _padded(values: list, key: str, T: int) -> list:
+    """A per-token list right-padded to T: target -100 (no loss), 0 for everything else."""
+    return values + [-100 if key == "targets" else 0] * (T - len(values))
+
+
+def packed_micro_batches(sequences: list[dict], max_tokens: int) -> list[dict]:
+    """Sequences packed into rows of at most ``max_tokens`` tokens, one row [1, T] per micro-batch.
+
+    Rows are filled first-fit, longest sequence first; a sequence longer than ``max_tokens`` gets a row of its own.
+    Each row holds its sequences end to end, ``seq_ids`` [1, T] numbering them 0, 1, ... and its pads (id 0,
+    target -100, weight 0) one id more, so that attention stays within each sequence and positions restart at 0
+    (nanotorl.attention); T is one of a few lengths (:func:`row_length`), so that compiled attention kernels and
+    block masks serve step after step.
+    """
+    rows, room = [], []
+    for seq in sorted(sequences, key=lambda s: -len(s["input_ids"])):
+        n = len(seq["input_ids"])
+        fit = next((i for i, free in enumerate(room) if free >= n), None)
+        if fit is None:
+            rows.append([])
+            room.append(max_tokens)
+            fit = len(rows) - 1
+        rows[fit].append(seq)
+        room[fit] -= n
+    out = []
+    for row in rows:
+        n = sum(len(s["input_ids"]) for s in row)
+        T = row_length(n, max_tokens)
+        ids = [i for i, s in enumerate(row) for _ in s["input_ids"]]
+        out.append({k: torch.tensor([_padded(sum((s[k] for s in row), []), k, T)]) for k in row[0]}
+                   | {"seq_ids": torch.tensor([ids + [len(row)] * (T - n)])})
+    return out
+
+
+def row_length(n: int, max_tokens: int) -> int:
+    """The length a packed row of n tokens is padded to: the smallest of u, 2u, 4u and 8u that holds it, u being an
+    eighth of ``max_tokens`` rounded up to whole blocks of FlexAttention; a multiple of u beyond (one sequence
+    longer than ``max_tokens``)."""
+    u = -(-max_tokens // (8 * FLEX_BLOCK)) * FLEX_BLOCK
+    return next((T for T in (u, 2 * u, 4 * u, 8 * u) if n <= T), -(-n // u) * u)
 
 
 def policy_sequence(prompt_ids, response_ids, loss_mask, old_logprobs, advantage: float,
@@ -128,13 +176,14 @@ def policy_sequence(prompt_ids, response_ids, loss_mask, old_logprobs, advantage
 @dataclass
 class Batch:
     """This rank's share of one GRPO step, ready for the trainer."""
-    micro_batches: list[dict]   # right-padded [B, T] tensors, see :func:`micro_batches`
+    micro_batches: list[dict]   # right-padded [B, T] tensors, or packed rows [1, T]: see :func:`micro_batches`
     tokens: int                 # policy tokens (weight > 0): the normalizer of token aggregation, once summed
     sequences: int              # responses kept: the normalizer of sequence aggregation, once summed
 
 
-def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int) -> Batch:
-    """samples -> advantages -> sequences -> micro-batches of at most ``max_tokens`` tokens.
+def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int, pack: bool = False) -> Batch:
+    """samples -> advantages -> sequences -> micro-batches of at most ``max_tokens`` tokens (``pack``: several
+    sequences per row).
 
     ``samples`` (:class:`nanotorl.rollout.Sample`) come in whole groups of ``cfg.group_size`` consecutive
     responses to one prompt; with ``skip_uniform_groups`` the groups whose rewards are all equal are left out.
@@ -146,7 +195,7 @@ def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int) -> Batch:
     seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
                             s.completion.logprobs, float(a), cfg.aggregation)
             for s, a, k in zip(samples, adv.tolist(), keep.tolist()) if k]
-    return Batch(micro_batches(seqs, max_tokens), tokens=sum(sum(m > 0 for m in s["weight"]) for s in seqs),
+    return Batch(micro_batches(seqs, max_tokens, pack), tokens=sum(sum(m > 0 for m in s["weight"]) for s in seqs),
                  sequences=len(seqs))
 
 

@@ -1,5 +1,6 @@
 """One GRPO optimizer step on a fixed global batch, run by tests/test_train.py under torchrun with 1 or 2
-processes; rank 0 saves the resulting weights to argv[1]."""
+processes, with right-padded rows or (argv[2] == "pack") packed ones; rank 0 saves the resulting weights to
+argv[1]."""
 import sys
 
 import torch
@@ -32,10 +33,10 @@ def global_batch(cfg: TrainConfig) -> list[Sample]:
     return samples
 
 
-def main(out):
+def main(out, pack: bool):
     rank, world, device = dist.setup()
     cfg = TrainConfig(prompts_per_step=4, grpo=GRPOConfig(group_size=4),
-                      optim=OptimConfig(micro_batch_tokens=40, lr=1.0))
+                      optim=OptimConfig(micro_batch_tokens=40, pack_rows=pack, lr=1.0))
     torch.manual_seed(0)
     model = Qwen2(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2)
@@ -52,4 +53,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] == ["pack"])

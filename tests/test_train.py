@@ -35,11 +35,13 @@ def torchrun(nproc, *args, **kw):
 
 
 def test_one_step_on_two_processes_equals_one_process(tmp_path):
+    """Also with packed rows (several responses per row, nanotorl.grpo.packed_micro_batches) on two processes: the
+    same weights as right-padded rows on one."""
     outs = {}
-    for n in (1, 2):
-        r = torchrun(n, "tests/dist_step.py", str(tmp_path / f"w{n}.pt"))
+    for n, rows in ((1, "pad"), (2, "pad"), (2, "pack")):
+        r = torchrun(n, "tests/dist_step.py", str(tmp_path / f"w{n}{rows}.pt"), rows)
         assert r.returncode == 0, r.stderr[-3000:]
-        outs[n] = torch.load(tmp_path / f"w{n}.pt")
+        outs[n if rows == "pad" else rows] = torch.load(tmp_path / f"w{n}{rows}.pt")
     torch.manual_seed(0)
     init = Qwen2(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2).state_dict()
@@ -48,7 +50,9 @@ def test_one_step_on_two_processes_equals_one_process(tmp_path):
     assert max((one[k] - init[k]).abs().max() for k in one) > 1e-3  # the step really moved the weights
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
-    assert outs[1]["stats"]["trained_tokens"] == outs[2]["stats"]["trained_tokens"]
+        torch.testing.assert_close(outs["pack"]["weights"][k], one[k], atol=1e-6, rtol=1e-5, msg=f"packed {k}")
+    assert outs[1]["stats"]["trained_tokens"] == outs[2]["stats"]["trained_tokens"] == outs["pack"]["stats"][
+        "trained_tokens"]
 
 
 def test_masked_tool_tokens_get_no_gradient():
@@ -201,7 +205,8 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
 
 def test_real_recipe_path_with_a_checkpoint_and_jsonl_data(tmp_path):
     """--model DIR --data FILE: a Hugging Face checkpoint and JSONL problems, with a malformed row skipped;
-    --eval-data of two sources with a repeated problem: one line on the repeat, accuracies per source."""
+    --eval-data of two sources with a repeated problem: one line on the repeat, accuracies per source; packed rows,
+    with the attention they take said at start-up."""
     from nanotorl.checkpoint import save_model
     from nanotorl.demo import demo_config, save_demo_tokenizer
     from nanotorl.tokenizer import Tokenizer
@@ -216,10 +221,12 @@ def test_real_recipe_path_with_a_checkpoint_and_jsonl_data(tmp_path):
     cmd = [sys.executable, "train.py", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "train.jsonl"),
            "--eval-data", str(tmp_path / "heldout.jsonl"), "--skip-bad-rows", "true", "--out-dir",
            str(tmp_path / "out"), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
-           "8", "--eval-problems", "3", "--eval-k", "1", "--gen-slots", "4"]
+           "8", "--eval-problems", "3", "--eval-k", "1", "--gen-slots", "4", "--pack-rows", "true"]
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipped 1 malformed rows" in r.stderr + r.stdout
+    assert "training rows: responses packed into rows of up to 4096 tokens | attention for rows of 4096: " \
+           "sdpa_varlen" in r.stderr + r.stdout
     assert "heldout.jsonl: 1 of 4 rows repeat 1 problems; each problem is evaluated" in r.stderr + r.stdout
     rows = metrics(tmp_path / "out")
     assert [row["step"] for row in rows] == [0, 1]
