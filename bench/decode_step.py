@@ -32,7 +32,8 @@ GPU_CASES = [(256, 2048)]  # (slots, cache length) on a GPU
 def bench_case(name, model, slots: int, length: int, device: str, iters: int, impls: list[str]) -> list[dict]:
     p = next(model.parameters())
     cache = KVCache(model.cfg, slots, length, device=device, dtype=p.dtype)
-    rows = [(i % model.cfg.vocab_size, length // 2) for i in range(slots)]
+    ids = torch.arange(slots, device=device) % model.cfg.vocab_size  # [slots]
+    positions = torch.full((slots,), length // 2, device=device)
     steps = {"eager": DecodeStep(model, cache, graph=False)}
     if "graph" in impls and device == "cuda":
         steps["graph"] = DecodeStep(model, cache, graph=True)
@@ -46,9 +47,9 @@ def bench_case(name, model, slots: int, length: int, device: str, iters: int, im
             step.set_request(i, Request([0], sampling=SamplingParams(temperature=1.0), seed=i))
     if "compiled" in steps:
         t0 = time.perf_counter()
-        steps["compiled"](rows)
+        steps["compiled"](ids, positions)
         compile_s = time.perf_counter() - t0
-    times = {impl: measure(lambda s=step: s(rows), warmup=2, iters=iters, device=device)["time_s"]
+    times = {impl: measure(lambda s=step: s(ids, positions), warmup=2, iters=iters, device=device)["time_s"]
              for impl, step in steps.items() if impl in impls}
     return [{"model": name, "slots": slots, "length": length, "impl": impl, "ms": t * 1e3,
              "speedup_vs_eager": times["eager"] / t if "eager" in times else "",

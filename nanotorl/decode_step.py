@@ -100,11 +100,12 @@ class DecodeStep:
                                "or run without cuda_graph") from e
         return graph
 
-    def __call__(self, rows: list[tuple[int, int]]) -> tuple[list[int], list[float]]:
-        """rows: (token, position) of every slot -> (tokens, log-probs) of every slot."""
-        self.inputs.copy_(torch.tensor(rows, dtype=torch.int64).T)
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and positions [N] of every slot -> the next token and its log-prob [N] of every slot."""
+        self.inputs[0].copy_(ids)
+        self.inputs[1].copy_(positions)
         if self.graph is not None:
             self.graph.replay()
         else:
             self._run()
-        return self.tokens.tolist(), self.logprobs.tolist()
+        return self.tokens, self.logprobs

@@ -12,6 +12,7 @@ from conftest import interpreted, save_chat_tokenizer, shared_path
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
+from nanotorl.slots import SlotTable
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import format_observation
 from sandbox.result import Result
@@ -353,14 +354,13 @@ def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, cuda_gra
     reqs = [Request(prompt, max_new_tokens=n, seed=i, sampling=SamplingParams(temperature=1.0))
             for i, n in enumerate([3, 9, 60, 60, 60, 60])]
     fillers = []
-    rows = Generator._decode_rows
+    inputs = SlotTable.decode_inputs
 
-    def spy(indices, feed, active):
-        out = rows(indices, feed, active)
-        fillers.append(len(out) - len(feed))
-        return out
+    def spy(table, slots, decoding):
+        fillers.append(len(slots) - int(decoding.sum()))
+        return inputs(table, slots, decoding)
 
-    monkeypatch.setattr(Generator, "_decode_rows", staticmethod(spy))
+    monkeypatch.setattr(SlotTable, "decode_inputs", spy)
     batched = Generator(model, tok, FakeSandbox(delay=0.03), slots=4, max_len=128,
                         cuda_graph=cuda_graph).generate(reqs)
     assert max(fillers) > 0  # the scenario did put other slots among the decoding ones
