@@ -72,12 +72,13 @@ def decode_span(indices: list[int]) -> list[int]:
 def twins(prefill: list, chunk: int) -> tuple[list, list[tuple]]:
     """(fed, twins): the prefilling slots to feed, in slot order, and (slot, twin) for every other one: a slot still
     on its prompt whose prompt up to the end of this chunk is that of an earlier slot that is fed, from the same
-    start, its twin (the G samples of one prompt). The twins' caches then hold the same keys and values, so the
-    slot copies them."""
+    start, and which the chunk completes if and only if it completes the twin, its twin (the G samples of one
+    prompt). The twins' caches then hold the same keys and values, so the slot copies them, and the twin's last
+    hidden state when the chunk completes them."""
     fed, pairs, first = [], [], {}
     for s in prefill:
-        prompt = s.request.prompt_ids
-        key = (s.n_cached, tuple(prompt[:s.n_cached + chunk])) if s.n_tokens == len(prompt) else s.index
+        prompt, end = s.request.prompt_ids, s.n_cached + chunk
+        key = (s.n_cached, tuple(prompt[:end]), len(prompt) <= end) if s.n_tokens == len(prompt) else s.index
         twin = first.setdefault(key, s)
         if twin is s:
             fed.append(s)

@@ -185,6 +185,22 @@ def test_samples_of_one_prompt_share_its_prefill(model, tok):
     assert len({tuple(o.response_ids) for o in batched}) > 3  # the samples of a prompt differ
 
 
+@pytest.mark.parametrize("longer_first", [False, True], ids=["prefix-first", "longer-first"])
+def test_a_prompt_that_ends_where_another_goes_on_is_not_its_twin(model, tok, longer_first):
+    """Prompts that agree up to a chunk's end, where one of them ends and the other goes on: the chunk completes
+    one and not the other, so neither may take the other's state; each draws what it draws alone."""
+    long = prompts(tok, 1)[0] + tok.encode(" Then add 5.")
+    short = long[:8]  # ends at the end of the second chunk of 4
+    order = [long, short] if longer_first else [short, long]
+    reqs = [Request(p, max_new_tokens=6, seed=3 + i, sampling=SamplingParams(temperature=1.0))
+            for i, p in enumerate(order + order)]
+    batched = Generator(model, tok, slots=4, max_len=64, prefill_chunk=4).generate(reqs)
+    alone = [Generator(model, tok, slots=1, max_len=64, prefill_chunk=4).generate([r])[0] for r in reqs]
+    assert [o.response_ids for o in batched] == [o.response_ids for o in alone]
+    for b, a in zip(batched, alone):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+
+
 def test_more_requests_than_slots_each_returned_once(model, tok):
     reqs = [Request(p, max_new_tokens=3 + i % 4, seed=i) for i, p in enumerate(prompts(tok, 13))]
     done = []
