@@ -66,10 +66,11 @@ ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.U
              "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
-prctl, capset = _libc.prctl, _libc.capset  # resolved once in the server, not in every child
+prctl, capset, sigprocmask = _libc.prctl, _libc.capset, _libc.sigprocmask  # resolved once, in the server
 prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 _CAP_HEADER = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)  # {version, pid 0 = self}
 _CAP_DATA = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+_NO_SIGNALS = (ctypes.c_ulong * (1024 // (8 * ctypes.sizeof(ctypes.c_ulong))))()  # glibc's sigset_t, empty
 
 
 def _check(ret: int, what: str) -> None:
@@ -159,7 +160,9 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != server_pid:  # the server died between fork and prctl
         os._exit(1)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # libc, not signal.pthread_sigmask: that returns the old mask as a set of Signals members, whose enum
+    # look-ups touch (and copy) ~60 pages in a fresh child, 0.2 CPU-ms per run
+    _check(sigprocmask(signal.SIG_SETMASK, _NO_SIGNALS, None), "sigprocmask")
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
     keep = sorted(fd for fd in cfg.keep_fds if fd > 2)

@@ -113,6 +113,13 @@ def test_input_without_stdin_gets_eof(pool):
     serves_next(pool)
 
 
+def test_runs_start_with_the_signal_state_of_python_c(pool):
+    """The server blocks the signals that would stop it; a run gets a fresh mask and Python's own dispositions."""
+    code = "print([l.split()[1] for l in open('/proc/self/status') if l.startswith(('SigBlk', 'SigIgn'))])"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert pool.run(code).stdout == fresh
+
+
 def test_preloaded_sympy_gives_the_same_answer_as_here(pool):
     import sympy
     x = sympy.Symbol("x")
