@@ -130,6 +130,31 @@ def test_kv_cache_decoding_equals_full_forward(pair, kernel, request):
         torch.testing.assert_close(torch.cat(got[i]), logits_of(model, s[None])[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 2]], ids=["consecutive", "gathered"])
+def test_decoding_rows_at_different_positions_see_only_their_own_prefix(pair, slots):
+    """One-token rows at different positions in one forward, over a cache whose later positions hold other
+    tokens' keys and values: each row's logits are those of its own sequence's full forward."""
+    _, model, _ = pair
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (6, 9, 7)]
+    slots, start = torch.tensor(slots), [2, 5, 3]  # each sequence's prefilled length, then one token per forward
+    cache = KVCache(model.cfg, slots=4, max_len=16)
+    got = [[] for _ in seqs]
+    with torch.no_grad():
+        model(torch.randint(0, 97, (4, 16), generator=g), positions=torch.arange(16).expand(4, 16), cache=cache,
+              slots=torch.arange(4))  # junk everywhere: a row that looked past its position would read it
+        for s, slot, n in zip(seqs, slots, start):
+            model(s[None, :n], positions=torch.arange(n)[None], cache=cache, slots=slot[None])
+        for step in range(4):
+            ids = torch.stack([s[n + step:n + step + 1] for s, n in zip(seqs, start)])  # [3, 1]
+            positions = torch.tensor(start)[:, None] + step
+            h = model(ids, positions=positions, cache=cache, slots=slots)
+            for i in range(len(seqs)):
+                got[i].append(model.logits(h[i]))
+    for i, (s, n) in enumerate(zip(seqs, start)):
+        torch.testing.assert_close(torch.cat(got[i]), logits_of(model, s[None, :n + 4])[0, n:], atol=1e-5, rtol=0)
+
+
 def test_groups_of_rows_in_one_cached_forward_equal_separate_forwards(pair):
     """A prefill chunk of two slots and one decoding token of three others in one forward (the generator's
     step) give the hidden states of two separate forwards, and leave the same cache."""
