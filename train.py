@@ -82,7 +82,8 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     micro-batch by micro-batch, gradient clipping and the AdamW step; returns the step's statistics (all ranks)."""
     batch = grpo_batch(samples, cfg.grpo, cfg.optim.micro_batch_tokens, pack=cfg.optim.pack_rows)
     total = dist.all_sum({"tokens": batch.tokens, "sequences": batch.sequences}, device)
-    normalizer = loss_normalizer(cfg.grpo, total["tokens"], total["sequences"])  # global: exact under FSDP
+    # global counts: the same gradient however the step's batch is split over micro-batches and ranks
+    normalizer = loss_normalizer(cfg.grpo, total["tokens"], total["sequences"], cfg.rollout.max_new_tokens)
     # FSDP needs the same number of passes on every rank: a rank that runs out makes filler passes (weight 0)
     passes = int(dist.all_max(len(batch.micro_batches), device))
     stats = LossStats()
@@ -100,7 +101,7 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = dist.all_sum(stats.sums | {"tokens": batch.tokens}, device)
+    sums = dist.all_sum(stats.sums | {"tokens": batch.tokens, "sequences": batch.sequences}, device)
     return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm))
 
 

@@ -8,9 +8,22 @@ and the policy minimises, over the tokens t the policy sampled (tool-output toke
 
     L = -agg_t min( rho_t A,  clip(rho_t, 1 - eps_low, 1 + eps_high) A ),    rho_t = exp(logp_t - logp_old_t)
 
-with separate low/high clip ranges (DAPO's clip-higher). ``agg`` is the token mean over the whole batch by
-default, or the mean over sequences of each sequence's token mean. The optional KL to a frozen reference uses
-the low-variance estimator  k3 = exp(ref - logp) - (ref - logp) - 1  (coefficient 0 by default, as in ToRL).
+with separate low/high clip ranges (DAPO's clip-higher). Dual clip (``dual_clip`` C > 1, verl's ``clip_ratio_c``):
+for a negative advantage the token's loss is also capped at -A * C, so that a huge ratio on a token the policy
+should avoid cannot make the loss (and its gradient) unbounded; where the cap applies the token has no gradient.
+``agg`` over the policy tokens of the batch (l_it the token losses, n_i the policy tokens of response i, B the
+responses, L = ``max_new_tokens``):
+
+    'token'    (default)   sum_it l_it / sum_i n_i         the token mean over the whole batch (DAPO)
+    'sequence'             sum_i (sum_t l_it / n_i) / B    the mean over responses of each one's token mean
+    'constant' (Dr. GRPO)  sum_it l_it / (B * L)           no length in the normaliser (verl's seq-mean-token-sum-norm)
+
+B and n_i count only the responses the loss sees: a group left out (``skip_uniform_groups``) and a response given
+zero loss weight are in neither. Zero loss weight goes, with ``mask_truncated``, to responses cut by the token
+budget without a final answer (DAPO's overlong filtering) and, with ``filter_void_turns``, to responses with a
+void turn (SimpleTIR; the rule is in :mod:`nanotorl.rollout`); their rewards still count in their group's
+advantages. The optional KL to a frozen reference uses the low-variance estimator
+k3 = exp(ref - logp) - (ref - logp) - 1  (coefficient 0 by default, as in ToRL).
 
 logp_old is the log-prob the generator computed while sampling: the generator and the trainer run the same model
 code, so no second forward is needed, and the gap between the two is logged (``LossStats``).
@@ -26,19 +39,28 @@ import torch
 from nanotorl.attention import FLEX_BLOCK
 
 
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
 @dataclass
 class GRPOConfig:
     group_size: int = 8              # G: responses per prompt, whose rewards are compared with each other
     clip_low: float = 0.2
     clip_high: float = 0.2
+    dual_clip: float = 0.0           # C > 1: cap the loss of a token with A < 0 at -A * C (verl's clip_ratio_c); 0: off
     std_normalize: bool = True
-    aggregation: str = "token"       # 'token' | 'sequence'
+    aggregation: str = "token"       # 'token' | 'sequence' | 'constant' (Dr. GRPO): module docstring
     kl_coef: float = 0.0
     skip_uniform_groups: bool = False  # drop groups whose rewards are all equal (they carry no signal)
+    mask_truncated: bool = False     # zero loss weight for responses cut by the budget without an answer (DAPO)
+    filter_void_turns: bool = False  # zero loss weight for responses with a void turn (SimpleTIR, nanotorl.rollout)
 
     def __post_init__(self):
-        if self.aggregation not in ("token", "sequence"):
-            raise ValueError(f"aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"--aggregation must be 'token', 'sequence' or 'constant', got {self.aggregation!r}")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError(f"--dual-clip must be 0 (off) or a bound above 1 on the ratio of a token with a negative "
+                             f"advantage (verl's clip_ratio_c, 3 there), got {self.dual_clip}")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True,
@@ -65,15 +87,21 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, normalizer: f
     logp, old_logp, mask: [N] per token (mask 1 where the policy sampled the token); advantages: [N] (the
     sequence's advantage broadcast to its tokens). For token aggregation ``normalizer`` is the number of masked
     tokens in the whole (global) batch; for sequence aggregation each token must already carry the weight
-    1 / (its sequence's masked length) in ``mask`` and ``normalizer`` is the number of sequences. Dividing by a
-    global count keeps the gradient exact under micro-batching and data parallelism.
-    Returns (loss, stats) where stats holds sums for logging: clipped tokens and KL.
+    1 / (its sequence's masked length) in ``mask`` and ``normalizer`` is the number of sequences; for constant
+    aggregation it is the number of sequences x ``max_new_tokens`` (:func:`loss_normalizer`). Dividing by a global
+    count keeps the gradient exact under micro-batching and data parallelism.
+    Returns (loss, stats) where stats holds sums for logging: clipped tokens, tokens the dual clip capped, KL.
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    stats = {"clipped": float(((clipped < unclipped) & (mask > 0)).sum())}
+    stats = {"clipped": float(((clipped < unclipped) & (mask > 0)).sum()), "dual_clipped": 0.0}
+    if cfg.dual_clip:
+        cap = -cfg.dual_clip * advantages  # binds only where A < 0 (there it is positive)
+        capped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(capped, cap, per_token)
+        stats["dual_clipped"] = float((capped & (mask > 0)).sum())
     if cfg.kl_coef and ref_logp is not None:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
@@ -186,22 +214,31 @@ def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int, pack: bool = Fal
     sequences per row).
 
     ``samples`` (:class:`nanotorl.rollout.Sample`) come in whole groups of ``cfg.group_size`` consecutive
-    responses to one prompt; with ``skip_uniform_groups`` the groups whose rewards are all equal are left out.
+    responses to one prompt; the advantages are computed over whole groups, then the responses that get no loss
+    (:func:`trained`) are left out.
     """
     rewards = torch.tensor([s.reward for s in samples])
     adv = group_advantages(rewards, cfg.group_size, cfg.std_normalize)
-    keep = (~uniform_groups(rewards, cfg.group_size) if cfg.skip_uniform_groups
-            else torch.ones(len(samples), dtype=bool))
     seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
                             s.completion.logprobs, float(a), cfg.aggregation)
-            for s, a, k in zip(samples, adv.tolist(), keep.tolist()) if k]
+            for s, a, k in zip(samples, adv.tolist(), trained(samples, rewards, cfg)) if k]
     return Batch(micro_batches(seqs, max_tokens, pack), tokens=sum(sum(m > 0 for m in s["weight"]) for s in seqs),
                  sequences=len(seqs))
 
 
-def loss_normalizer(cfg: GRPOConfig, tokens: float, sequences: float) -> float:
-    """What :func:`policy_loss` divides by, from the global counts of policy tokens and of sequences (at least 1)."""
-    return max(tokens if cfg.aggregation == "token" else sequences, 1.0)
+def trained(samples: list, rewards: torch.Tensor, cfg: GRPOConfig) -> list[bool]:
+    """Which of ``samples`` the loss sees: all but the members of uniform groups (``skip_uniform_groups``), the
+    truncated responses (``mask_truncated``) and those with a void turn (``filter_void_turns``)."""
+    uniform = uniform_groups(rewards, cfg.group_size).tolist() if cfg.skip_uniform_groups else [False] * len(samples)
+    return [not (u or (cfg.mask_truncated and s.truncated) or (cfg.filter_void_turns and s.void_turn))
+            for s, u in zip(samples, uniform)]
+
+
+def loss_normalizer(cfg: GRPOConfig, tokens: float, sequences: float, max_new_tokens: int) -> float:
+    """What :func:`policy_loss` divides by, from the global counts of policy tokens and of sequences trained, and the
+    token budget of a response (module docstring); at least 1."""
+    by = {"token": tokens, "sequence": sequences, "constant": sequences * max_new_tokens}
+    return max(by[cfg.aggregation], 1.0)
 
 
 def filler_micro_batch() -> dict:
@@ -214,7 +251,7 @@ class LossStats:
     """Sums over the micro-batches of one step, for the log; :meth:`means` once summed over the ranks."""
 
     def __init__(self):
-        self.sums = {"clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
+        self.sums = {"clipped": 0.0, "dual_clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
         self.gap_max = 0.0  # largest |trainer log-prob - generator log-prob| of a policy token
 
     def add(self, loss, stats: dict, logp, old_logp, weight, entropy) -> None:
@@ -223,6 +260,7 @@ class LossStats:
         on = weight > 0
         gap = (logp.detach() - old_logp).abs()[on]
         self.sums["clipped"] += stats["clipped"]
+        self.sums["dual_clipped"] += stats["dual_clipped"]
         self.sums["kl"] += stats.get("kl", 0.0)
         self.sums["entropy"] += float(entropy.detach()[on].sum())
         self.sums["gap_sum"] += float(gap.sum())
@@ -231,8 +269,10 @@ class LossStats:
 
     @staticmethod
     def means(sums: dict, gap_max: float, grad_norm: float) -> dict:
-        """The step's record from ``sums`` (with ``tokens``, the policy tokens) added up over the ranks."""
+        """The step's record from ``sums`` (with ``tokens`` and ``sequences``, the policy tokens and the responses
+        trained) added up over the ranks."""
         n = max(sums["tokens"], 1)
-        return {"entropy": sums["entropy"] / n, "clip_fraction": sums["clipped"] / n, "kl": sums["kl"] / n,
-                "loss": sums["loss"], "grad_norm": grad_norm, "logprob_gap_mean": sums["gap_sum"] / n,
-                "logprob_gap_max": gap_max, "trained_tokens": int(sums["tokens"])}
+        return {"entropy": sums["entropy"] / n, "clip_fraction": sums["clipped"] / n,
+                "dual_clip_fraction": sums["dual_clipped"] / n, "kl": sums["kl"] / n, "loss": sums["loss"],
+                "grad_norm": grad_norm, "logprob_gap_mean": sums["gap_sum"] / n, "logprob_gap_max": gap_max,
+                "trained_tokens": int(sums["tokens"]), "trained_sequences": int(sums["sequences"])}

@@ -15,7 +15,8 @@ nothing to show for its last turn. A block written after the call budget is spen
 stays in the response as policy text (ToRL's behaviour with trigger 'fence'; with trigger 'output' the model's
 ```output then ends the response): it still counts as a complete code block, as in SimpleTIR, so such a final
 turn is not void. ``Sample.void_turn`` marks a response with a void turn and ``Sample.truncated`` one cut by the
-token budget without a final answer.
+token budget without a final answer; ``--filter-void-turns`` and ``--mask-truncated`` give them zero loss weight
+(:func:`nanotorl.grpo.trained`).
 """
 from collections import Counter
 from dataclasses import dataclass

@@ -101,7 +101,8 @@ def test_a_damaged_training_checkpoint_names_its_file(tmp_path, capsys):
 
 FLAG_ERRORS = {("--lr", "fast"): "argument --lr: invalid float value: 'fast'",
                ("--std-normalize", "maybe"): "argument --std-normalize: expected true or false, got 'maybe'",
-               ("--aggregation", "mean"): "aggregation must be",
+               ("--aggregation", "mean"): "--aggregation must be 'token', 'sequence' or 'constant', got 'mean'",
+               ("--dual-clip", "0.5"): "--dual-clip must be 0 (off) or a bound above 1",
                ("--tool-failure-limit", "1.5"): "--tool-failure-limit must be a fraction",
                ("--max-tool-calls", "-1"): "--max-tool-calls must be 0",
                ("--preset", "huge"): "argument --preset: invalid choice: 'huge'",

@@ -64,8 +64,29 @@ def test_bad_values_are_refused_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--std-normalize", "maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="aggregation must be 'token' or 'sequence'"):
+    with pytest.raises(ValueError, match="aggregation must be 'token', 'sequence' or 'constant'"):
         parse_args(["--aggregation", "mean"])
+
+
+SAFEGUARDS = {"--tool-failure-limit": ("0.1", ("rollout", "tool_failure_limit"), 0.1),
+              "--max-tool-calls": ("3", ("rollout", "max_tool_calls"), 3),
+              "--aggregation": ("constant", ("grpo", "aggregation"), "constant"),
+              "--dual-clip": ("3", ("grpo", "dual_clip"), 3.0),
+              "--mask-truncated": ("true", ("grpo", "mask_truncated"), True),
+              "--filter-void-turns": ("true", ("grpo", "filter_void_turns"), True),
+              "--skip-bad-rows": ("true", ("inputs", "skip_bad_rows"), True),
+              "--debug": ("true", ("log", "debug"), True)}
+
+
+def test_the_safeguard_flags_are_in_the_help_and_parsed(capsys):
+    """Issue 14's flags, spelled as there, in ``python train.py --help`` (the same parser) and parsed together."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    listed = capsys.readouterr().out.split()
+    assert [flag for flag in SAFEGUARDS if flag not in listed] == []
+    cfg = parse_args([part for flag, (text, _, _) in SAFEGUARDS.items() for part in (flag, text)])
+    assert {flag: get(cfg, path) for flag, (_, path, _) in SAFEGUARDS.items()} == {
+        flag: value for flag, (_, _, value) in SAFEGUARDS.items()}
 
 
 def test_a_field_name_used_twice_is_refused():

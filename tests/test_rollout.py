@@ -8,8 +8,10 @@ import pytest
 
 from nanotorl.data import Problem
 from nanotorl.demo import save_demo_tokenizer
-from nanotorl.generate import Completion, SamplingParams, ToolCall
-from nanotorl.rollout import Draw, finish_stats, groups, rollout, rollout_stats, sample_seed, tool_failures
+from nanotorl.generate import Completion, Generator, Request, SamplingParams, ToolCall
+from nanotorl.grpo import GRPOConfig, grpo_batch
+from nanotorl.rollout import (Draw, finish_stats, groups, rollout, rollout_stats, sample_seed, score_completion,
+                              tool_failures)
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import finished_call
 from sandbox.result import Result
@@ -150,3 +152,89 @@ def test_void_turns_and_truncated_responses_by_the_documented_rule(tok, case):
     sample = rollout(Scripted(tok, [(parts, [call("print(1)", OK)] * calls, finish)]), groups([A], 1, SamplingParams()),
                      max_new_tokens=99, max_tool_calls=3, seed=0)[0]
     assert (sample.void_turn, sample.truncated) == expected
+
+
+# --------------------------------------------------------------------------- C = 3, end to end
+
+
+def block(k: int) -> str:
+    return f"```python\nprint({k} * 7)\n```\n"
+
+
+def output(k: int) -> str:
+    return f"```output\n{k * 7}\n```\n"
+
+
+# name -> (policy and tool text pieces, mask 1 for the policy's, 0 for an observation; token budget or None; what
+# the sandbox must run, the void-turn flag, the truncated flag). The budget ends that many tokens (<= 0) before the
+# script's end; None: the script ends with the end of text, within the budget.
+THREE_CALLS = {
+    "three calls, then an answer": ([(block(1), 1), (output(1), 0), (block(2), 1), (output(2), 0), (block(3), 1),
+                                     (output(3), 0), ("so \\boxed{21}", 1)], None, [1, 2, 3], False, False),
+    "a fourth block, past the budget": ([(block(1), 1), (output(1), 0), (block(2), 1), (output(2), 0),
+                                         (block(3), 1), (output(3), 0), (block(4) + "done", 1)], None, [1, 2, 3],
+                                        False, False),
+    "two calls, then nothing": ([(block(1), 1), (output(1), 0), (block(2), 1), (output(2), 0), ("hmm", 1)], None,
+                                [1, 2], True, False),
+    "one call, then cut off": ([(block(5), 1), (output(5), 0), ("I think that the answer is", 1)], -3, [5], True,
+                               True),
+    "cut inside the third observation": ([(block(1), 1), (output(1), 0), (block(2), 1), (output(2), 0),
+                                          (block(3), 1), (output(3), 0)], -3, [1, 2, 3], False, True),
+    "no call, an answer": ([("\\boxed{0}", 1)], None, [], False, False),
+    "no call, nothing": ([("no idea", 1)], None, [], True, False),
+    "an unclosed block, cut off": ([("```python\nprint(1 * 7)\n", 1)], 0, [], True, True),
+}
+
+
+class Recording:
+    """A sandbox pool that records the code it is given."""
+
+    def __init__(self, pool):
+        self.pool, self.codes = pool, []
+
+    def submit(self, code):
+        self.codes.append(code)
+        return self.pool.submit(code)
+
+
+def test_three_tool_calls_end_to_end(tok):
+    """The real generator and sandbox at --max-tool-calls 3, a forced policy per trajectory: every call within the
+    budget runs (and none past it), observations and masks are where the script puts them, the turn flags follow
+    nanotorl/rollout.py's rule, and --filter-void-turns / --mask-truncated drop exactly the flagged trajectories."""
+    from test_generate import Forced
+    from sandbox import SandboxPool
+    prompt = tok.prompt_ids(A.problem)
+    samples = []
+    with SandboxPool(workers=1, preload=()) as pool:
+        for name, (parts, cut, runs, void, truncated) in THREE_CALLS.items():
+            pieces = [(tok.encode(text), m) for text, m in parts]
+            script = prompt + [t for ids, _ in pieces for t in ids] + ([tok.eos_id] if cut is None else [])
+            mask = [m for ids, m in pieces for _ in ids] + ([1] if cut is None else [])
+            budget = len(script) - len(prompt) + (cut or 0)
+            box = Recording(pool)
+            gen = Generator(Forced(script, tok.vocab_size), tok, box, max_len=len(script) + 8)
+            [out] = gen.generate([Request(prompt, max_new_tokens=budget, max_tool_calls=3,
+                                          sampling=SamplingParams(temperature=0.0))])
+            assert box.codes == [f"print({k} * 7)\n" for k in runs], name
+            assert [c.observation for c in out.tool_calls] == [str(k * 7) for k in runs], name
+            assert out.response_ids == script[len(prompt):len(prompt) + budget], name
+            assert out.loss_mask == mask[:budget], name
+            assert out.finish_reason == ("eos" if cut is None else "length"), name
+            s = score_completion(A, out, tok.decode)
+            assert (s.void_turn, s.truncated) == (void, truncated), name
+            samples.append(s)
+    names = list(THREE_CALLS)
+    for options, dropped in (({}, set()), ({"filter_void_turns": True}, {n for n in names if THREE_CALLS[n][3]}),
+                             ({"mask_truncated": True}, {n for n in names if THREE_CALLS[n][4]}),
+                             ({"filter_void_turns": True, "mask_truncated": True},
+                              {n for n in names if THREE_CALLS[n][3] or THREE_CALLS[n][4]})):
+        batch = grpo_batch(samples, GRPOConfig(group_size=len(samples), **options), max_tokens=10**6)
+        [mb] = batch.micro_batches
+        T = mb["input_ids"].shape[1]
+        trained = {tuple(row) for row in mb["input_ids"].tolist()}
+        expected = {tuple(prompt + s.completion.response_ids + [0] * (T - len(prompt) - len(s.completion.response_ids)))
+                    for n, s in zip(names, samples) if n not in dropped}
+        assert trained == expected and batch.sequences == len(names) - len(dropped), options
+    stats = finish_stats(rollout_stats(samples))
+    assert stats["calls_per_response"] == 12 / 8 and stats["multi_call_fraction"] == 4 / 8
+    assert stats["void_turn_fraction"] == 4 / 8 and stats["truncated_fraction"] == 3 / 8

@@ -16,7 +16,7 @@ import train
 from conftest import REPO, ScriptedPolicy
 from nanotorl.checkpoint import load_model
 from nanotorl.cli import Stop
-from nanotorl.config import InputsConfig, LogConfig, RolloutConfig, TrainConfig
+from nanotorl.config import InputsConfig, LogConfig, OptimConfig, RolloutConfig, TrainConfig
 from nanotorl.data import Problem
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import ToolCall
@@ -372,3 +372,36 @@ def test_wandb_offline_gets_every_record(tmp_path, monkeypatch):
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wandb_history(run_file)]
     assert rows == RECORDS
+
+
+@pytest.mark.parametrize("options", [{}, {"aggregation": "constant", "dual_clip": 1.5, "mask_truncated": True,
+                                          "filter_void_turns": True}])
+def test_train_step_minimises_the_objective_of_its_options(options):
+    """train_step's loss (micro-batches of 40 tokens) is the objective of nanotorl/grpo.py computed one response at a
+    time (test_grpo.brute_force_loss) on the trainer's own log-probs, budget and flags included."""
+    from dist_step import global_batch
+    from test_grpo import brute_force_loss
+    cfg = TrainConfig(prompts_per_step=4, grpo=GRPOConfig(group_size=4, **options),
+                      rollout=RolloutConfig(max_new_tokens=20), optim=OptimConfig(micro_batch_tokens=40, lr=0.0))
+    samples = global_batch(cfg)
+    for i, s in enumerate(samples):
+        s.truncated, s.void_turn = i % 5 == 1, i % 7 == 2
+    torch.manual_seed(0)
+    model = Qwen2(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2)
+
+    def delta(i, t):  # ratios from e^-1.5 to e^1.5: both clips and the dual clip bind somewhere
+        return ((i * 7 + t * 3) % 11 - 5) * 0.3
+
+    for i, s in enumerate(samples):  # the generator's log-probs: the trainer's own minus delta
+        ids = s.completion.prompt_ids + s.completion.response_ids
+        with torch.no_grad():
+            trainer = model.token_logprobs(torch.tensor([ids]), torch.tensor([ids[1:] + [-100]]))  # [len(ids)]
+        P = len(s.completion.prompt_ids)  # position P - 1 + t predicts response token t
+        s.completion.logprobs = [float(trainer[P - 1 + t]) - delta(i, t) for t in range(len(s.completion.logprobs))]
+    stats = train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), samples, cfg, torch.device("cpu"), 1)
+
+    assert stats["loss"] == pytest.approx(brute_force_loss(samples, cfg.grpo, delta, 20), abs=1e-6, rel=1e-5)
+    assert (stats["dual_clip_fraction"] > 0) == bool(options)
+    assert stats["trained_sequences"] == sum(not ((options and s.truncated) or (options and s.void_turn))
+                                             for s in samples)
