@@ -2,9 +2,11 @@
 nothing else: not a live pool's, not another pid namespace's or uid's, not a name without an owner, not a
 directory that is not empty, not a cgroup that still holds a task."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -101,11 +103,24 @@ time.sleep(60)
 """
 
 
+@pytest.fixture
+def own_tmp(monkeypatch):
+    """A temporary directory of this test's own (traversable by the runs' uid, as /tmp is) that every pool of this
+    process, and of the children given ``TMPDIR``, works in: another pool on the machine (a concurrent test run)
+    would otherwise remove the killed pool's directory before the test's own pool could."""
+    path = tempfile.mkdtemp(prefix="leftovers-test-")
+    os.chmod(path, 0o711)
+    monkeypatch.setattr(tempfile, "tempdir", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("mode", ["namespaces", "no-namespaces"])
-def test_a_pool_started_after_a_killed_one_removes_what_it_left(mode):
+def test_a_pool_started_after_a_killed_one_removes_what_it_left(mode, own_tmp):
     trainer = subprocess.Popen([sys.executable, "-c", CRASHING, mode, REFUSE_UNSHARE], cwd=REPO,
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=own_tmp))
     workdir, cgroup, server = trainer.stdout.readline().split()
+    assert os.path.dirname(workdir) == own_tmp
     trainer.send_signal(signal.SIGKILL)
     trainer.wait()
     deadline = time.monotonic() + 30
