@@ -376,13 +376,16 @@ def test_wandb_offline_gets_every_record(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("options", [{}, {"aggregation": "constant", "dual_clip": 1.5, "mask_truncated": True,
                                           "filter_void_turns": True}])
-def test_train_step_minimises_the_objective_of_its_options(options):
-    """train_step's loss (micro-batches of 40 tokens) is the objective of nanotorl/grpo.py computed one response at a
-    time (test_grpo.brute_force_loss) on the trainer's own log-probs, budget and flags included."""
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_train_step_minimises_the_objective_of_its_options(options, pack):
+    """train_step's loss (micro-batches of 40 tokens, padded or packed rows) is the objective of nanotorl/grpo.py
+    computed one response at a time (test_grpo.brute_force_loss) on the trainer's own log-probs, budget and flags
+    included."""
     from dist_step import global_batch
     from test_grpo import brute_force_loss
+    optim = OptimConfig(micro_batch_tokens=40, lr=0.0, pack_rows=pack)
     cfg = TrainConfig(prompts_per_step=4, grpo=GRPOConfig(group_size=4, **options),
-                      rollout=RolloutConfig(max_new_tokens=20), optim=OptimConfig(micro_batch_tokens=40, lr=0.0))
+                      rollout=RolloutConfig(max_new_tokens=20), optim=optim)
     samples = global_batch(cfg)
     for i, s in enumerate(samples):
         s.truncated, s.void_turn = i % 5 == 1, i % 7 == 2
