@@ -126,10 +126,10 @@ def test_a_pool_started_after_a_killed_one_removes_what_it_left(mode, own_tmp):
     deadline = time.monotonic() + 30
     while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:  # the server sees EOF and ends
         time.sleep(0.01)
+    # without namespaces its pids cgroup is left too (docs/sandbox.md), unless a pool of another process on the
+    # machine removed it first: cgroups are the machine's, not a directory of the test's own
     left = [workdir] + ([cgroup] if cgroup != "None" and os.path.isdir(cgroup) else [])
     assert os.path.isdir(workdir)  # nothing ran to remove it
-    if mode == "no-namespaces" and isolation.pids_hierarchy() and os.access(isolation.pids_hierarchy(), os.W_OK):
-        assert cgroup in left  # nothing ran to remove it either (docs/sandbox.md)
     with SandboxPool(workers=1, preload=()) as pool:
         assert pool.run("print(1)").stdout == "1\n"
         assert not any(os.path.exists(path) for path in left), left
