@@ -134,11 +134,12 @@ def test_eval_names_the_dataset_and_the_bad_value(tmp_path, capsys):
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 def test_the_commands_exit_2_with_one_line_and_debug_shows_the_traceback(tmp_path, script):
-    argv = [sys.executable, script, "--data", str(tmp_path / "missing.jsonl"), "--model", str(BASE_DIR)]
-    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # run where nothing else lives: a demo run in the repository (runs/demo) must not change the answer
+    argv = [sys.executable, str(REPO / script), "--data", str(tmp_path / "missing.jsonl"), "--model", str(BASE_DIR)]
+    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
     assert "missing.jsonl" in r.stderr.splitlines()[-1]
-    r = subprocess.run(argv + ["--debug"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(argv + ["--debug"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "missing.jsonl" in r.stderr
 
 
