@@ -17,6 +17,7 @@ from kernels import use_triton
 from kernels.sampling import sample
 from nanotorl.dist import hooks_bypassed
 from nanotorl.model import KVCache
+from nanotorl.slots import sampling_tensors, set_sampling
 
 
 _CAPTURE_FAILURES = [  # (words of the CUDA error, what they mean and what to do)
@@ -52,24 +53,20 @@ class DecodeStep:
     into new memory for each rollout). Elsewhere (CPU, where the tests compare it with the plain path) the
     same step runs as it is."""
 
-    def __init__(self, model, cache: KVCache, graph: bool | None = None):
-        """``graph``: capture a CUDA graph (default: on CUDA)."""
+    def __init__(self, model, cache: KVCache, graph: bool | None = None, params: dict | None = None):
+        """``graph``: capture a CUDA graph (default: on CUDA). ``params``: the per-slot sampling tensors to read
+        (the generator passes its SlotTable's, so a slot's parameters live in one place); default: own ones, set
+        with :meth:`set_request`."""
         N, dev = cache.k.shape[1], cache.k.device
         self.model, self.cache = model, cache
         self.inputs = torch.zeros(2, N, dtype=torch.int64, device=dev)  # token ids, positions
         self.slots = torch.arange(N, device=dev)
-        self.params = {"temperature": torch.ones(N, device=dev), "top_k": torch.zeros(N, dtype=torch.int64, device=dev),
-                       "top_p": torch.ones(N, device=dev), "min_p": torch.zeros(N, device=dev),
-                       "seed": torch.zeros(N, dtype=torch.int64, device=dev)}
+        self.params = sampling_tensors(N, dev) if params is None else params
         self.graph = self._capture() if (dev.type == "cuda" if graph is None else graph) else None
 
     def set_request(self, index: int, request):
         """Give slot ``index`` the sampling parameters and seed of ``request`` (a ``generate.Request``)."""
-        sp = request.sampling
-        values = {"temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p, "min_p": sp.min_p,
-                  "seed": request.seed}
-        for name, value in values.items():
-            self.params[name][index] = value
+        set_sampling(self.params, index, request)
 
     def _run(self):
         """The step that is captured: every operation on the device, no host reads, no FSDP hooks."""

@@ -138,7 +138,7 @@ class Generator:
                                  device=p.device, dtype=p.dtype)
             self.table = SlotTable(self.slots, self.max_len, *self._token_tables(), device=p.device)
         if self.cuda_graph:  # captured for this call: the weights stay where they are until it returns
-            self.decode_step = DecodeStep(self.model, self.cache)
+            self.decode_step = DecodeStep(self.model, self.cache, params=self.table.params)
         try:
             return self._generate(requests, progress)
         finally:
@@ -178,8 +178,6 @@ class Generator:
         s.scanner = self._scanner(s)
         s.limit = min(len(req.prompt_ids) + req.max_new_tokens, self.max_len)  # full at this many tokens
         self.table.admit(s.index, req, s.limit, watch=s.scanner is not None)
-        if self.decode_step is not None:
-            self.decode_step.set_request(s.index, req)
         self.active[s.index] = s
         self._schedule(s)
 

@@ -9,6 +9,23 @@ read back per slot. Token in, token out: ``tokens`` holds the ids a slot was giv
 import torch
 
 
+def sampling_tensors(slots: int, device) -> dict[str, torch.Tensor]:
+    """Per-slot sampling parameters [slots] each, on the device: temperature, top_k, top_p, min_p and seed."""
+    return {"temperature": torch.ones(slots, device=device),
+            "top_k": torch.zeros(slots, dtype=torch.int64, device=device),
+            "top_p": torch.ones(slots, device=device), "min_p": torch.zeros(slots, device=device),
+            "seed": torch.zeros(slots, dtype=torch.int64, device=device)}
+
+
+def set_sampling(params: dict[str, torch.Tensor], i: int, request):
+    """Slot ``i`` of ``params`` (:func:`sampling_tensors`) takes the sampling parameters and seed of ``request``
+    (a ``generate.Request``)."""
+    sp = request.sampling
+    for name, value in (("temperature", sp.temperature), ("top_k", sp.top_k), ("top_p", sp.top_p),
+                        ("min_p", sp.min_p), ("seed", request.seed)):
+        params[name][i] = value
+
+
 class SlotTable:
     """``tokens [N, L]`` and ``logprobs [N, L]`` (0 on prompt and tool tokens) of N slots of length L; ``length [N]``
     (tokens so far), ``limit [N]`` (the length at which a slot is full), ``watch [N]`` (its text is scanned for
@@ -22,17 +39,11 @@ class SlotTable:
         self.limit = torch.zeros(slots, dtype=torch.int64, device=device)
         self.watch = torch.zeros(slots, dtype=torch.bool, device=device)
         self.stop, self.line_end = stop.to(device), line_end.to(device)
-        self.params = {"temperature": torch.ones(slots, device=device),
-                       "top_k": torch.zeros(slots, dtype=torch.int64, device=device),
-                       "top_p": torch.ones(slots, device=device), "min_p": torch.zeros(slots, device=device),
-                       "seed": torch.zeros(slots, dtype=torch.int64, device=device)}
+        self.params = sampling_tensors(slots, device)
 
     def admit(self, i: int, request, limit: int, watch: bool):
         """Slot ``i`` takes ``request`` (a ``generate.Request``): its prompt, parameters and seed; full at ``limit``."""
-        sp = request.sampling
-        for name, value in (("temperature", sp.temperature), ("top_k", sp.top_k), ("top_p", sp.top_p),
-                            ("min_p", sp.min_p), ("seed", request.seed)):
-            self.params[name][i] = value
+        set_sampling(self.params, i, request)
         self.limit[i], self.watch[i] = limit, watch
         self.write(i, 0, request.prompt_ids)
 
