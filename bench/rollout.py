@@ -26,10 +26,11 @@ import torch
 
 from bench.common import save_result
 from bench.engine_step import engine_cost
-from bench.torl_loop import may_fire_table, torl_loop
+from bench.torl_loop import torl_loop
 from nanotorl.checkpoint import load_model
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import BASE_DIR
+from nanotorl.fences import line_ends
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.metrics import print_table
 from nanotorl.rollout import finish_stats, groups, requests, rollout_stats, score_completion
@@ -57,7 +58,7 @@ def summary(impl: str, calls: int, seconds: float, draws, completions, prefilled
             "prefill": prefilled, "tool": stats["tool_fraction"], "acc": stats["accuracy"]}
 
 
-def compare(args, model, hf, tok, box, calls: int) -> list[dict]:
+def compare(args, model, hf, tok, box, calls: int, may_fire: torch.Tensor) -> list[dict]:
     """Both sides on one workload (C = ``calls``): a row each, ours with the speedup over HF."""
     problems = arithmetic_problems(args.problems, seed=args.seed, split="heldout")
     draws = groups(problems, args.samples, SamplingParams(temperature=args.temperature))
@@ -68,7 +69,6 @@ def compare(args, model, hf, tok, box, calls: int) -> list[dict]:
     ours_s, completions = timed(lambda: gen.generate(batch), args.runs)
     ours = summary("ours", calls, ours_s, draws, completions, sum(c.prefill_tokens for c in completions), tok)
     gen.close()
-    may_fire = may_fire_table(tok)
     hf_s, (hf_completions, prefilled) = timed(lambda: torl_loop(
         hf, tok, box, [r.prompt_ids for r in batch], max_new_tokens=args.max_new_tokens, max_tool_calls=calls,
         trigger=args.trigger, temperature=args.temperature, seed=args.seed, may_fire=may_fire), args.runs)
@@ -101,9 +101,10 @@ def main():
     print(f"{args.model}: {args.problems} problems x {args.samples} samples, T={args.temperature}, "
           f"max_new_tokens={args.max_new_tokens}, trigger {args.trigger}, {torch.get_num_threads()} thread(s)")
     rows, setup = [], {k: v for k, v in vars(args).items() if k != "engine_batches"}
+    may_fire = torch.tensor(line_ends(tok))  # [V]: where ToRL's loop checks for a call (at line ends only)
     with SandboxPool(workers=args.sandbox_workers) as box:
         for calls in (int(c) for c in args.calls.split(",")):
-            rows += compare(args, model, hf, tok, box, calls)
+            rows += compare(args, model, hf, tok, box, calls, may_fire)
             print_table(rows[-2:], COLUMNS)
             save_result("rollout", [setup | r for r in rows])
     print()

@@ -71,11 +71,6 @@ class Row:
             self.finish = self.finish or "length"
 
 
-def may_fire_table(tok) -> torch.Tensor:
-    """[V] bool: does the token hold a line end (a call fires only at the end of a line, :mod:`nanotorl.fences`)?"""
-    return torch.tensor([b"\n" in tok.token_bytes(i) for i in range(tok.vocab_size)])
-
-
 def torl_loop(hf, tok, sandbox, prompts: list[list[int]], *, max_new_tokens: int, max_tool_calls: int,
               trigger: str, temperature: float, seed: int, may_fire: torch.Tensor) -> tuple[list[Completion], int]:
     """Completions in the order of ``prompts`` and the tokens prefilled (padded rows x length, every call)."""

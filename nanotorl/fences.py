@@ -140,6 +140,13 @@ def tool_call(text: str, trigger: str) -> Call | None:
 
 # ----------------------------------------------------------------------------------------- incremental scanner
 
+
+def line_ends(tokenizer) -> list[bool]:
+    """For every token id of ``tokenizer``: do its bytes hold a line end? A call fires only at the end of a line,
+    so only after such a token is there anything to check."""
+    return [b"\n" in tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+
+
 class Scanner:
     """Reads one response's policy text as it is sampled: :meth:`feed` takes each new token's bytes (a token may
     hold part of a UTF-8 character) and returns the code to run when a tool call fires, where :func:`tool_call`

@@ -36,7 +36,7 @@ import torch
 from kernels.sampling import sample
 from nanotorl.batch import DecodeRows, prefill_group, twins
 from nanotorl.decode_step import DecodeStep
-from nanotorl.fences import Scanner
+from nanotorl.fences import Scanner, line_ends
 from nanotorl.model import KVCache
 from nanotorl.slots import SlotTable
 from nanotorl.tool import ToolCall, finished_call, observation_block, submit
@@ -149,8 +149,9 @@ class Generator:
         V = self.model.cfg.vocab_size
         stop = torch.zeros(V, dtype=torch.bool)
         stop[[i for i in self.stop_ids if i < V]] = True
-        line_end = torch.tensor([b"\n" in self.tokenizer.token_bytes(i) if i < self.tokenizer.vocab_size else False
-                                 for i in range(V)])
+        ends = line_ends(self.tokenizer)[:V]  # ids past the tokenizer's (a padded embedding) hold no line end
+        line_end = torch.zeros(V, dtype=torch.bool)
+        line_end[:len(ends)] = torch.tensor(ends, dtype=torch.bool)
         return stop, line_end
 
     def _generate(self, requests: list[Request], progress) -> list[Completion]:
