@@ -39,13 +39,14 @@ def tool_stats(records: list[dict]) -> dict:
                        "response_tokens": sum(r["response_tokens"] for r in records)})
 
 
-def summarize(records: dict, members: list[tuple[str, Problem]], k: int) -> dict:
+def summarize(records: dict, members: list[tuple[str, Problem]], k: int, equivalent=None) -> dict:
     """The metrics (module docstring) of the problems ``members``, each as (dataset, problem), from the records
-    keyed by (dataset, problem id, "greedy" or "sampled", sample index)."""
+    keyed by (dataset, problem id, "greedy" or "sampled", sample index). ``equivalent``: the answer check maj@k
+    uses (default: a cached ``reward.is_equivalent``; pass one cache to rows that share problems)."""
     greedy = [records[(name, p.id, "greedy", 0)] for name, p in members]
     sampled = [[records[(name, p.id, "sampled", j)] for j in range(k)] for name, p in members]
     correct = [[r["correct"] for r in row] for row in sampled]
-    equivalent = lru_cache(maxsize=None)(is_equivalent)  # maj@1..K compare the same pairs again and again
+    equivalent = equivalent or answer_check()
     n = len(members)
     res = {"problems": n, "greedy": sum(r["correct"] for r in greedy) / n,
            f"avg@{k}": sum(map(sum, correct)) / (n * k)}
@@ -53,6 +54,12 @@ def summarize(records: dict, members: list[tuple[str, Problem]], k: int) -> dict
     res |= {f"maj@{i}": sum(maj_at_k([r["extracted"] for r in row], p.answer, i, equivalent)
                             for row, (_, p) in zip(sampled, members)) / n for i in range(1, k + 1)}
     return res | tool_stats([r for row in sampled for r in row]) | {"greedy_tools": tool_stats(greedy)}
+
+
+def answer_check():
+    """``reward.is_equivalent`` with a cache: maj@1..K, and the "all" row after the source rows, compare the same
+    pairs again and again (a miss can cost a math-verify run)."""
+    return lru_cache(maxsize=None)(is_equivalent)
 
 
 def source_rows(sets: dict[str, list[Problem]]) -> dict[str, list[tuple[str, Problem]]]:
@@ -68,18 +75,18 @@ def source_rows(sets: dict[str, list[Problem]]) -> dict[str, list[tuple[str, Pro
 def report(records: dict, sets: dict[str, list[Problem]], k: int, times: dict[str, float]) -> dict:
     """{"results": {row name: its dataset, metrics and time}, "average": ..., "all": ...} (module docstring) for the
     deduplicated problems of every dataset in ``sets``, ``times`` = {dataset: seconds spent on it}."""
-    rows = source_rows(sets)
+    rows, equivalent = source_rows(sets), answer_check()
     results = {}
     for row, members in rows.items():
         name = members[0][0]
         time_s = times[name] if len(members) == len(sets[name]) else None
-        results[row] = {"dataset": name} | summarize(records, members, k) | {"time_s": time_s}
+        results[row] = {"dataset": name} | summarize(records, members, k, equivalent) | {"time_s": time_s}
     metrics = [{key: v for key, v in r.items() if key not in COUNTS} for r in results.values()]
     everything = [member for members in rows.values() for member in members]
     return {"results": results,
             "average": {"sources": len(results), "problems": len(everything)} | source_mean(metrics)
             | {"time_s": None},
-            "all": summarize(records, everything, k) | {"time_s": sum(times.values())}}
+            "all": summarize(records, everything, k, equivalent) | {"time_s": sum(times.values())}}
 
 
 def table_ks(k: int) -> list[int]:
