@@ -62,6 +62,8 @@ def _remove_dead_in(parent: str | None, remove) -> list[str]:
         return []
     gone = []
     for name in os.listdir(parent):
+        if not _OWNED.match(name):  # the names first: the temporary directory may hold thousands of others
+            continue
         path = os.path.join(parent, name)
         try:
             ours = os.stat(path).st_uid == os.getuid()

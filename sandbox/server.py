@@ -128,8 +128,7 @@ class Zygote:
         if problem:
             if not self.cfg["allow_unconfined"]:
                 return {"error": f"sandbox: cannot confine runs on this machine ({problem}). Refusing to run "
-                                 "untrusted code unconfined; pass allow_unconfined=True to do it anyway.",
-                        "cgroup": cgroup}
+                                 "untrusted code unconfined; pass allow_unconfined=True to do it anyway."}
             self.jail.seccomp = None
         self.spares_wanted = self.cfg["workers"]
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
