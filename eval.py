@@ -50,7 +50,7 @@ from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
 from nanotorl.rollout import Draw, Sample, rollout
 from nanotorl.tokenizer import Tokenizer
-from sandbox import SandboxPool
+from nanotorl.sandbox import SandboxPool
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
 DATA_SUFFIXES = (".jsonl", ".parquet")

@@ -34,7 +34,7 @@ from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
 from nanotorl.tokenizer import Tokenizer
-from sandbox import SandboxPool
+from nanotorl.sandbox import SandboxPool
 
 
 def load_data(cfg: TrainConfig):
@@ -119,7 +119,7 @@ def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -
     kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
     raise cli.Stop(f"step {step}: the sandbox itself failed on {int(failed)} of {int(calls)} tool calls "
                    f"({failed / calls:.1%}, above --tool-failure-limit {limit:g}): {what}. Training stopped before "
-                   f"this step's update; {kept}. Check the sandbox (python -m sandbox 'print(1)'), then run the same "
+                   f"this step's update; {kept}. Check the sandbox (python -m nanotorl.sandbox 'print(1)'), then run the same "
                    f"command again to resume")
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import copy_bandwidth, kernel_args, measure, save_result
-from kernels import use_triton
-from kernels.decode_attention import decode_attention
+from nanotorl.kernels import use_triton
+from nanotorl.kernels.decode_attention import decode_attention
 from nanotorl.metrics import print_table
 
 MODELS = {"qwen2.5-1.5b": (12, 2, 128), "qwen2.5-7b": (28, 4, 128)}   # name: (Hq, Hkv, d)

@@ -19,7 +19,7 @@ import torch
 
 from bench.common import save_result
 from bench.generate import FakeSandbox, Scripted, equal_length_prompts, tool_script
-from kernels.sampling import sample
+from nanotorl.kernels.sampling import sample
 from nanotorl.demo import demo_config, save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.metrics import print_table

@@ -42,7 +42,7 @@ from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.fences import tool_call
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import format_observation
-from sandbox.result import Result
+from nanotorl.sandbox.result import Result
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen2.5"
 GREEDY = SamplingParams(temperature=0.0)

@@ -21,8 +21,8 @@ The table is saved as JSON under bench/results/.
 import torch
 
 from bench.common import kernel_args, measure, save_result
-from kernels import use_triton
-from kernels.logprob import logprob, logprob_ref
+from nanotorl.kernels import use_triton
+from nanotorl.kernels.logprob import logprob, logprob_ref
 from nanotorl.metrics import print_table
 
 LM_HEADS = {"qwen2.5-1.5b": (1536, 151936), "qwen2.5-7b": (3584, 152064)}   # name: (D, V)

@@ -35,7 +35,7 @@ from nanotorl.generate import Generator, SamplingParams
 from nanotorl.metrics import print_table
 from nanotorl.rollout import finish_stats, groups, requests, rollout_stats, score_completion
 from nanotorl.tokenizer import Tokenizer
-from sandbox import SandboxPool
+from nanotorl.sandbox import SandboxPool
 
 COLUMNS = ["C", "impl", "s", "resp_tok", "s_per_1k", "prefill", "tool", "acc", "speedup", "wall_ratio"]
 

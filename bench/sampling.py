@@ -18,8 +18,8 @@ under bench/results/.
 import torch
 
 from bench.common import kernel_args, measure, save_result
-from kernels import use_triton
-from kernels.sampling import sample
+from nanotorl.kernels import use_triton
+from nanotorl.kernels.sampling import sample
 from nanotorl.metrics import print_table
 
 CASES = {  # name: (temperature, top_k, top_p)

@@ -25,7 +25,7 @@ if not __package__:  # run as `python bench/sandbox.py`: put the repo root first
 
 from bench.common import save_result  # noqa: E402
 from nanotorl.metrics import print_table  # noqa: E402
-from sandbox import SandboxPool  # noqa: E402
+from nanotorl.sandbox import SandboxPool  # noqa: E402
 
 CODES = {"trivial": "print(1 + 1)",
          "sympy": "import sympy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**6 - 1))"}

@@ -13,8 +13,8 @@ bench.decode_step`` measures eager, captured and compiled steps side by side.
 """
 import torch
 
-from kernels import use_triton
-from kernels.sampling import sample
+from nanotorl.kernels import use_triton
+from nanotorl.kernels.sampling import sample
 from nanotorl.dist import hooks_bypassed
 from nanotorl.model import KVCache
 from nanotorl.slots import sampling_tensors, set_sampling

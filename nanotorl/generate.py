@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.sampling import sample
+from nanotorl.kernels.sampling import sample
 from nanotorl.batch import DecodeRows, prefill_group, twins
 from nanotorl.decode_step import DecodeStep
 from nanotorl.fences import Scanner, line_ends

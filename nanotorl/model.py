@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import use_triton
-from kernels.decode_attention import decode_attention
-from kernels.logprob import logprob
+from nanotorl.kernels import use_triton
+from nanotorl.kernels.decode_attention import decode_attention
+from nanotorl.kernels.logprob import logprob
 from nanotorl.attention import Packing, attend, pack, sdpa, sequence_positions
 
 

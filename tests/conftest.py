@@ -45,7 +45,7 @@ def interpreted(name: str):
     module = importlib.import_module(name)
     if DEV == "cpu":
         imported_from = {getattr(getattr(v, "fn", None), "__module__", None) for v in vars(module).values()}
-        for dependency in sorted(m for m in imported_from - {name} if m and m.startswith("kernels.")):
+        for dependency in sorted(m for m in imported_from - {name} if m and m.startswith("nanotorl.kernels.")):
             interpreted(dependency)
         before = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1"
@@ -159,7 +159,7 @@ def make_hf_checkpoint(path, seed=0, dtype=torch.float32, model_type="qwen2", **
 # The sandbox in both namespace modes. "no-namespaces" starts each server under a seccomp filter that makes
 # unshare() fail with EPERM, as many containers do: the server really is refused and confines runs without them.
 REFUSE_UNSHARE = """import ctypes, platform
-from sandbox.policy import SockFilter, SockFprog
+from nanotorl.sandbox.policy import SockFilter, SockFprog
 unshare = {"x86_64": 272, "aarch64": 97}[platform.machine()]
 prog = (SockFilter * 4)((0x20, 0, 0, 0), (0x15, 0, 1, unshare), (0x06, 0, 0, 0x50001), (0x06, 0, 0, 0x7FFF0000))
 libc = ctypes.CDLL(None)
@@ -169,7 +169,7 @@ assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(SockFp
 
 def sandbox_pool(mode: str, **kwargs):
     """A SandboxPool whose servers start with namespaces, or with unshare() refused (``mode``)."""
-    import sandbox.pool
+    from nanotorl import sandbox
     main = sandbox.pool.SERVER_MAIN
     if mode == "no-namespaces":
         sandbox.pool.SERVER_MAIN = REFUSE_UNSHARE + main

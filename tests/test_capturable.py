@@ -62,9 +62,9 @@ def test_checker_lets_device_only_ops_through():
 @pytest.fixture
 def checked_steps(monkeypatch, triton_interpreter):
     """Every decode step runs under no_host_sync with the Triton kernels, as on a GPU; yields the step count."""
-    interpreted("kernels.decode_attention")
-    interpreted("kernels.rng")  # before the sampling kernels, which call its noise functions
-    interpreted("kernels.sampling")
+    interpreted("nanotorl.kernels.decode_attention")
+    interpreted("nanotorl.kernels.rng")  # before the sampling kernels, which call its noise functions
+    interpreted("nanotorl.kernels.sampling")
     steps, run = [], DecodeStep._run
 
     def checked(self):

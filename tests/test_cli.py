@@ -144,7 +144,7 @@ def test_the_commands_exit_2_with_one_line_and_debug_shows_the_traceback(tmp_pat
 
 
 def test_sandbox_cli_names_the_file_it_cannot_read(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sandbox", "-f", str(tmp_path / "nope.py")], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "nanotorl.sandbox", "-f", str(tmp_path / "nope.py")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr) == (2, f"error: {tmp_path / 'nope.py'}: No such file or directory\n")
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import DEV, assert_compiles_for_h100, interpreted
 from sm90 import record_launches
 
-DA = interpreted("kernels.decode_attention")
+DA = interpreted("nanotorl.kernels.decode_attention")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

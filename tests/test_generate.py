@@ -15,7 +15,7 @@ from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.slots import SlotTable
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import format_observation
-from sandbox.result import Result
+from nanotorl.sandbox.result import Result
 
 
 @pytest.fixture(scope="module")
@@ -395,8 +395,8 @@ def test_decode_step_on_the_triton_path_equals_the_plain_path(model, tok, triton
     monkeypatch.setenv("NANOTORL_KERNELS", "torch")
     plain = Generator(model, tok, slots=2, max_len=64).generate(reqs)
     monkeypatch.delenv("NANOTORL_KERNELS")
-    interpreted("kernels.decode_attention")
-    interpreted("kernels.sampling")
+    interpreted("nanotorl.kernels.decode_attention")
+    interpreted("nanotorl.kernels.sampling")
     fixed = Generator(model, tok, slots=2, max_len=64, cuda_graph=True).generate(reqs)
     for f, p in zip(fixed, plain):
         assert f.response_ids == p.response_ids

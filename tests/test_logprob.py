@@ -12,8 +12,8 @@ from conftest import DEV, assert_compiles_for_h100, interpreted
 from sm90 import record_launches
 
 ON_GPU = DEV == "cuda"
-lp = interpreted("kernels.logprob")
-lpl = interpreted("kernels.logprob_logits")
+lp = interpreted("nanotorl.kernels.logprob")
+lpl = interpreted("nanotorl.kernels.logprob_logits")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
@@ -165,10 +165,9 @@ def test_from_logits_reads_strided_rows_and_columns():
 
 def test_dispatcher_picks_triton_or_the_torch_path(monkeypatch):
     """The torch path is kernels/logprob_chunked.py (tests/test_logprob_chunked.py holds it to the reference)."""
-    import kernels.logprob_chunked
     calls = []
     monkeypatch.setattr(lp, "fused_logprob", lambda *a, **k: calls.append("fused"))
-    monkeypatch.setattr(kernels.logprob_chunked, "chunked_logprob", lambda *a, **k: calls.append("torch"))
+    monkeypatch.setattr(lp, "chunked_logprob", lambda *a, **k: calls.append("torch"))
     h, W, _, targets = _inputs(3, 24, 50, torch.float32, "cpu", bias=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     lp.logprob(h, W, targets)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench.common import LiveTensorBytes
-from kernels.logprob import IGNORE_INDEX, logprob, logprob_ref
-from kernels.logprob_chunked import chunked_logprob
+from nanotorl.kernels.logprob import IGNORE_INDEX, logprob, logprob_ref
+from nanotorl.kernels.logprob_chunked import chunked_logprob
 
 
 def inputs(lead, D, V, bias, dtype=torch.float32, seed=0):
@@ -63,7 +63,7 @@ def test_one_slice_is_the_reference_itself():
 
 def test_dispatcher_chunks_large_vocabularies(monkeypatch):
     """kernels.logprob.logprob on CPU takes the chunked path once the logits outgrow a slice."""
-    import kernels.logprob_chunked as chunked
+    import nanotorl.kernels.logprob_chunked as chunked
     monkeypatch.setattr(chunked, "_CHUNK_BYTES", 4 * 40 * 8)   # 40 rows of 8 logits per slice
     h, W, b, targets = inputs((40,), 16, 50, bias=False)
     calls = []

@@ -107,7 +107,7 @@ def test_kv_cache_decoding_equals_full_forward(pair, kernel, request):
     """Prefill then decode through the cache, with the decode step on SDPA or on the Triton kernel (under the
     interpreter on CPU), gives the logits of one full forward."""
     if kernel:
-        interpreted("kernels.decode_attention")
+        interpreted("nanotorl.kernels.decode_attention")
         request.getfixturevalue("triton_interpreter")
     _, model, _ = pair
     g = torch.Generator().manual_seed(3)

@@ -14,7 +14,7 @@ from nanotorl.rollout import (Draw, finish_stats, groups, rollout, rollout_stats
                               tool_failures)
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import finished_call
-from sandbox.result import Result
+from nanotorl.sandbox.result import Result
 
 A = Problem("a", "What is 2 + 3?", "5")
 B = Problem("b", "What is 4 * 4?", "16")
@@ -202,7 +202,7 @@ def test_three_tool_calls_end_to_end(tok):
     budget runs (and none past it), observations and masks are where the script puts them, the turn flags follow
     nanotorl/rollout.py's rule, and --filter-void-turns / --mask-truncated drop exactly the flagged trajectories."""
     from test_generate import Forced
-    from sandbox import SandboxPool
+    from nanotorl.sandbox import SandboxPool
     prompt = tok.prompt_ids(A.problem)
     samples = []
     with SandboxPool(workers=1, preload=()) as pool:

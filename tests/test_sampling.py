@@ -16,7 +16,7 @@ import torch
 from conftest import DEV, assert_compiles_for_h100, interpreted
 from sm90 import record_launches
 
-S = interpreted("kernels.sampling")
+S = interpreted("nanotorl.kernels.sampling")
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 PATHS = {"ref": S.sample_ref, "triton": S.sample_triton}
 BOTH = ["ref", "triton"]

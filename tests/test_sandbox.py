@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from sandbox import SandboxPool, protocol
-from sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When, combine,
+from nanotorl.sandbox import SandboxPool, protocol
+from nanotorl.sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When, combine,
                             compile_policy)
 SANDBOX_MODES = ["namespaces", "no-namespaces"]  # see sandbox_pool in tests/conftest.py
 
@@ -544,7 +544,7 @@ def test_close_ends_everything_and_later_runs_raise():
 TRAINER = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from sandbox import SandboxPool, protocol
+from nanotorl.sandbox import SandboxPool, protocol
 with SandboxPool(workers=1, wall_time=60.0, cpu_time=60.0, preload=()) as pool:
     fut = pool.submit("import time\\ntime.sleep(60)")
     print(pool.server_pid, "pid" in pool.info["namespaces"], pool.info["cgroup"], flush=True)
@@ -575,8 +575,8 @@ def test_no_orphans_when_the_trainer_is_interrupted_or_killed(sig):
 
 NO_SECCOMP = """
 import ctypes, json, platform, warnings
-from sandbox import SandboxPool, protocol
-from sandbox.policy import SockFilter, SockFprog
+from nanotorl.sandbox import SandboxPool, protocol
+from nanotorl.sandbox.policy import SockFilter, SockFprog
 prctl, seccomp = {"x86_64": (157, 317), "aarch64": (167, 277)}[platform.machine()]
 einval, allow = 0x50000 | 22, 0x7FFF0000  # answer like a kernel built without seccomp
 prog = (SockFilter * 8)((0x20, 0, 0, 0), (0x15, 0, 3, prctl), (0x20, 0, 0, 16), (0x15, 0, 3, 22),
@@ -608,7 +608,7 @@ def test_without_seccomp_the_pool_refuses_unless_told_and_then_warns():
 # -- CLI -------------------------------------------------------------------------------------------------
 
 def cli(*args, stdin=None):
-    out = subprocess.run([sys.executable, "-m", "sandbox", *args], input=stdin, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "nanotorl.sandbox", *args], input=stdin, capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     return out.returncode, json.loads(out.stdout)
 

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from sandbox import isolation
-from sandbox.result import neutralise, to_result
-from sandbox.syscalls import NUMBERS
+from nanotorl.sandbox import isolation
+from nanotorl.sandbox.result import neutralise, to_result
+from nanotorl.sandbox.syscalls import NUMBERS
 
 MODES = ["namespaces", "no-namespaces"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,7 +318,7 @@ def test_terminal_control_sequences_are_neutralised(pool, host):
     assert res.stdout == shown + "\n" and res.stderr == f"{shown}\n{shown}\n" and res.error_line == shown, res
     for text in (res.stdout, res.stderr, res.error_line):
         assert not any(ord(c) < 32 and c not in "\n\t" or 0x7F <= ord(c) <= 0x9F for c in text)
-    out = subprocess.run([sys.executable, "-m", "sandbox", f"print({nasty!r})", "--preload", ""], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "nanotorl.sandbox", f"print({nasty!r})", "--preload", ""], cwd=REPO,
                          capture_output=True, timeout=120)
     assert not any(b < 32 and b not in b"\n" or b >= 0x7F for b in out.stdout), out.stdout
     innocent_and_outside_intact(pool, host, server)
@@ -330,7 +330,7 @@ def test_cli_takes_code_literally_and_reads_files_only_with_f(host, tmp_path):
     program.chmod(0o600)
 
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "sandbox", *args, "--preload", ""], cwd=REPO,
+        out = subprocess.run([sys.executable, "-m", "nanotorl.sandbox", *args, "--preload", ""], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
         return out.returncode, out.stdout + out.stderr
 

@@ -17,8 +17,8 @@ import tempfile
 
 import pytest
 
-from sandbox import SandboxPool
-from sandbox.policy import NOSYS, POLICY, run_allows
+from nanotorl.sandbox import SandboxPool
+from nanotorl.sandbox.policy import NOSYS, POLICY, run_allows
 
 CORPUS = {
     "arithmetic": "print(2**100, 7 // 2, -7 % 3, 10 / 4, round(2.675, 2), f'{1/3:.5f}', divmod(17, 5))",
@@ -133,7 +133,7 @@ def test_corpus_syscalls_are_all_allowed(tmp_path):
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (apt-get install strace): cannot trace the corpus")
-    from sandbox.pool import SYMPY_WARMUP
+    from nanotorl.sandbox.pool import SYMPY_WARMUP
     script = tmp_path / "corpus.py"
     script.write_text("import math, fractions, itertools, numpy, sympy, os, sys\n" + "exec(" + repr(SYMPY_WARMUP) + ")\n"
                       "os.write(2, b'--- corpus ---\\n')\n"

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import REFUSE_UNSHARE, REPO
-from sandbox import SandboxPool, isolation, leftovers
-from sandbox.leftovers import PREFIX, start_time
+from nanotorl.sandbox import SandboxPool, isolation, leftovers
+from nanotorl.sandbox.leftovers import PREFIX, start_time
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_only_cgroups_of_dead_owners_without_tasks_are_removed(tmp_path, dead):
 
 CRASHING = """
 import sys, time
-import sandbox.pool
+from nanotorl import sandbox
 if sys.argv[1] == "no-namespaces":
     sandbox.pool.SERVER_MAIN = sys.argv[2] + sandbox.pool.SERVER_MAIN
 pool = sandbox.pool.SandboxPool(workers=1, preload=())

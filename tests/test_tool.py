@@ -7,8 +7,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from sandbox import SandboxPool
-from sandbox.result import Result
+from nanotorl.sandbox import SandboxPool
+from nanotorl.sandbox.result import Result
 from test_generate import Forced, scripted
 from test_sandbox_attacks import zygote_and_children
 from nanotorl.demo import save_demo_tokenizer

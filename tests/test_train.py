@@ -268,9 +268,9 @@ def test_qwen3_with_its_chat_template_trains_and_saves_as_it_came(tmp_path):
 # each lost run as an infrastructure failure and starts a new server. Nothing preloaded, so that restarts are quick.
 DYING_SANDBOX = """
 import functools, runpy, sys
-import sandbox, sandbox.pool
-sandbox.pool.SERVER_MAIN = ("import os, sandbox.server\\n"
-                            "sandbox.server.Zygote.on_control = lambda *_: os._exit(137)\\n" + sandbox.pool.SERVER_MAIN)
+from nanotorl import sandbox
+sandbox.pool.SERVER_MAIN = ("import os, nanotorl.sandbox.server\\n"
+                            "nanotorl.sandbox.server.Zygote.on_control = lambda *_: os._exit(137)\\n" + sandbox.pool.SERVER_MAIN)
 sandbox.SandboxPool = functools.partial(sandbox.pool.SandboxPool, preload=())
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path("train.py", run_name="__main__")

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
+from nanotorl import kernels
 
 _LOG2E = 1.4426950408889634
 

@@ -28,8 +28,8 @@ import time
 import warnings
 import weakref
 
-from sandbox import isolation, leftovers, protocol
-from sandbox.result import Result, infra_failure, to_result
+from nanotorl.sandbox import isolation, leftovers, protocol
+from nanotorl.sandbox.result import Result, infra_failure, to_result
 
 DEFAULT_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
 # Run once in the server after the preload imports: sympy imports submodules and fills its caches on
@@ -43,8 +43,8 @@ sympy.Rational(1, 3) + sympy.sqrt(8), sympy.isprime(97), sympy.factorint(360), s
 sympy.summation(x, (x, 1, 10)), sympy.Matrix([[1, 2], [3, 4]]).det(), sympy.N(sympy.pi, 30)
 """
 START_TIMEOUT = 120.0  # seconds for a server to import its preload modules and answer
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SERVER_MAIN = "from sandbox.server import main; main()"  # what `python -c` runs; a pool keeps the one it saw
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds nanotorl/
+SERVER_MAIN = "from nanotorl.sandbox.server import main; main()"  # what `python -c` runs; a pool keeps the one it saw
 
 
 def check_hello(hello: dict) -> dict:

@@ -1,8 +1,8 @@
 """Fused log-prob of target tokens: ``log softmax((h @ W.T + b) / T)[target]`` without the N x V logits.
 
 With Qwen2.5's 151,936-token vocabulary the logits of one micro-batch are gigabytes; the policy loss
-only needs one number per token. ``logprob_ref`` below is the definition, the Triton path computes
-the same thing tile by tile.
+only needs one number per token. ``logprob_ref`` (kernels/logprob_ref.py) is the definition, the Triton path
+computes the same thing tile by tile.
 
 Forward (online log-sum-exp). The rows ``n`` are split in blocks of BLOCK_N and the vocabulary in
 tiles of BLOCK_V; each tile of logits ``z = (h_blk @ W_tile.T + b_tile) / T`` is made with ``tl.dot``
@@ -38,61 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
+from nanotorl import kernels
+from nanotorl.kernels.logprob_chunked import chunked_logprob
+from nanotorl.kernels.logprob_ref import (IGNORE_INDEX, _check, _check_targets, _coef, _outputs,  # noqa: F401
+                                         logprob_from_logits_ref, logprob_ref)
 
-IGNORE_INDEX = -100
 _IGNORE = tl.constexpr(IGNORE_INDEX)  # the same value, readable inside kernels
 _DW_SCRATCH_BYTES = 128 << 20  # fp32 dW slice accumulated per backward launch
-
-
-def _check(h, weight, targets, bias, temperature):
-    """Shapes, dtypes and target range; raises with what was expected and what was found."""
-    if weight.dim() != 2 or h.shape[-1] != weight.shape[1]:
-        raise ValueError(f"expected h [..., D] and weight [V, D], got h {tuple(h.shape)} and "
-                         f"weight {tuple(weight.shape)}: pass the LM-head weight, not its transpose")
-    if h.dtype != weight.dtype:
-        raise TypeError(f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}: cast one")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"expected bias [{weight.shape[0]}], got {tuple(bias.shape)}")
-    _check_targets(targets, h.shape[:-1], weight.shape[0], temperature)
-
-
-def _check_targets(targets, row_shape, V, temperature):
-    """Targets [...] int in [0, V) or IGNORE_INDEX, and T > 0. The range check costs one host sync."""
-    if targets.shape != row_shape or targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"expected integer targets of shape {tuple(row_shape)}, got {targets.dtype} "
-                         f"{tuple(targets.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))
-    if bad.any():
-        raise ValueError(f"targets must lie in [0, {V}) or equal {IGNORE_INDEX} (ignored), found "
-                         f"{targets[bad][:5].tolist()}: check the tokenizer's vocabulary size")
-
-
-# ----------------------------------------------------------------------------- reference
-
-def logprob_ref(h, weight, targets, bias=None, temperature=1.0, return_entropy=False):
-    """Plain PyTorch definition. h: [..., D], weight: [V, D], bias: [V] or None, targets: [...].
-
-    Returns logp [...] fp32 (0 where targets == -100), and the detached entropy [...] fp32 of
-    softmax(logits) when ``return_entropy``. Materialises the fp32 logits [..., V].
-    """
-    _check(h, weight, targets, bias, temperature)
-    logits = torch.nn.functional.linear(h.float(), weight.float(), None if bias is None else bias.float())
-    return logprob_from_logits_ref(logits, targets, temperature, return_entropy)
-
-
-def logprob_from_logits_ref(logits, targets, temperature=1.0, return_entropy=False):
-    """Plain PyTorch definition on given logits [..., V] (any float dtype): as ``logprob_ref``."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)   # [..., V]
-    ignored = targets == IGNORE_INDEX
-    logp = logp_all.gather(-1, targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(ignored, torch.zeros_like(logp), logp)
-    if not return_entropy:
-        return logp
-    entropy = torch.special.entr(logp_all.exp()).sum(-1)   # -sum_v p_v log p_v, with 0 log 0 = 0
-    return logp, entropy.detach()
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -326,19 +278,6 @@ def _fused_backward(h, weight, bias, targets, lse, coef, inv_t, need):
     return dh, dW, db
 
 
-def _outputs(ctx, logp, entropy):
-    """What the autograd.Functions return: logp, or (logp, entropy) with a non-differentiable entropy."""
-    if entropy is None:
-        return logp
-    ctx.mark_non_differentiable(entropy)
-    return logp, entropy
-
-
-def _coef(g, targets, temperature):
-    """Per-row factor of dz: g / T, and 0 on ignored rows. g: [N] -> [N] fp32."""
-    return torch.where(targets == IGNORE_INDEX, 0.0, g.float() / temperature).contiguous()
-
-
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, temperature, return_entropy):
@@ -373,7 +312,6 @@ def fused_logprob(h, weight, targets, bias=None, temperature=1.0, return_entropy
 
 def logprob(h, weight, targets, bias=None, temperature=1.0, return_entropy=False):
     """What the trainer calls: ``fused_logprob`` when ``kernels.use_triton(h)``, else ``chunked_logprob``
-    (``logprob_ref`` one slice of the vocabulary at a time: kernels/logprob_chunked.py, which builds on this module)."""
-    from kernels.logprob_chunked import chunked_logprob
+    (``logprob_ref`` one slice of the vocabulary at a time: kernels/logprob_chunked.py)."""
     impl = fused_logprob if kernels.use_triton(h) else chunked_logprob
     return impl(h, weight, targets, bias=bias, temperature=temperature, return_entropy=return_entropy)

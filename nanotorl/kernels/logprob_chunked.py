@@ -27,7 +27,7 @@ figures stay what they were).
 import torch
 import torch.nn.functional as F
 
-from kernels.logprob import IGNORE_INDEX, _check, _coef, _outputs, logprob_ref
+from nanotorl.kernels.logprob_ref import IGNORE_INDEX, _check, _coef, _outputs, logprob_ref
 
 _CHUNK_BYTES = 32 << 20   # the fp32 logits of one slice of the vocabulary, for every row
 

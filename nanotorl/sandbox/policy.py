@@ -51,7 +51,7 @@ import errno
 import platform
 from dataclasses import dataclass
 
-from sandbox.syscalls import NUMBERS
+from nanotorl.sandbox.syscalls import NUMBERS
 
 SELF, NEG_SELF = "self", "-self"  # the run's own pid (its process group, as kill() spells it), set after fork
 

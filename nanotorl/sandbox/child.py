@@ -34,7 +34,7 @@ import sys
 import types
 from dataclasses import dataclass
 
-from sandbox.isolation import RUN_UIDS
+from nanotorl.sandbox.isolation import RUN_UIDS
 
 FILENAME = "<code>"
 READY, STARTED = b"\x06", b"\x02"  # written on stdout once confined, and once the code has arrived

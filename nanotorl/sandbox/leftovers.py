@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 
-from sandbox import isolation
+from nanotorl.sandbox import isolation
 
 PREFIX = "nanotorl-sandbox-"
 _OWNED = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-(\d+)-")

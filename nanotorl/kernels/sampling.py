@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
-from kernels.rng import STREAM_BLOCK, STREAM_TOKEN, gumbel, gumbel_tl, row_key, row_key_tl
+from nanotorl import kernels
+from nanotorl.kernels.rng import STREAM_BLOCK, STREAM_TOKEN, gumbel, gumbel_tl, row_key, row_key_tl
 
 RNG_BLOCK = 2048   # tokens per block of the two-level Gumbel-max; part of what a (seed, offset) means
 FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR

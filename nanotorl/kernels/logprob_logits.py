@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels
-from kernels.logprob import (_IGNORE, _check_targets, _coef, _combine, _fwd_kernel, _outputs, _splits,
+from nanotorl import kernels
+from nanotorl.kernels.logprob import (_IGNORE, _check_targets, _coef, _combine, _fwd_kernel, _outputs, _splits,
                              logprob_from_logits_ref)
 
 

@@ -1,6 +1,6 @@
 """The warm fork server: imports the heavy modules once, then forks one confined child per run.
 
-``SandboxPool`` starts it as ``python -c "from sandbox.server import main; main()" CONFIG``, in its
+``SandboxPool`` starts it as ``python -c "from nanotorl.sandbox.server import main; main()" CONFIG``, in its
 own session, with a minimal environment and an empty working directory. Start-up, once per server:
 
     block every signal that would end or stop it (but SIGTERM, and SIGKILL/SIGSTOP, which cannot be)
@@ -41,8 +41,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from sandbox import child, isolation, protocol
-from sandbox.policy import RUN, SERVER, Filter
+from nanotorl.sandbox import child, isolation, protocol
+from nanotorl.sandbox.policy import RUN, SERVER, Filter
 
 PR_SET_DUMPABLE = 4
 PROBE_ID = -1
