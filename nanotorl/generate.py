@@ -105,9 +105,11 @@ class Generator:
                  compat: str = "none"):
         if trigger not in ("fence", "output"):
             raise ValueError(f"trigger must be 'fence' or 'output', got {trigger!r}")
-        if compat not in COMPAT or (compat == "torl" and trigger != "output"):
-            raise ValueError(f"compat must be one of {list(COMPAT)}, 'torl' with trigger 'output' (ToRL's stop "
-                             f"string); got compat {compat!r} with trigger {trigger!r}: pass --trigger output")
+        if compat not in COMPAT:
+            raise ValueError(f"compat must be one of {list(COMPAT)}, got {compat!r}")
+        if compat == "torl" and trigger != "output":
+            raise ValueError(f"compat 'torl' needs trigger 'output' (ToRL's stop string), got trigger {trigger!r}: "
+                             f"pass --trigger output, or --compat none")
         self.compat = compat
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
         self.slots, self.max_len, self.prefill_chunk, self.trigger = slots, max_len, prefill_chunk, trigger

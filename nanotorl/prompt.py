@@ -52,9 +52,11 @@ def make_prompt(template: str, path, tokenizer_config: dict, variables: dict | N
     :data:`nanotorl.tool.COMPAT` (module docstring)."""
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; choose one of {list(PROMPT_TEMPLATES)}")
-    if compat not in COMPAT or (compat == "torl" and template != "torl"):
-        raise ValueError(f"compat must be one of {list(COMPAT)}, 'torl' with ToRL's own prompt; got compat "
-                         f"{compat!r} with --prompt-template {template}: pass --prompt-template torl")
+    if compat not in COMPAT:
+        raise ValueError(f"compat must be one of {list(COMPAT)}, got {compat!r}")
+    if compat == "torl" and template != "torl":
+        raise ValueError(f"compat 'torl' prompts with ToRL's own base-model prompt, got --prompt-template "
+                         f"{template}: pass --prompt-template torl, or --compat none")
     if template == "torl":
         if variables:
             raise ValueError(f"template variables {variables} only apply to --prompt-template chat; the torl "
