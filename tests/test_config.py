@@ -103,3 +103,15 @@ def test_a_field_name_used_twice_is_refused():
 
     with pytest.raises(ValueError, match="'seed' is both seed and inner.seed"):
         flag_fields(Outer())
+
+
+def test_compat_torl_sets_torls_trigger_unless_one_is_given():
+    """--compat torl is one switch: it sets --trigger output (the torl-* presets set both); an explicit --trigger
+    is kept (the Generator then refuses the contradiction), in train.py's flags and in eval.py's alike."""
+    import eval as ev
+    assert PRESETS["torl-1.5b"].rollout.compat == "torl" and PRESETS["torl-1.5b"].rollout.trigger == "output"
+    assert parse_args(["--compat", "torl"]).rollout.trigger == "output"
+    assert parse_args(["--compat", "torl", "--trigger", "fence"]).rollout.trigger == "fence"
+    assert (ev.parse_args(["--compat", "torl"]).trigger, ev.parse_args([]).trigger) == ("output", "fence")
+    with pytest.raises(ValueError, match="--compat must be one of"):
+        parse_args(["--compat", "torl2"])
