@@ -3,6 +3,7 @@
     python eval.py                                        # newest demo checkpoint on the demo's held-out set
     python eval.py --model DIR --data aime24,aime25,math500 --k 16 --temperature 0.6
     torchrun --nproc_per_node=8 eval.py --model DIR --data aime24,my_set.parquet
+    python eval.py --model ToRL-1.5B --compat torl --data aime24,aime25,math500  # as ToRL's own code (README)
 
 Datasets: a path (JSONL {problem, answer[, source]} or ToRL parquet), or a name looked up in --data-dir (default
 ../shared/data beside the repository): the file whose stem is the name (aime24 -> aime24.jsonl), else the one
