@@ -3,6 +3,7 @@
     python eval.py                                        # newest demo checkpoint on the demo's held-out set
     python eval.py --model DIR --data aime24,aime25,math500 --k 16 --temperature 0.6
     torchrun --nproc_per_node=8 eval.py --model DIR --data aime24,my_set.parquet
+    python eval.py --model ToRL-1.5B --compat torl --data aime24,aime25,math500  # as ToRL's own code (README)
 
 Datasets: a path (JSONL {problem, answer[, source]} or ToRL parquet), or a name looked up in --data-dir (default
 ../shared/data beside the repository): the file whose stem is the name (aime24 -> aime24.jsonl), else the one
@@ -50,6 +51,7 @@ from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
 from nanotorl.rollout import Draw, Sample, rollout
 from nanotorl.tokenizer import Tokenizer
+from nanotorl.tool import COMPAT
 from nanotorl.sandbox import SandboxPool
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -209,7 +211,10 @@ def parse_args(argv=None):
     p.add_argument("--max-tool-calls", type=int, default=1, help="per response (%(default)s)")
     p.add_argument("--max-new-tokens", type=int, help=f"response budget, tool output included (default "
                                                       f"{PAPER_MAX_NEW_TOKENS}; the demo's own for the demo)")
-    p.add_argument("--trigger", choices=("fence", "output"), default="fence", help="see nanotorl.generate")
+    p.add_argument("--trigger", choices=("fence", "output"), help="see nanotorl.generate (default: fence; output "
+                                                                  "with --compat torl)")
+    p.add_argument("--compat", choices=COMPAT, default="none", help="torl: ToRL's own prompt, trigger, observation "
+                                                                    "and budget rules (README, ToRL-exact mode)")
     p.add_argument("--prompt-template", choices=PROMPT_TEMPLATES, default="torl",
                    help="torl: the paper's base-model prompt; chat: the checkpoint's chat template (as in training)")
     p.add_argument("--template-vars", default="", help="JSON object for the chat template, e.g. "
@@ -227,6 +232,7 @@ def parse_args(argv=None):
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown, settings above it")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line)")
     args = p.parse_args(argv)
+    args.trigger = args.trigger or ("output" if args.compat == "torl" else "fence")
     if args.k < 1:
         p.error(f"--k must be at least 1, got {args.k}")
     try:
@@ -286,11 +292,11 @@ def main(argv=None) -> dict | None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device).eval()
-    tok = Tokenizer(model_dir, args.prompt_template, args.template_vars)
+    tok = Tokenizer(model_dir, args.prompt_template, args.template_vars, args.compat)
     out = args.out or Path("runs/eval") / model_dir.name
     settings = {"model": str(model_dir.resolve()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     settings |= {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls",
-                                               "trigger", "seed", "prompt_template", "template_vars")}
+                                               "trigger", "compat", "seed", "prompt_template", "template_vars")}
     if rank == 0:
         check_settings(out, settings)
         records = merge_records(out)
@@ -305,7 +311,7 @@ def main(argv=None) -> dict | None:
     with SandboxPool(workers=args.sandbox_workers, wall_time=args.sandbox_timeout,
                      cpu_time=args.sandbox_timeout) as box, torch.no_grad():
         gen = Generator(model, tok, box, slots=args.slots, max_len=longest + args.max_new_tokens,
-                        trigger=args.trigger, cuda_graph=args.cuda_graph)
+                        trigger=args.trigger, cuda_graph=args.cuda_graph, compat=args.compat)
         for name, problems in sets.items():
             t0 = time.perf_counter()
             run_dataset(gen, name, problems, done, args, rank, world, out)

@@ -235,7 +235,8 @@ def load_policy(cfg: TrainConfig, rank: int, world: int, device):
             build_base_model(base, log=tqdm.write)
         dist.barrier()
     model_dir = ckpt or base
-    tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars))
+    tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars),
+                    cfg.rollout.compat)
     cuda = device.type == "cuda"
     dtype = getattr(torch, cfg.optim.dtype)
     model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)
@@ -286,7 +287,7 @@ def main(argv=None):
     with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
-                        trigger=ro.trigger, cuda_graph=ro.cuda_graph)
+                        trigger=ro.trigger, cuda_graph=ro.cuda_graph, compat=ro.compat)
         if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
         for step in range(start, cfg.steps):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 from nanotorl.cli import ArgumentParser, parse_bool
 from nanotorl.grpo import GRPOConfig
+from nanotorl.tool import COMPAT
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_tool_calls: int = 1         # C in the paper
     trigger: str = "fence"          # 'fence': run a block once closed; 'output': when the model writes ```output
+    compat: str = "none"            # 'torl': ToRL's own prompt, observation and budget rules (sets --trigger output)
     gen_slots: int = 128            # concurrent sequences per rank
     cuda_graph: bool = False        # decode step as a CUDA graph (GPU; not yet measured on one: see README)
     sandbox_workers: int = 2
@@ -55,6 +57,8 @@ class RolloutConfig:
                              f"sandbox failure) to 1 (never stop), got {self.tool_failure_limit}")
         if self.max_tool_calls < 0:
             raise ValueError(f"--max-tool-calls must be 0 (no tool) or more, got {self.max_tool_calls}")
+        if self.compat not in COMPAT:
+            raise ValueError(f"--compat must be one of {list(COMPAT)}, got {self.compat!r}")
 
 
 @dataclass
@@ -96,11 +100,12 @@ class TrainConfig:
 
 def torl_recipe(size: str, gen_slots: int, micro_batch_tokens: int) -> TrainConfig:
     """ToRL (arXiv 2503.23383) on Qwen2.5-Math-``size``: 128 prompts x 16 samples, lr 1e-6, no KL, T=1, top-p 1,
-    responses up to 3072 tokens, one tool call per response; the sizes differ only in what fits in memory."""
+    responses up to 3072 tokens, one tool call per response, ToRL's own prompt, trigger, observation and budget
+    rules (``--compat torl``); the sizes differ only in what fits in memory."""
     return TrainConfig(
         steps=500, prompts_per_step=128,
         rollout=RolloutConfig(max_new_tokens=3072, max_prompt_tokens=400, gen_slots=gen_slots, sandbox_workers=16,
-                              sandbox_timeout=10.0),
+                              sandbox_timeout=10.0, trigger="output", compat="torl"),
         grpo=GRPOConfig(group_size=16),
         optim=OptimConfig(lr=1e-6, weight_decay=0.01, micro_batch_tokens=micro_batch_tokens, pack_rows=True,
                           dtype="bfloat16", activation_checkpointing=True),
@@ -150,6 +155,8 @@ def parse_args(argv=None) -> TrainConfig:
         kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         parser.add_argument(flag, dest=name, type=kind, default=None)
     args = vars(parser.parse_args(argv))
+    if args["compat"] == "torl" and args["trigger"] is None:
+        args["trigger"] = "output"  # ToRL's stop string; an explicit --trigger fence is refused by the Generator
     cfg = PRESETS[args.pop("preset")]
     for name, value in args.items():
         if value is not None:

@@ -46,6 +46,12 @@ def torl_prompt(problem: str) -> str:
     return TORL_TEMPLATE.replace("{problem}", problem)
 
 
+def torl_exact_prompt(problem: str) -> str:
+    """ToRL's own prompt, byte for byte (``--compat torl``): ``tir_base_0309`` in GAIR-NLP/ToRL's
+    verl/utils/dataset/rl_dataset.py ends with a newline after "Assistant:", which :func:`torl_prompt` leaves out."""
+    return torl_prompt(problem) + "\n"
+
+
 def torl_user_message(problem: str) -> str:
     """The ToRL instruction and the problem, as one user message for a chat template (the paper's wording)."""
     return f"{TORL_INSTRUCTION}\n{problem}"

@@ -39,7 +39,7 @@ from nanotorl.decode_step import DecodeStep
 from nanotorl.fences import Scanner, line_ends
 from nanotorl.model import KVCache
 from nanotorl.slots import SlotTable
-from nanotorl.tool import ToolCall, finished_call, observation_block, submit
+from nanotorl.tool import COMPAT, ToolCall, finished_call, observation_block, submit
 
 @dataclass
 class SamplingParams:
@@ -97,12 +97,20 @@ class Generator:
     closed; 'output' waits until the model itself writes "```output" (ToRL's original trigger, for base
     Qwen2.5-Math checkpoints that learned to write it); the exact rules are in :mod:`nanotorl.fences`.
     ``cuda_graph``: decode through :class:`nanotorl.decode_step.DecodeStep` (every slot, fixed shapes; a CUDA
-    graph on GPU)."""
+    graph on GPU). ``compat``: 'torl' follows ToRL's own code (trigger 'output' only): its observation text
+    (:func:`nanotorl.tool.torl_observation`) and its budget rule (a spent budget makes further calls text)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
-                 prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False):
+                 prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False,
+                 compat: str = "none"):
         if trigger not in ("fence", "output"):
             raise ValueError(f"trigger must be 'fence' or 'output', got {trigger!r}")
+        if compat not in COMPAT:
+            raise ValueError(f"compat must be one of {list(COMPAT)}, got {compat!r}")
+        if compat == "torl" and trigger != "output":
+            raise ValueError(f"compat 'torl' needs trigger 'output' (ToRL's stop string), got trigger {trigger!r}: "
+                             f"pass --trigger output, or --compat none")
+        self.compat = compat
         self.model, self.tokenizer, self.sandbox = model, tokenizer, sandbox
         self.slots, self.max_len, self.prefill_chunk, self.trigger = slots, max_len, prefill_chunk, trigger
         self.stop_ids = set(stop_ids if stop_ids is not None else tokenizer.eos_ids)
@@ -293,9 +301,11 @@ class Generator:
 
     def _scanner(self, s: _Slot) -> Scanner | None:
         """A scanner for the slot's next stretch of policy text, or None when no call can fire there: no sandbox,
-        or the tool budget spent with trigger 'fence' (further blocks are text). With trigger 'output' a spent
-        budget still watches for the trigger, which then ends the response, as in ToRL."""
-        if self.sandbox is None or (self.trigger == "fence" and len(s.tool_calls) >= s.request.max_tool_calls):
+        or the tool budget spent with trigger 'fence' or compat 'torl' (further calls are text; ToRL's last round
+        has no stop string). With trigger 'output' and no compat a spent budget still watches for the trigger,
+        which then ends the response ('tool_budget')."""
+        spent = len(s.tool_calls) >= s.request.max_tool_calls
+        if self.sandbox is None or (spent and (self.trigger == "fence" or self.compat == "torl")):
             return None
         return Scanner(self.trigger)
 
@@ -309,9 +319,9 @@ class Generator:
             t0 = time.perf_counter()
             wait([s.future for s in pending], return_when=FIRST_COMPLETED)
             self.stats["tool_wait_s"] += time.perf_counter() - t0
-        done = [(s, finished_call(s.future, s.code)) for s in pending if s.future.done()]
+        done = [(s, finished_call(s.future, s.code, self.compat)) for s in pending if s.future.done()]
         return [s for s, call in done if self._insert_observation(s, call, self.tokenizer.encode(
-            observation_block(self._last_text(s), call.observation, self.trigger)))]
+            observation_block(self._last_text(s), call.observation, self.trigger, self.compat)))]
 
     def _last_text(self, s: _Slot) -> str:
         """The last few response tokens of the slot, decoded (what the observation must follow)."""

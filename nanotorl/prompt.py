@@ -11,6 +11,9 @@ Two templates, chosen with ``--prompt-template``:
     ``documents`` (None), ``add_generation_prompt``, the special tokens set in ``tokenizer_config.json``
     (``eos_token``...), and the template variables given with ``--template-vars`` (a JSON object, e.g.
     ``{"enable_thinking": false}`` for Qwen3), which override the special tokens.
+
+With ``compat="torl"`` (``--compat torl``) the torl prompt is ToRL's own, byte for byte
+(:func:`nanotorl.data.torl_exact_prompt`: a newline after "Assistant:"); the chat template has no ToRL original.
 """
 import json
 from datetime import datetime
@@ -21,7 +24,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from nanotorl.data import torl_prompt, torl_user_message
+from nanotorl.data import torl_exact_prompt, torl_prompt, torl_user_message
+from nanotorl.tool import COMPAT
 
 PROMPT_TEMPLATES = ("torl", "chat")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -42,16 +46,22 @@ def parse_template_vars(text: str) -> dict:
     return value
 
 
-def make_prompt(template: str, path, tokenizer_config: dict, variables: dict | None = None):
+def make_prompt(template: str, path, tokenizer_config: dict, variables: dict | None = None, compat: str = "none"):
     """A function problem -> prompt text for ``template`` (one of :data:`PROMPT_TEMPLATES`); ``path`` is the
-    checkpoint directory, ``tokenizer_config`` its parsed ``tokenizer_config.json``."""
+    checkpoint directory, ``tokenizer_config`` its parsed ``tokenizer_config.json``; ``compat`` one of
+    :data:`nanotorl.tool.COMPAT` (module docstring)."""
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; choose one of {list(PROMPT_TEMPLATES)}")
+    if compat not in COMPAT:
+        raise ValueError(f"compat must be one of {list(COMPAT)}, got {compat!r}")
+    if compat == "torl" and template != "torl":
+        raise ValueError(f"compat 'torl' prompts with ToRL's own base-model prompt, got --prompt-template "
+                         f"{template}: pass --prompt-template torl, or --compat none")
     if template == "torl":
         if variables:
             raise ValueError(f"template variables {variables} only apply to --prompt-template chat; the torl "
                              f"prompt has none")
-        return torl_prompt
+        return torl_exact_prompt if compat == "torl" else torl_prompt
     compiled = compile_chat_template(chat_template_source(Path(path), tokenizer_config))
     special = {k: v.get("content") if isinstance(v, dict) else v for k in SPECIAL_TOKENS
                if (v := tokenizer_config.get(k)) is not None}

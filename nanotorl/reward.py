@@ -31,6 +31,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
+from nanotorl.notation import plain_latex
+
 # --------------------------------------------------------------------------------------------- answer extraction
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -299,10 +301,12 @@ def default_verifier() -> Verifier:
 def is_equivalent(pred: str, truth: str, timeout: float = 5.0, *, verifier: Verifier | None = None) -> bool:
     """Is the answer `pred` mathematically the same as `truth`? Both are answer strings (e.g. boxed contents).
 
-    Exact fast path first (`\\dfrac{1}{2}` vs `0.5`, `1,000` vs `1000`, `30^\\circ` vs `30`); otherwise math-verify
-    with a hard `timeout` in seconds, after which the answer counts as not equivalent.
+    Both are first rewritten as plain LaTeX (:func:`nanotorl.notation.plain_latex`: `45°` -> `45^\\circ`,
+    `0.\\overline{3}` -> `\\frac{1}{3}`). Exact fast path first (`\\dfrac{1}{2}` vs `0.5`, `1,000` vs `1000`,
+    `30^\\circ` vs `30`); otherwise math-verify with a hard `timeout` in seconds, after which the answer counts as
+    not equivalent.
     """
-    pred, truth = pred.strip(), truth.strip()
+    pred, truth = plain_latex(pred.strip()), plain_latex(truth.strip())  # Unicode symbols, repeating decimals
     if not pred or not truth:
         return False
     fast = _fast_equivalent(pred, truth)

@@ -40,8 +40,8 @@ def _token_text(value):
 
 
 class Tokenizer:
-    def __init__(self, path, prompt_template: str = "torl", template_vars: dict | None = None):
-        """``prompt_template`` and ``template_vars``: see :mod:`nanotorl.prompt`."""
+    def __init__(self, path, prompt_template: str = "torl", template_vars: dict | None = None, compat: str = "none"):
+        """``prompt_template``, ``template_vars`` and ``compat``: see :mod:`nanotorl.prompt`."""
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.is_file():
@@ -58,7 +58,7 @@ class Tokenizer:
         self.eos_id = self._special_id(config.get("eos_token"), fallback, "eos")
         self.eos_ids = list(dict.fromkeys([self.eos_id] + generation_ids + model_ids))  # in order, no repeats
         self.pad_id = self._special_id(config.get("pad_token"), None, "pad", default=self.eos_id)
-        self.prompt = make_prompt(prompt_template, path, config, template_vars)  # problem -> prompt text
+        self.prompt = make_prompt(prompt_template, path, config, template_vars, compat)  # problem -> prompt text
         self._byte_level = isinstance(self.tk.decoder, decoders.ByteLevel)
         self._added = {i: t.content for i, t in self.tk.get_added_tokens_decoder().items()}
         self._bytes = {}  # token id -> its bytes, filled as tokens are met

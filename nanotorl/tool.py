@@ -10,7 +10,12 @@ code runs in the sandbox, and the result comes back as an observation block
     ```
 
 on a line of its own (in 'output' mode the model already wrote the opening fence). An empty block and a sandbox
-that fails are calls too: the model sees an error, and the rollout goes on.
+that fails are calls too: the model sees an error, and the rollout goes on. The fence is a run of backticks longer
+than any in the observation (at least 3, CommonMark), so printed text cannot close the block early and forge
+text after it; in 'output' mode the model's own ```output line sets the opening fence.
+
+``compat="torl"`` (``--compat torl``) shows what ToRL's code shows instead (:func:`torl_observation`), between
+ToRL's three-backtick fences; the README's "ToRL-exact mode" lists every rule with its source.
 
 Every call says what went wrong, if anything (:class:`ToolCall`): ``error_kind`` names it (the exception the code
 raised, e.g. "NameError", or the sandbox's status: "timeout", "memory", "output_limit", "denied", "killed"), and
@@ -19,10 +24,14 @@ or ``submit`` raised, or its future failed) from a failure of the code. An infra
 model as "SandboxError: <what failed>", and its kind is "SandboxError"; the trainer counts them and stops past
 ``--tool-failure-limit``.
 """
+import re
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 TIMEOUT_MESSAGE = "TimeoutError: the code ran out of time and printed nothing"
+COMPAT = ("none", "torl")  # whose rules the prompt, the observation and the tool budget follow
+TORL_EMPTY = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"  # ToRL's text for an empty result
+TORL_UNKNOWN = "UnknownError"  # ToRL's text when the sandbox gives no run result
 SANDBOX_ERROR = "SandboxError"  # the error kind, and the observation's first word, of an infrastructure failure
 
 
@@ -65,12 +74,36 @@ def format_observation(stdout: str, error_line: str | None, ok: bool) -> str:
     return text
 
 
-def observation_block(written: str, observation: str, trigger: str) -> str:
+def torl_observation(stdout: str, stderr: str, exit_code: int | None) -> tuple[str, bool]:
+    """(the text ToRL shows for one run, whether ToRL counts it as passed): ToRL's ``postproc`` and
+    ``postproc_observation`` (verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py) on our sandbox's result.
+    Exit code 0 or any stdout: the stdout, passed; else the stderr. Text holding "Error" keeps only its last
+    line; an empty text becomes :data:`TORL_EMPTY`; 256 characters or more are cut as in :func:`format_observation`."""
+    passed = exit_code == 0 or bool(stdout)
+    text = stdout if passed else stderr.strip()
+    if "Error" in text:
+        text = text.strip().split("\n")[-1]
+    if not text.strip():
+        text = TORL_EMPTY
+    text = text.strip()
+    if len(text) >= 256:
+        text = text[:128] + "..." + text[-128:]
+    return text, passed
+
+
+def observation_fence(observation: str) -> str:
+    """The backtick fence around ``observation``: longer than any backtick run in it, and at least 3."""
+    longest = max((len(run) for run in re.findall("`+", observation)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def observation_block(written: str, observation: str, trigger: str, compat: str = "none") -> str:
     """The text inserted after the response so far (``written``: its last few tokens, decoded)."""
     head = "" if written.endswith("\n") else "\n"
+    fence = "```" if trigger == "output" or compat == "torl" else observation_fence(observation)
     if trigger == "fence":
-        head += "```output\n"
-    return f"{head}{observation}\n```\n"
+        head += f"{fence}output\n"
+    return f"{head}{observation}\n{fence}\n"
 
 
 def submit(sandbox, code: str) -> Future:
@@ -84,10 +117,17 @@ def submit(sandbox, code: str) -> Future:
         return _done(sandbox_failure(code, str(e)))
 
 
-def finished_call(future: Future, code: str) -> ToolCall:
-    """The ToolCall of a finished :func:`submit` future, its observation formatted for the model. The future holds a
-    :class:`sandbox.Result` (or anything with its status, stdout, error_line and wall_time; without infra_error it
-    counts as the code's outcome)."""
+def finished_call(future: Future, code: str, compat: str = "none") -> ToolCall:
+    """The ToolCall of a finished :func:`submit` future, its observation formatted for the model (ToRL's way with
+    ``compat="torl"``). The future holds a :class:`sandbox.Result` (or anything with its status, stdout, stderr,
+    exit_code, error_line and wall_time; without infra_error it counts as the code's outcome)."""
+    call = _finished_call(future, code, compat)
+    if compat == "torl" and call.infra_error:
+        call.observation = TORL_UNKNOWN  # ToRL's postproc: a request without a run result
+    return call
+
+
+def _finished_call(future: Future, code: str, compat: str = "none") -> ToolCall:
     try:
         result = future.result()
     except Exception as e:
@@ -97,7 +137,10 @@ def finished_call(future: Future, code: str) -> ToolCall:
     if getattr(result, "infra_error", False):  # its stderr says what failed: "sandbox: the server died ..."
         what = result.stderr.strip().removeprefix("sandbox:").strip()
         return sandbox_failure(code, what, result.wall_time, result.status)
-    text = format_observation(result.stdout, result.error_line, result.status == "ok")
+    if compat == "torl":
+        text = torl_observation(result.stdout, result.stderr, result.exit_code)[0]
+    else:
+        text = format_observation(result.stdout, result.error_line, result.status == "ok")
     return ToolCall(code, result.status, text, result.wall_time,
                     error_kind_of(result.status, result.error_line))
 

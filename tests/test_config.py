@@ -6,7 +6,9 @@ import pytest
 
 from nanotorl.config import PRESETS, TrainConfig, flag_fields, parse_args
 
-CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16"}  # str fields with a meaning
+CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16",  # str fields with a meaning
+           "compat": "torl"}
+IMPLIED = {"compat": {("rollout", "trigger")}}  # --compat torl also sets ToRL's trigger
 BOUNDED = {"tool_failure_limit": 0.5}  # number fields with a range: another value inside it
 
 
@@ -46,7 +48,7 @@ def test_every_field_has_its_flat_flag(path):
     cfg = parse_args(["--" + path[-1].replace("_", "-"), text])
     assert get(cfg, path) == value
     changed = [p for p, v in leaves(cfg) if v != get(TrainConfig(), p)]
-    assert changed == [path]  # that field only, wherever it is nested
+    assert set(changed) == {path} | IMPLIED.get(path[-1], set())  # that field only, wherever it is nested
 
 
 def test_flags_override_the_preset_and_keep_the_rest():
@@ -101,3 +103,15 @@ def test_a_field_name_used_twice_is_refused():
 
     with pytest.raises(ValueError, match="'seed' is both seed and inner.seed"):
         flag_fields(Outer())
+
+
+def test_compat_torl_sets_torls_trigger_unless_one_is_given():
+    """--compat torl is one switch: it sets --trigger output (the torl-* presets set both); an explicit --trigger
+    is kept (the Generator then refuses the contradiction), in train.py's flags and in eval.py's alike."""
+    import eval as ev
+    assert PRESETS["torl-1.5b"].rollout.compat == "torl" and PRESETS["torl-1.5b"].rollout.trigger == "output"
+    assert parse_args(["--compat", "torl"]).rollout.trigger == "output"
+    assert parse_args(["--compat", "torl", "--trigger", "fence"]).rollout.trigger == "fence"
+    assert (ev.parse_args(["--compat", "torl"]).trigger, ev.parse_args([]).trigger) == ("output", "fence")
+    with pytest.raises(ValueError, match="--compat must be one of"):
+        parse_args(["--compat", "torl2"])

@@ -269,6 +269,31 @@ def test_torl_output_trigger_runs_when_the_model_writes_output_fence(tok):
     assert out.loss_mask.count(0) == len(obs)
 
 
+@pytest.mark.parametrize("compat", ["none", "torl"])
+def test_a_spent_budget_ends_the_response_or_leaves_the_trigger_as_text(tok, compat):
+    """One call allowed, two blocks each followed by ```output. ToRL's loop (vllm_rollout_spmd.py, commit cb78cf1,
+    lines 269-272) stops on "```output" for C rounds and drops the stop string for the last one: the second
+    ```output stays policy text and the model goes on to its answer. Without compat the response ends there."""
+    first = "```python\nprint(1)\n```\n```output\n"
+    second = "```python\nprint(2)\n```\n```output\n2\n```\nso \\boxed{2}"
+    prompt, script, obs, n1, n2 = scripted(tok, first, second, "1", trigger="output")
+    box = FakeSandbox()
+    out = Generator(Forced(script, tok.vocab_size), tok, box, max_len=128, trigger="output", compat=compat).generate(
+        [Request(prompt, max_new_tokens=100, max_tool_calls=1, sampling=SamplingParams(temperature=0.0))])[0]
+    assert box.calls == ["print(1)\n"] and [c.observation for c in out.tool_calls] == ["1"]
+    if compat == "torl":  # ToRL's text: the model's own second ```output block, then the answer
+        assert tok.decode(out.response_ids) == first + "1\n```\n" + second + "<|endoftext|>"
+        assert (out.finish_reason, out.loss_mask) == ("eos", [1] * n1 + [0] * len(obs) + [1] * n2)
+    else:
+        assert tok.decode(out.response_ids) == first + "1\n```\n" + second[:second.index("2\n```")]
+        assert out.finish_reason == "tool_budget"
+
+
+def test_compat_torl_needs_the_output_trigger(tok):
+    with pytest.raises(ValueError, match="pass --trigger output"):
+        Generator(Forced([0], tok.vocab_size), tok, FakeSandbox(), trigger="fence", compat="torl")
+
+
 def test_sandbox_failure_and_empty_code_become_error_observations(tok):
     prompt, script, _, _, _ = scripted(tok, "```python\nprint(1)\n```\n", "ok", "SandboxError: sandbox server died")
     out = Generator(Forced(script, tok.vocab_size), tok, FakeSandbox(fail=True), max_len=128).generate(

@@ -193,3 +193,35 @@ def test_template_vars_parse_as_a_json_object(text, expected):
 def test_template_vars_that_are_not_a_json_object_are_refused(text):
     with pytest.raises(ValueError, match="must be a JSON object"):
         parse_template_vars(text)
+
+
+# ToRL's prompt as GAIR-NLP/ToRL's verl/utils/dataset/rl_dataset.py (commit cb78cf1) writes it, lines 33-34: a
+# triple-quoted string, so the line break before its closing quotes is part of the prompt; __getitem__ (line 178)
+# fills it with str.replace("[PROMPT]", problem), and torch_functional.tokenize_and_postprocess_data (line 269)
+# encodes it without special tokens.
+TIR_BASE_0309 = '''A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\nUser: Please integrate natural language reasoning with programs to solve the problem above, and put your final answer within \\boxed{}.\n[PROMPT]\nAssistant:
+'''  # noqa: E501 (ToRL's line as it is)
+
+
+def test_compat_torl_prompt_ids_equal_torls_template_on_the_real_qwen_tokenizer():
+    """10 problems of ../shared/data: the prompt ids of --compat torl are those of ToRL's own template, encoded by
+    the tokenizers library itself; the default prompt differs from it only by the newline after "Assistant:"."""
+    from tokenizers import Tokenizer as HFTokenizer
+    qwen_dir = shared_path("tokenizers", "qwen2.5")
+    reference = HFTokenizer.from_file(str(qwen_dir / "tokenizer.json"))
+    problems = [json.loads(line)["problem"] for name in ("aime24.jsonl", "aime25.jsonl", "math500_subset.jsonl")
+                for line in shared_path("data", name).read_text().splitlines()[:4]][:10]
+    exact, default = Tokenizer(qwen_dir, compat="torl"), Tokenizer(qwen_dir)
+    for problem in problems:
+        text = TIR_BASE_0309.replace("[PROMPT]", problem)
+        assert exact.prompt(problem) == text
+        assert exact.prompt_ids(problem) == reference.encode(text, add_special_tokens=False).ids
+        assert default.prompt(problem) + "\n" == text and default.prompt_ids(problem) != exact.prompt_ids(problem)
+
+
+def test_compat_torl_refuses_the_chat_template_and_unknown_modes(tmp_path):
+    path = chat_checkpoint(tmp_path, TEMPLATES["qwen3"])
+    with pytest.raises(ValueError, match="pass --prompt-template torl"):
+        Tokenizer(path, "chat", compat="torl")
+    with pytest.raises(ValueError, match="compat must be one of"):
+        Tokenizer(path, compat="torl2")

@@ -199,3 +199,71 @@ def test_orphaned_hanging_worker_stops_itself():
     worker.proc.stdin.write((json.dumps(["10^{10^{10}}", "5", 1.0]) + "\n").encode())
     assert worker.proc.wait(timeout=120) == -signal.SIGXCPU
     worker.stop()
+
+
+# ------------------------------------------------------------------- notations math-verify does not read (issue 27)
+
+REPEATING = [  # a repeating decimal is an exact rational, in each notation answers use
+    ("0.\\overline{3}", "\\frac{1}{3}", True),
+    ("0.1\\overline{6}", "\\frac{1}{6}", True),
+    ("0.\\bar{3}", "\\frac{1}{3}", True),
+    ("0.(3)", "\\frac13", True),
+    ("1.(142857)", "\\frac{8}{7}", True),
+    ("0.\\dot{3}", "1/3", True),
+    ("0.\\dot{1}4\\dot{2}", "\\frac{142}{999}", True),             # dots over the first and last repeating digit
+    ("0.3\u0305", "\\frac{1}{3}", True),                            # a combining overline
+    ("0.333...", "\\frac{1}{3}", True),
+    ("0.1666\\ldots", "\\frac{1}{6}", True),
+    ("0.142857142857\u2026", "\\frac{1}{7}", True),
+    ("-0.\\overline{6}", "-\\frac{2}{3}", True),
+    ("0.\\overline{9}", "1", True),
+    ("0.\\overline{3}", "0.3", False),
+    ("0.\\overline{6}", "\\frac{1}{3}", False),
+    ("0.\\overline{12}", "\\frac{1}{9}", False),
+]
+UNICODE = [  # Unicode math symbols that have a LaTeX equivalent
+    ("45°", "45", True),
+    ("45°", "46", False),
+    ("2π", "2\\pi", True),
+    ("\\frac{π}{3}", "\\frac{\\pi}{3}", True),
+    ("2π", "3\\pi", False),
+    ("√3", "\\sqrt{3}", True),
+    ("2√2", "\\sqrt{8}", True),
+    ("3×4", "12", True),
+    ("12÷4", "3", True),
+    ("−5", "-5", True),
+    ("(−∞, 2]", "(-\\infty, 2]", True),
+    ("½", "\\frac{1}{2}", True),
+    ("1½", "\\frac{3}{2}", True),
+    ("x²+1", "x^2+1", True),
+    ("x ≤ 3", "x \\leq 3", True),
+]
+
+
+@pytest.mark.parametrize("pred,truth,expected", REPEATING + UNICODE)
+def test_repeating_decimals_and_unicode_symbols(pred, truth, expected, verifier):
+    assert is_equivalent(pred, truth, verifier=verifier) is expected
+    assert is_equivalent(truth, pred, verifier=verifier) is expected  # either side may be the gold answer
+
+
+def test_repeating_decimal_values_agree_with_long_division():
+    """For random integer parts, fixed and repeating digits (leading zeros included), the fraction's own decimal
+    expansion (long division, the independent reference) is the integer part, the fixed digits and the block over
+    and over. A block of nines is left out: its expansion is the next number up (0.999... = 1, tested above)."""
+    import random
+    from nanotorl.notation import repeating
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(500):
+        integer, fixed, block = ("".join(rng.choices("0123456789", k=rng.randint(low, 3))) for low in (0, 0, 1))
+        if set(block) == {"9"}:
+            continue
+        value = repeating(integer, fixed, block)
+        whole, rest = divmod(value.numerator, value.denominator)
+        digits = ""
+        for _ in range(len(fixed) + 4 * len(block)):
+            digit, rest = divmod(rest * 10, value.denominator)
+            digits += str(digit)
+        assert (whole, digits) == (int(integer or 0), fixed + block * 4), (integer, fixed, block)
+        checked += 1
+    assert checked > 450

@@ -14,7 +14,7 @@ from test_sandbox_attacks import zygote_and_children
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.tokenizer import Tokenizer
-from nanotorl.tool import SANDBOX_ERROR, error_kind_of, finished_call, submit
+from nanotorl.tool import SANDBOX_ERROR, error_kind_of, finished_call, observation_block, submit
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,79 @@ def test_the_codes_own_failures_are_named_and_not_infrastructure(tok):
     assert {code: (c.error_kind, c.infra_error) for code, c in calls.items()} == {
         "print(x)": ("NameError", False), "def f(:": ("SyntaxError", False), "1/0": ("ZeroDivisionError", False),
         "while True: pass": ("timeout", False), "import os\nos.fork()": ("denied", False)}
+
+
+# ------------------------------------------------------------------------------- --compat torl: ToRL's observation
+# ToRL's rules as written in GAIR-NLP/ToRL verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py (commit cb78cf1),
+# re-derived here from its text and applied to what its sandbox would reply for our sandbox's run.
+
+
+def sandbox_reply(result) -> dict:
+    """The reply ToRL's code reads (a SandboxFusion run_result); a request that failed returns {"error": ...}
+    (send_request, lines 107-114)."""
+    if result is None:
+        return {"error": "unknown"}
+    return {"run_result": {"return_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr}}
+
+
+def torl_text(reply: dict) -> str:
+    """The observation ToRL appends for one reply, from the "```output" its stop string cut off."""
+    try:  # postproc, lines 227-234: the run passed if it exited 0 or printed anything
+        run = reply["run_result"]
+        passed = str(run["return_code"]) == "0" or len(str(run["stdout"])) != 0
+        shown = run["stdout"] if passed else run["stderr"].strip()
+    except KeyError:
+        shown = "UnknownError"                            # line 234, and line 316: not "Done", so the second item
+    if "Error" in shown:                                  # line 319: only the last line of a text with "Error"
+        shown = shown.strip().split("\n")[-1]
+    if len(shown.strip()) == 0:                           # line 320: ToRL's fixed message for an empty text
+        shown = TIMED_OUT
+    shown = shown.strip()                                 # line 321
+    if len(shown) >= 256:                                 # lines 322-323
+        shown = shown[:128] + "..." + shown[-128:]
+    return "```output\n" + shown + "\n```\n"               # line 324, with OBS_START and OBS_END (lines 77-78)
+
+
+TIMED_OUT = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"  # line 320
+TORL_CASES = [  # (code, what ToRL shows: a literal for the issue's cases, None where only the rule decides)
+    ("x = 1", TIMED_OUT),                                              # exit 0, prints nothing
+    ("import sys; sys.exit(3)", TIMED_OUT),
+    ("import sys; print('to stderr', file=sys.stderr)", TIMED_OUT),    # only stderr, exit 0
+    ("while True: pass", TIMED_OUT),                                   # a silent time-out
+    ("print(5); 1/0", "5"),                                            # printed, so passed: the error is not shown
+    ("raise Exception('boom')", 'Traceback (most recent call last):\n  File "<code>", line 1, in <module>\n'
+                                "Exception: boom"),                    # no "Error": the whole traceback
+    ("raise KeyboardInterrupt", 'Traceback (most recent call last):\n  File "<code>", line 1, in <module>\n'
+                                "KeyboardInterrupt"),
+    ("print('no Error here'); print(42)", "42"),                       # "Error" in stdout: its last line
+    ("print(x)", "NameError: name 'x' is not defined"),                # stderr with "Error": its last line
+    ("print('  padded  ')", "padded"),
+    ("print('a' * 255)", "a" * 255),                                   # 255 characters: kept
+    ("print('b' * 200 + 'c' * 56)", "b" * 128 + "..." + "b" * 72 + "c" * 56),    # 256: the first and last 128
+    ("print('Error\\n' + 'y' * 300)", None),                             # the last line, then cut
+    ("import sys; print('partial'); sys.exit(2)", "partial"),          # stdout without exit 0: passed
+    ("raise ValueError('v' * 300)", None),                             # a long error line, cut
+    ("print('x' * 100000)", None),                                     # our output limit, then ToRL's cut
+    (None, "UnknownError"),                                            # the sandbox itself failed
+]
+
+
+@pytest.mark.parametrize("compat", ["torl", "none"])
+def test_compat_torl_observation_is_the_text_torls_wrapper_gives(tok, compat):
+    """Each case through the real sandbox: the model's ```output line and the observation after it, in --compat
+    torl, are what ToRL's wrapper makes of the same run (and the issue's literal where given). Default mode
+    differs on the issue's cases (the compat='none' run checks that the table tells the modes apart)."""
+    failed = []
+    with SandboxPool(workers=1, wall_time=1.0, cpu_time=1.0, preload=(), max_output=4096) as pool:
+        for code, literal in TORL_CASES:
+            result = pool.run(code) if code else None
+            future = done(result) if code else done(error=RuntimeError("the server died"))
+            call = finished_call(future, code or "print(1)", compat)
+            ours = "```output\n" + observation_block("```output\n", call.observation, "output", compat)
+            expected = torl_text(sandbox_reply(result))
+            if (ours, call.observation) != (expected, literal or call.observation):
+                failed.append((code, ours, expected))
+    if compat == "torl":
+        assert failed == []
+    else:
+        assert len(failed) >= 8, failed
