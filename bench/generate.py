@@ -186,7 +186,7 @@ def tool_script(tok: Tokenizer, prompt, new: int, lead: int | None) -> list[int]
         if tool_call(tok.decode(written), "fence"):
             break
     head = "" if tok.decode(written[-8:]).endswith("\n") else "\n"
-    written += tok.encode(f"{head}```output\n{format_observation('5', None, True)}\n```\n")
+    written += tok.encode(f"{head}```output\n{format_observation('5', None, 'ok')}\n```\n")
     if len(written) > new:
         raise ValueError(f"a tool script needs {len(written)} tokens, more than new={new}: raise --new")
     return list(prompt) + written + filler[:new - len(written)]

@@ -6,7 +6,7 @@ A response calls the tool with a closed ```python block in its own text since th
 code runs in the sandbox, and the result comes back as an observation block
 
     ```output
-    <format_observation(stdout, last error line, ok)>
+    <format_observation(stdout, last error line, status)>
     ```
 
 on a line of its own (in 'output' mode the model already wrote the opening fence). An empty block and a sandbox
@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 TIMEOUT_MESSAGE = "TimeoutError: the code ran out of time and printed nothing"
+SILENT_MESSAGE = "(the code ran and printed nothing: print() what you want to see)"
 COMPAT = ("none", "torl")  # whose rules the prompt, the observation and the tool budget follow
 TORL_EMPTY = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"  # ToRL's text for an empty result
 TORL_UNKNOWN = "UnknownError"  # ToRL's text when the sandbox gives no run result
@@ -62,13 +63,14 @@ def sandbox_failure(code: str, what: str, wall_time: float = 0.0, status: str = 
     return ToolCall(code, status, f"{SANDBOX_ERROR}: {what}", wall_time, SANDBOX_ERROR, infra_error=True)
 
 
-def format_observation(stdout: str, error_line: str | None, ok: bool) -> str:
-    """The text ToRL shows the model for one run: stdout if it succeeded, else the last error line; an empty
-    result becomes a time-out message; 256 characters or more are cut to the first 128 + "..." + the last 128."""
-    text = stdout if ok else (error_line or stdout)
-    text = text.strip()
+def format_observation(stdout: str, error_line: str | None, status: str) -> str:
+    """The text the model sees for one run of ``status`` (a sandbox Result's): stdout if it succeeded, else the
+    last error line; an empty result says why it is empty (the code printed nothing, ran out of time, or ended
+    with ``status``); 256 characters or more are cut to the first 128 + "..." + the last 128."""
+    text = (stdout if status == "ok" else (error_line or stdout)).strip()
     if not text:
-        text = TIMEOUT_MESSAGE
+        text = {"ok": SILENT_MESSAGE, "timeout": TIMEOUT_MESSAGE}.get(
+            status, f"(the code ended with status {status} and printed nothing)")
     if len(text) >= 256:
         text = text[:128] + "..." + text[-128:]
     return text
@@ -140,7 +142,7 @@ def _finished_call(future: Future, code: str, compat: str = "none") -> ToolCall:
     if compat == "torl":
         text = torl_observation(result.stdout, result.stderr, result.exit_code)[0]
     else:
-        text = format_observation(result.stdout, result.error_line, result.status == "ok")
+        text = format_observation(result.stdout, result.error_line, result.status)
     return ToolCall(code, result.status, text, result.wall_time,
                     error_kind_of(result.status, result.error_line))
 

@@ -14,7 +14,7 @@ from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.slots import SlotTable
 from nanotorl.tokenizer import Tokenizer
-from nanotorl.tool import format_observation
+from nanotorl.tool import SILENT_MESSAGE, format_observation
 from nanotorl.sandbox.result import Result
 
 
@@ -337,14 +337,16 @@ def test_bad_input_gets_clear_errors(model, tok):
         gen.generate([Request([1, 2])])
 
 
-def test_format_observation_follows_torl():
-    assert format_observation("42\n", None, ok=True) == "42"
-    assert format_observation("partial\n", "NameError: name 'x' is not defined", ok=False) == \
+def test_format_observation_follows_torl_and_says_why_it_is_empty():
+    assert format_observation("42\n", None, "ok") == "42"
+    assert format_observation("partial\n", "NameError: name 'x' is not defined", "error") == \
         "NameError: name 'x' is not defined"
-    assert format_observation("", None, ok=False).startswith("TimeoutError")
+    assert format_observation("", None, "timeout").startswith("TimeoutError")
+    assert format_observation(" \n", None, "ok") == SILENT_MESSAGE and "printed nothing" in SILENT_MESSAGE
+    assert format_observation("", None, "memory") == "(the code ended with status memory and printed nothing)"
     long = "".join(chr(65 + i % 26) for i in range(300))
-    assert format_observation(long, None, ok=True) == long[:128] + "..." + long[-128:]
-    assert format_observation(long[:255], None, ok=True) == long[:255]
+    assert format_observation(long, None, "ok") == long[:128] + "..." + long[-128:]
+    assert format_observation(long[:255], None, "ok") == long[:255]
 
 
 def test_fence_split_across_qwen_tokens_is_detected():
