@@ -3,12 +3,15 @@
     torchrun --nproc_per_node=2 train.py                       # the built-in CPU demo (default preset)
     torchrun --nproc_per_node=8 train.py --preset torl-1.5b --model Qwen2.5-Math-1.5B --data train.parquet
 
-One step of :func:`main`'s loop, top to bottom (each arrow a call into one module):
+One step (:func:`one_step`, in :func:`train`'s loop), top to bottom (each arrow a call into one module):
     rollout_step   problems -> rollout (nanotorl.rollout: nanotorl.generate + sandbox) -> rewards (nanotorl.reward)
     check_tool_health  stop (nothing of the step written) if the sandbox itself failed past --tool-failure-limit
     train_step     -> advantages -> micro-batches (nanotorl.grpo.grpo_batch)
                    -> loss (nanotorl.grpo.policy_loss), backward per micro-batch -> AdamW step
     then           statistics, held-out evaluation, metrics.jsonl (Log), checkpoint (nanotorl.checkpoint)
+A step skips its update when the loss or gradient norm is not finite on any rank; SIGTERM or SIGINT stops every
+rank before a rollout or between it and the update, with a checkpoint; rank 0 locks ``out_dir`` for the job
+(nanotorl.faults, and README's "When things go wrong").
 Every rank generates for its share of the step's problems with the model that trains (FSDP2, unsharded while
 generating), checkpoints are Hugging Face directories plus the optimizer, and a restarted run resumes from
 the newest complete checkpoint in ``out_dir``. The options are nanotorl.config's (``--help`` lists them).
@@ -312,18 +315,22 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
         if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
         divergence, saved = faults.Divergence(cfg.optim.max_skipped_steps, rank), start
+
+        def save(n: int):
+            save_checkpoint(model, optimizer, tok, out, n, asdict(cfg), cfg.log.keep_checkpoints, rank, world)
+
         for step in range(start, cfg.steps):
             record = None if signals.requested(device) else one_step(model, optimizer, gen, fits, heldout, step, cfg,
                                                                       signals, rank, world, device)
             if record is None:  # a signal: save the last step completed (unless saved), then stop every rank
                 if step > saved:
-                    save_checkpoint(model, optimizer, tok, out, step, asdict(cfg), cfg.log.keep_checkpoints, rank, world)
+                    save(step)
                 raise faults.stopped(signals.requested(device), step, cfg.steps, latest_checkpoint(out), argv, rank,
                                      world)
             log(record | divergence.count(record))
             divergence.check(step + 1, record, latest_checkpoint(out))
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(model, optimizer, tok, out, step + 1, asdict(cfg), cfg.log.keep_checkpoints, rank, world)
+                save(step + 1)
                 saved = step + 1
 
 

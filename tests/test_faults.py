@@ -83,10 +83,11 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_the_same_command_r
     line = stopped_line(err)
     step = int(line.split()[4])  # "stopped: SIGTERM after step N of 3: ..."
     assert p.returncode != 0 and "exitcode  : 143" in err and "KeyboardInterrupt" not in err, err[-3000:]
-    assert 1 <= step < 3 and line.startswith(f"stopped: SIGTERM after step {step} of 3: checkpoint "
-                                             f"{out / 'checkpoints' / f'step_{step:06d}'}; resume with the same command: "
-                                             f"torchrun --nproc_per_node=2 train.py --out-dir {out} --steps 3"), line
-    assert latest_checkpoint(out) == out / "checkpoints" / f"step_{step:06d}"
+    ckpt = out / "checkpoints" / f"step_{step:06d}"
+    assert 1 <= step < 3 and line.startswith(f"stopped: SIGTERM after step {step} of 3: checkpoint {ckpt}; resume with "
+                                             f"the same command: torchrun --nproc_per_node=2 train.py --out-dir {out} "
+                                             f"--steps 3"), line
+    assert latest_checkpoint(out) == ckpt
     assert not list(tmp_path.glob("nanotorl-sandbox-*")), "the sandbox's directory was left behind"
     p = launch(2, out, tmp_path, "--save-every", "10")
     _, err = p.communicate(timeout=600)
@@ -238,13 +239,14 @@ def small_disk(tmp_path):
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
                            text=True)
         if r.returncode:
-            pytest.skip(f"a full disk is simulated with a small tmpfs, which this user cannot mount: {r.stderr.strip()}")
+            pytest.skip(f"a full disk is simulated with a small tmpfs, which this user cannot mount "
+                        f"({r.stderr.strip()}); run the tests as root to check it")
         mounted.append(path)
         return path
 
     yield mount
     for path in mounted:
-        subprocess.run(["umount", str(path)], check=True)
+        subprocess.run(["umount", "--lazy", str(path)], check=True)  # lazy: a failed test may hold a file open
 
 
 def test_a_full_disk_is_one_line_with_the_space_needed_and_the_last_checkpoint_stays(tmp_path, tok, small_disk):
