@@ -68,8 +68,12 @@ def stopped(signum: signal.Signals, step: int, steps: int, ckpt, argv: list[str]
     if rank:
         return Stop("", status=128 + signum)
     command = shlex.join(["train.py", *argv])
-    if world > 1:
-        command = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)} {command}"
+    if "WORLD_SIZE" in os.environ:  # started by torchrun
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = f"--nnodes={world // local} " if world > local else ""
+        command = f"torchrun {nodes}--nproc_per_node={local} {command}"
+    else:
+        command = f"python {command}"
     kept = f"checkpoint {ckpt}" if ckpt else "no checkpoint (no step was completed)"
     return Stop(f"{signum.name} after step {step} of {steps}: {kept}; resume with the same command: {command}",
                 status=128 + signum, prefix="stopped")
@@ -153,7 +157,7 @@ class Divergence:
 
     def check(self, step: int, record: dict, ckpt) -> None:
         """Stop the run (:class:`Stop`) after ``step`` when it ends a streak of ``limit`` skipped steps."""
-        if not self.limit or self.in_a_row < self.limit:
+        if self.limit < 1 or self.in_a_row < self.limit:
             return
         if self.rank:
             raise Stop("")  # rank 0 says it

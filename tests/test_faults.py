@@ -106,7 +106,7 @@ def test_ctrl_c_stops_with_one_line_and_status_130(tmp_path):
     _, err = p.communicate(timeout=300)
     assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
     step = int(stopped_line(err).split()[4])
-    assert stopped_line(err).endswith(f"resume with the same command: train.py --out-dir {out} {' '.join(RUN)} "
+    assert stopped_line(err).endswith(f"resume with the same command: python train.py --out-dir {out} {' '.join(RUN)} "
                                       f"--steps 50 --save-every 100")
     assert latest_checkpoint(out) == out / "checkpoints" / f"step_{step:06d}"
     assert not list(tmp_path.glob("nanotorl-sandbox-*")), "the sandbox's directory was left behind"
@@ -128,6 +128,17 @@ def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not(monkey
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the re-sent signal ends the process
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) is \
         signal.default_int_handler
+
+
+def test_the_stop_line_gives_the_command_that_resumes_on_rank_0_only(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    stop = faults.stopped(signal.SIGTERM, 7, 60, "out/checkpoints/step_000007", ["--out-dir", "my out"], 0, 16)
+    assert (stop.prefix, stop.status, str(stop)) == ("stopped", 143, "SIGTERM after step 7 of 60: checkpoint "
+                                                     "out/checkpoints/step_000007; resume with the same command: "
+                                                     "torchrun --nnodes=2 --nproc_per_node=8 train.py --out-dir 'my out'")
+    quiet = faults.stopped(signal.SIGINT, 0, 60, None, [], 3, 16)
+    assert (str(quiet), quiet.status) == ("", 130)
 
 
 # ------------------------------------------------------------------------------------------ the out-dir lock
