@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from conftest import REPO
 from nanotorl import faults
 from nanotorl.checkpoint import latest_checkpoint, load_model, save_checkpoint
 from nanotorl.cli import Stop
-from nanotorl.config import LogConfig, TrainConfig
+from nanotorl.config import LogConfig, OptimConfig, TrainConfig
 from nanotorl.demo import save_demo_tokenizer
+from nanotorl.grpo import GRPOConfig
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
 from test_train import ENV, metrics, torchrun
@@ -128,6 +130,29 @@ def test_a_second_signal_stops_at_once_but_a_repeat_of_the_first_does_not(monkey
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the re-sent signal ends the process
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGINT) is \
         signal.default_int_handler
+
+
+@pytest.mark.parametrize("signalled", [False, True])
+def test_a_signal_during_the_rollout_stops_the_step_before_its_update(monkeypatch, signalled):
+    from dist_step import global_batch
+    cfg = TrainConfig(prompts_per_step=4, grpo=GRPOConfig(group_size=4), optim=OptimConfig(micro_batch_tokens=40),
+                      log=LogConfig(eval_every=0))
+
+    def rollout(*args):
+        if signalled:
+            signal.raise_signal(signal.SIGTERM)
+        return global_batch(cfg)
+
+    monkeypatch.setattr(train, "rollout_step", rollout)
+    model, _ = trained()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen, cpu = SimpleNamespace(stats={"tool_wait_s": 0.0}), torch.device("cpu")
+    with faults.Preemption() as signals:
+        record = train.one_step(model, torch.optim.SGD(model.parameters(), lr=1.0), gen, [], [], 0, cfg, signals, 0,
+                                1, cpu)
+        assert signals.requested(cpu) == (signal.SIGTERM if signalled else None)
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert (record is None, moved == []) == (signalled, signalled), (record, moved)
 
 
 def test_the_stop_line_gives_the_command_that_resumes_on_rank_0_only(monkeypatch):
