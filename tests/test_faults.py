@@ -159,9 +159,9 @@ def test_the_stop_line_gives_the_command_that_resumes_on_rank_0_only(monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     stop = faults.stopped(signal.SIGTERM, 7, 60, "out/checkpoints/step_000007", ["--out-dir", "my out"], 0, 16)
-    assert (stop.prefix, stop.status, str(stop)) == ("stopped", 143, "SIGTERM after step 7 of 60: checkpoint "
-                                                     "out/checkpoints/step_000007; resume with the same command: "
-                                                     "torchrun --nnodes=2 --nproc_per_node=8 train.py --out-dir 'my out'")
+    assert (stop.prefix, stop.status) == ("stopped", 143)
+    assert str(stop) == ("SIGTERM after step 7 of 60: checkpoint out/checkpoints/step_000007; resume with the same "
+                         "command: torchrun --nnodes=2 --nproc_per_node=8 train.py --out-dir 'my out'")
     quiet = faults.stopped(signal.SIGINT, 0, 60, None, [], 3, 16)
     assert (str(quiet), quiet.status) == ("", 130)
 
