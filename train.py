@@ -205,6 +205,8 @@ class Log:
         keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
                 "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
         line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)
+        if record.get("skipped"):
+            line += f" | update skipped: loss {record['loss']:.3g}, grad norm {record['grad_norm']:.3g}"
         if self.bar is not None and record["step"] > 0:
             self.bar.update(record["step"] - self.bar.n)
         tqdm.write(f"step {record['step']:4d} | {line}")

@@ -319,12 +319,13 @@ def test_a_nan_on_one_rank_skips_the_update_on_every_rank(tmp_path):
 def test_repeated_non_finite_steps_stop_the_run_before_anything_non_finite_is_saved(tmp_path):
     out = tmp_path / "run"
     p = launch(0, out, tmp_path, "--lr", "1e9", "--steps", "8", "--save-every", "1")
-    _, err = p.communicate(timeout=600)
+    said, err = p.communicate(timeout=600)
     assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
     rows = metrics(out)
     first = next(r["step"] for r in rows if r["skipped"])  # lr 1e9: step 1 makes a model whose loss is NaN
     assert [r["skipped"] for r in rows] == [0] * (first - 1) + [1, 1, 1]
     assert [r["skipped_steps"] for r in rows][-3:] == [1, 2, 3]
+    assert f"step    {first} | " in said and said.count("| update skipped: loss nan, grad norm nan") == 3, said
     assert stopped_line(err).startswith(f"error: step {first + 2}: the loss or the gradient norm was not finite on 3 "
                                         f"steps in a row (loss nan, grad norm nan; --max-skipped-steps 3)")
     for ckpt in (out / "checkpoints").iterdir():
