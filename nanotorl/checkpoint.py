@@ -295,13 +295,14 @@ def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dic
     (:class:`nanotorl.cli.Stop`, its line on rank 0) and the previous checkpoint stays as it was."""
     root = Path(out_dir) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if bad := faults.nonfinite_state(model, optimizer):
+        raise Stop(_nonfinite_line(bad, final) if rank == 0 else "")
     weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
     rngs = dist.all_objects(torch.get_rng_state())
     problem = ""
     if rank == 0:
         trainer = {"optimizer": opt_state, "step": step, "world": world, "config": config}
-        problem = _nonfinite_line(weights, opt_state, final) or _write_checkpoint(
-            tmp, weights, trainer, rngs, model.cfg, tokenizer)
+        problem = _write_checkpoint(tmp, weights, trainer, rngs, model.cfg, tokenizer)
         if not problem:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -313,11 +314,8 @@ def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dic
         raise Stop(problem if rank == 0 else "")
 
 
-def _nonfinite_line(weights: dict, opt_state: dict, final: Path) -> str:
-    """Why a checkpoint of these states must not be written (they hold NaN or infinite values), or ""."""
-    bad = faults.nonfinite(weights) | {f"optimizer.{k}": n for k, n in faults.nonfinite(opt_state).items()}
-    if not bad:
-        return ""
+def _nonfinite_line(bad: dict[str, int], final: Path) -> str:
+    """Why checkpoint ``final`` is not written: ``bad`` tensors hold NaN or infinite values (so many)."""
     where = ", ".join(f"{name} ({n})" for name, n in list(bad.items())[:3])
     ckpt = latest_checkpoint(final.parent.parent)
     kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written"

@@ -168,6 +168,21 @@ class Divergence:
                    f"--out-dir from it (--model) with a lower --lr or --grad-clip")
 
 
+def nonfinite_state(model, optimizer) -> dict[str, int]:
+    """{name: number of NaN or infinite values} of the model's parameters and the optimizer's state that hold any,
+    added up over the ranks (every rank calls it): each rank counts in its own shards, where they are."""
+    names = {p: name for name, p in model.named_parameters()}
+    local = {name: _local(p) for p, name in names.items()} | {
+        f"optimizer.{names[p]}.{key}": _local(value) for p, state in optimizer.state.items()
+        for key, value in state.items() if isinstance(value, torch.Tensor)}
+    return dist.all_counts(nonfinite(local))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``t`` (a DTensor under FSDP2), or ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t.detach()
+
+
 def nonfinite(tensors: dict) -> dict[str, int]:
     """{name: number of NaN or infinite values} of the floating-point tensors of ``tensors`` (nested dicts and
     lists, e.g. an optimizer state, are searched too) that hold any."""

@@ -248,6 +248,11 @@ def test_a_checkpoint_is_never_written_with_a_non_finite_value(tmp_path, tok):
                                    f".*step_000001, is intact"):
         save(model, opt, tok, tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
+    model, opt = trained()
+    opt.state[model.norm.weight]["exp_avg_sq"][0] = float("inf")
+    with pytest.raises(Stop, match=r"^step_000002: 1 non-finite values in 1 tensors \(e\.g\. optimizer\.norm\.weight\."
+                                   r"exp_avg_sq \(1\)\), so it was not written"):
+        save(model, opt, tok, tmp_path, 2)
 
 
 def test_every_checkpoint_file_and_directory_is_flushed_to_disk_around_the_rename(tmp_path, tok, monkeypatch):
