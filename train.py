@@ -200,8 +200,11 @@ class Log:
     def __call__(self, record: dict):
         if not self.on:
             return
-        with self.file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file (the torn line this may leave is dropped on restart)
+            raise OSError(e.errno, e.strerror, str(self.file)) from None
         keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
                 "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
         line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)

@@ -19,7 +19,7 @@ import train
 from conftest import REPO
 from nanotorl import faults
 from nanotorl.checkpoint import latest_checkpoint, load_model, save_checkpoint
-from nanotorl.cli import Stop
+from nanotorl.cli import Stop, one_line
 from nanotorl.config import LogConfig, OptimConfig, TrainConfig
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.grpo import GRPOConfig
@@ -305,6 +305,18 @@ def test_a_full_disk_is_one_line_with_the_space_needed_and_the_last_checkpoint_s
     shutil.rmtree(disk / "checkpoints" / "step_000001")
     save(model, opt, tok, disk, 2)  # with room again, it saves
     assert latest_checkpoint(disk) == disk / "checkpoints" / "step_000002"
+
+
+def test_a_full_disk_while_logging_names_the_file_and_the_restart_keeps_every_whole_line(tmp_path, small_disk):
+    disk = small_disk(4096)
+    cfg = TrainConfig(steps=1000, log=LogConfig(out_dir=str(disk)))
+    with pytest.raises(OSError) as full, train.Log(cfg, 0, 0) as log:
+        for step in range(1, 1000):
+            log({"step": step, "reward": 0.123456789, "note": "x" * 50})
+    assert one_line(full.value) == f"{disk / 'metrics.jsonl'}: No space left on device"
+    train.Log(cfg, 0, 1000).close()  # the restart (the disk is still full: it only removes)
+    rows = [json.loads(line) for line in (disk / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > 10
 
 
 # ------------------------------------------------------------------------------------------ divergence
