@@ -3,17 +3,21 @@
     torchrun --nproc_per_node=2 train.py                       # the built-in CPU demo (default preset)
     torchrun --nproc_per_node=8 train.py --preset torl-1.5b --model Qwen2.5-Math-1.5B --data train.parquet
 
-One step of :func:`main`'s loop, top to bottom (each arrow a call into one module):
+One step (:func:`one_step`, in :func:`train`'s loop), top to bottom (each arrow a call into one module):
     rollout_step   problems -> rollout (nanotorl.rollout: nanotorl.generate + sandbox) -> rewards (nanotorl.reward)
     check_tool_health  stop (nothing of the step written) if the sandbox itself failed past --tool-failure-limit
     train_step     -> advantages -> micro-batches (nanotorl.grpo.grpo_batch)
                    -> loss (nanotorl.grpo.policy_loss), backward per micro-batch -> AdamW step
     then           statistics, held-out evaluation, metrics.jsonl (Log), checkpoint (nanotorl.checkpoint)
+A step skips its update when the loss or gradient norm is not finite on any rank; SIGTERM or SIGINT stops every
+rank before a rollout or between it and the update, with a checkpoint; rank 0 locks ``out_dir`` for the job
+(nanotorl.faults, and README's "When things go wrong").
 Every rank generates for its share of the step's problems with the model that trains (FSDP2, unsharded while
 generating), checkpoints are Hugging Face directories plus the optimizer, and a restarted run resumes from
 the newest complete checkpoint in ``out_dir``. The options are nanotorl.config's (``--help`` lists them).
 """
 import json
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanotorl import cli, dist
+from nanotorl import cli, dist, faults
 from nanotorl.attention import attention_path
 from nanotorl.checkpoint import latest_checkpoint, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
@@ -99,10 +103,14 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    finite = math.isfinite(stats.sums["loss"]) and math.isfinite(float(grad_norm))
+    sums = dist.all_sum(stats.sums | {"tokens": batch.tokens, "sequences": batch.sequences,
+                                      "nonfinite": float(not finite)}, device)
+    if not sums["nonfinite"]:  # a non-finite loss or gradient norm on any rank: no rank updates (faults.Divergence)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = dist.all_sum(stats.sums | {"tokens": batch.tokens, "sequences": batch.sequences}, device)
-    return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm))
+    return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm)) | {
+        "skipped": int(sums["nonfinite"] > 0)}
 
 
 def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -> None:
@@ -178,8 +186,8 @@ class Log:
         if not self.on:
             return
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        if self.file.exists():  # drop what a crashed run logged after its last checkpoint
-            keep = [line for line in self.file.read_text().splitlines() if json.loads(line)["step"] <= start]
+        if self.file.exists():  # drop what a crashed run logged after its last checkpoint, and a torn last line
+            keep = faults.kept_log_lines(self.file, start, log=tqdm.write)
             self.file.write_text("".join(line + "\n" for line in keep))
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -192,11 +200,16 @@ class Log:
     def __call__(self, record: dict):
         if not self.on:
             return
-        with self.file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file (the torn line this may leave is dropped on restart)
+            raise OSError(e.errno, e.strerror, str(self.file)) from None
         keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
                 "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
         line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)
+        if record.get("skipped"):
+            line += f" | update skipped: loss {record['loss']:.3g}, grad norm {record['grad_norm']:.3g}"
         if self.bar is not None and record["step"] > 0:
             self.bar.update(record["step"] - self.bar.n)
         tqdm.write(f"step {record['step']:4d} | {line}")
@@ -274,45 +287,79 @@ def fitting_problems(cfg: TrainConfig, tok: Tokenizer, rank: int):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     rank, world, device = dist.setup()
     if cfg.prompts_per_step % world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} processes")
+    try:
+        with faults.Preemption() as signals, faults.lock_out_dir(cfg.log.out_dir, rank):
+            train(cfg, signals, argv, rank, world, device)
+    except cli.Stop:  # every rank stops together (the reasons are agreed): leave together, so all exit alike
+        dist.teardown()
+        raise
+    if rank == 0:
+        from nanotorl.plot import plot_metrics
+        png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
+        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}")
+    dist.teardown()
+
+
+def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: int, world: int, device):
+    """The run from the newest checkpoint to ``cfg.steps``; a signal (``signals``) stops every rank at the next safe
+    point with a checkpoint of the last step completed (:class:`nanotorl.cli.Stop`)."""
     torch.manual_seed(cfg.seed + rank)
     model, optimizer, tok, start = load_policy(cfg, rank, world, device)
     fits, heldout = fitting_problems(cfg, tok, rank)
     if rank == 0:
         tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
-    ro = cfg.rollout
+    ro, out = cfg.rollout, cfg.log.out_dir
     with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
                         trigger=ro.trigger, cuda_graph=ro.cuda_graph, compat=ro.compat)
         if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
+        divergence, saved = faults.Divergence(cfg.optim.max_skipped_steps, rank), start
+
+        def save(n: int):
+            save_checkpoint(model, optimizer, tok, out, n, asdict(cfg), cfg.log.keep_checkpoints, rank, world)
+
         for step in range(start, cfg.steps):
-            t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
-            samples = rollout_step(model, gen, fits, step, cfg, rank, world)             # rollout -> rewards
-            t1 = time.perf_counter()
-            sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
-            failures = dist.all_counts(tool_failures(samples))
-            check_tool_health(sums, failures, step + 1, cfg)                            # stop if the sandbox fails
-            record = {"step": step + 1} | train_step(model, optimizer, samples, cfg, device, world)  # -> AdamW
-            t2 = time.perf_counter()
-            record |= finish_stats(sums, failures) | {
-                "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
-                "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
-            if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
-                record |= evaluate(model, gen, heldout, cfg, rank, world, device)
-            log(record)
+            record = None if signals.requested(device) else one_step(model, optimizer, gen, fits, heldout, step, cfg,
+                                                                      signals, rank, world, device)
+            if record is None:  # a signal: save the last step completed (unless saved), then stop every rank
+                if step > saved:
+                    save(step)
+                raise faults.stopped(signals.requested(device), step, cfg.steps, latest_checkpoint(out), argv, rank,
+                                     world)
+            log(record | divergence.count(record))
+            divergence.check(step + 1, record, latest_checkpoint(out))
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(model, optimizer, tok, cfg.log.out_dir, step + 1, asdict(cfg),
-                                cfg.log.keep_checkpoints, rank, world)
-    if rank == 0:
-        from nanotorl.plot import plot_metrics
-        png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
-        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}")
-    dist.teardown()
+                save(step + 1)
+                saved = step + 1
+
+
+def one_step(model, optimizer, gen, fits, heldout, step: int, cfg: TrainConfig, signals: faults.Preemption,
+             rank: int, world: int, device) -> dict | None:
+    """Step ``step`` + 1: rollout, rewards, update, statistics (and validation when due); its record, or None when
+    a signal came during the rollout (then the update is not made)."""
+    t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
+    samples = rollout_step(model, gen, fits, step, cfg, rank, world)                   # rollout -> rewards
+    if signals.requested(device):                                                       # safe point
+        return None
+    t1 = time.perf_counter()
+    sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
+    failures = dist.all_counts(tool_failures(samples))
+    check_tool_health(sums, failures, step + 1, cfg)                                  # stop if the sandbox fails
+    record = {"step": step + 1} | train_step(model, optimizer, samples, cfg, device, world)  # -> AdamW
+    t2 = time.perf_counter()
+    record |= finish_stats(sums, failures) | {
+        "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
+        "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
+    if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
+        record |= evaluate(model, gen, heldout, cfg, rank, world, device)
+    return record
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ reads one tensor at a time into a model built on the meta device: peak memory is
 
 A training checkpoint (:func:`save_checkpoint`) is such a directory, ``<out_dir>/checkpoints/step_N``, plus
 ``trainer.pt`` (optimizer, step, world size, the run's config) and one ``rng_rank<R>.pt`` per rank. It is written
-as ``step_N.tmp`` and renamed once complete, so :func:`latest_checkpoint` never picks a torn one; :func:`resume`
-reads it back.
+as ``step_N.tmp``, flushed to the disk (every file, then the directory) and renamed once complete, so
+:func:`latest_checkpoint` never picks a torn one, even after a power loss; :func:`resume` reads it back.
 """
+import errno
 import json
 import os
 import shutil
@@ -22,8 +23,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanotorl import dist
-from nanotorl.cli import read_json
+from nanotorl import dist, faults
+from nanotorl.cli import Stop, read_json
 from nanotorl.model import Qwen2, Qwen2Config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
@@ -214,7 +215,17 @@ def config_to_hf(cfg: Qwen2Config, dtype: torch.dtype) -> dict:
 def _atomic_write(file: Path, write) -> None:
     tmp = file.with_name(file.name + ".tmp")
     write(tmp)
+    _fsync(tmp)
     os.replace(tmp, file)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory: its entries) to the disk, so a power loss cannot undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None,
@@ -278,24 +289,74 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dict, keep: int, rank: int,
                     world: int) -> None:
-    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp`` then renamed; only the
-    newest ``keep`` checkpoints stay. Every rank calls it (the full states are gathered on rank 0)."""
+    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp``, flushed to the disk and
+    renamed; only the newest ``keep`` checkpoints stay. Every rank calls it (the full states are gathered on rank 0).
+    A state with a non-finite value is not written, nor is a checkpoint the disk has no room for: every rank stops
+    (:class:`nanotorl.cli.Stop`, its line on rank 0) and the previous checkpoint stays as it was."""
     root = Path(out_dir) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    if bad := faults.nonfinite_state(model, optimizer):
+        raise Stop(_nonfinite_line(bad, final) if rank == 0 else "")
     weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
+    rngs = dist.all_objects(torch.get_rng_state())
+    problem = ""
     if rank == 0:
+        trainer = {"optimizer": opt_state, "step": step, "world": world, "config": config}
+        problem = _write_checkpoint(tmp, weights, trainer, rngs, model.cfg, tokenizer)
+        if not problem:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync(root)
+            for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise Stop(problem if rank == 0 else "")
+
+
+def _nonfinite_line(bad: dict[str, int], final: Path) -> str:
+    """Why checkpoint ``final`` is not written: ``bad`` tensors hold NaN or infinite values (so many)."""
+    where = ", ".join(f"{name} ({n})" for name, n in list(bad.items())[:3])
+    ckpt = latest_checkpoint(final.parent.parent)
+    kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written"
+    return (f"{final.name}: {sum(bad.values())} non-finite values in {len(bad)} tensors (e.g. {where}), so it was not "
+            f"written; {kept}. Start a new --out-dir from it (--model) with a lower --lr or --grad-clip")
+
+
+def _write_checkpoint(tmp: Path, weights: dict, trainer: dict, rngs: list, cfg, tokenizer) -> str:
+    """Write the checkpoint files into ``tmp`` and flush them to the disk; "" when done, else (the disk is full,
+    ``tmp`` removed) the line that says so."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_state_dict(weights, cfg, tmp, tokenizer_dir=tokenizer.path, eos_ids=tokenizer.eos_ids)
+        torch.save(trainer, tmp / "trainer.pt")
+        for rank, rng in enumerate(rngs):
+            torch.save({"torch": rng}, tmp / f"rng_rank{rank}.pt")
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        return ""
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tokenizer.path, eos_ids=tokenizer.eos_ids)
-        torch.save({"optimizer": opt_state, "step": step, "world": world, "config": config}, tmp / "trainer.pt")
-    dist.barrier()
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        need = sum(_nbytes(t) for t in (weights, trainer["optimizer"]))
+        free = shutil.disk_usage(tmp.parent).free
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= need:
+            raise
+    ckpt = latest_checkpoint(tmp.parent.parent)
+    kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
+    return (f"{tmp.parent}: no room for checkpoint {tmp.name.removesuffix('.tmp')} (it needs about {need / 2**20:,.1f} "
+            f"MiB, {free / 2**20:,.1f} MiB are free); {kept}. Free some space, then run the same command to resume")
+
+
+def _nbytes(state) -> int:
+    """The bytes of every tensor in ``state`` (nested dicts and lists)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_nbytes(v) for v in state)
+    return 0
 
 
 def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:

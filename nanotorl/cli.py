@@ -6,8 +6,10 @@ A user error (a file that is missing or malformed, a checkpoint that does not lo
 sense) prints one ``error: ...`` line on stderr that names the file and line, or the tensor, or the flag, and
 exits with status 2, as argparse does for a bad flag (which :class:`ArgumentParser` reports the same way). A run
 that a safeguard stopped (:class:`Stop`, e.g. the sandbox failing past ``--tool-failure-limit``) prints its
-``error: ...`` line and exits with status 1. Anything else is a bug and keeps its traceback. With ``--debug``
-nothing is caught: every error shows its traceback.
+``error: ...`` line and exits with its status: 1, 2 for an out-dir another run holds, 128 + the signal for a run
+stopped by a signal (``stopped: ...``, nanotorl.faults); a rank whose Stop has no line leaves the saying to
+rank 0. Anything else is a bug and keeps its traceback. With ``--debug`` nothing is caught: every error shows its
+traceback.
 
 User errors are the ``ValueError`` and ``OSError`` that the loaders (nanotorl.data, nanotorl.checkpoint,
 nanotorl.tokenizer) and the config checks raise, each message naming what it read. Under torchrun every rank
@@ -22,7 +24,12 @@ USER_ERRORS = (ValueError, OSError)
 
 
 class Stop(RuntimeError):
-    """A safeguard stopped the run; the message says what failed, how often, and what was kept."""
+    """A safeguard stopped the run; the message says what failed, how often, and what was kept (empty: say nothing,
+    another rank says it), ``status`` is the exit status and ``prefix`` starts the line."""
+
+    def __init__(self, message: str = "", status: int = 1, prefix: str = "error"):
+        super().__init__(message)
+        self.status, self.prefix = status, prefix
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,8 +90,9 @@ def run(main, argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except Stop as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 1
+        if str(e):
+            print(f"{e.prefix}: {one_line(e)}", file=sys.stderr)
+        return e.status
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -71,6 +71,7 @@ class OptimConfig:
     dtype: str = "float32"          # parameter dtype on CPU; on GPU: compute dtype under FSDP2 mixed precision
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    max_skipped_steps: int = 3      # stop after this many updates in a row skipped as non-finite (>= 0; 0 = never)
 
 
 @dataclass

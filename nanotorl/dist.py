@@ -168,13 +168,20 @@ def all_counts(counts: dict) -> dict:
     """Add up dicts of counts over the ranks, whose keys may differ from rank to rank (e.g. error kinds)."""
     if not distributed():
         return dict(counts)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, dict(counts))
     total = {}
-    for part in every:
+    for part in all_objects(dict(counts)):
         for key, value in part.items():
             total[key] = total.get(key, 0) + value
     return total
+
+
+def all_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (picklable objects)."""
+    if not distributed():
+        return [obj]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj)
+    return every
 
 
 def all_max(value: float, device) -> float:

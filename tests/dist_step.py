@@ -1,6 +1,6 @@
 """One GRPO optimizer step on a fixed global batch, run by tests/test_train.py under torchrun with 1 or 2
-processes, with right-padded rows or (argv[2] == "pack") packed ones; rank 0 saves the resulting weights to
-argv[1]."""
+processes, with right-padded rows or (argv[2] == "pack") packed ones, or (argv[2] == "nan1", by
+tests/test_faults.py) with a NaN log-prob in rank 1's samples only; rank 0 saves the resulting weights to argv[1]."""
 import sys
 
 import torch
@@ -33,10 +33,10 @@ def global_batch(cfg: TrainConfig) -> list[Sample]:
     return samples
 
 
-def main(out, pack: bool):
+def main(out, mode: str):
     rank, world, device = dist.setup()
     cfg = TrainConfig(prompts_per_step=4, grpo=GRPOConfig(group_size=4),
-                      optim=OptimConfig(micro_batch_tokens=40, pack_rows=pack, lr=1.0))
+                      optim=OptimConfig(micro_batch_tokens=40, pack_rows=mode == "pack", lr=1.0))
     torch.manual_seed(0)
     model = Qwen2(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2)).init_weights(std=0.2)
@@ -45,6 +45,8 @@ def main(out, pack: bool):
     # gradients that are zero in exact arithmetic, like the key bias's)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     mine, _ = dist.shard_of(global_batch(cfg), rank, world, cfg.grpo.group_size)
+    if mode == "nan1" and rank == 1:
+        mine[0].completion.logprobs[0] = float("nan")
     stats = train.train_step(model, opt, mine, cfg, device, world)
     weights = dist.full_state_dict(model)
     if rank == 0:
@@ -53,4 +55,4 @@ def main(out, pack: bool):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:] == ["pack"])
+    main(sys.argv[1], sys.argv[2])
