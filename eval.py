@@ -285,8 +285,8 @@ def main(argv=None) -> dict | None:
         sets, files = {DEMO_SET: [replace(p, source=DEMO_SET) for p in demo_heldout()]}, {}
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device).eval()
     tok = Tokenizer(model_dir, args.prompt_template, args.template_vars)
+    model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device, vocab=tok.vocab_size).eval()
     out = args.out or Path("runs/eval") / model_dir.name
     settings = {"model": str(model_dir.resolve()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     settings |= {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls",

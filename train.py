@@ -238,7 +238,7 @@ def load_policy(cfg: TrainConfig, rank: int, world: int, device):
     tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars))
     cuda = device.type == "cuda"
     dtype = getattr(torch, cfg.optim.dtype)
-    model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)
+    model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device, vocab=tok.vocab_size)
     model.activation_checkpointing = cfg.optim.activation_checkpointing
     model = dist.shard(model, param_dtype=dtype if cuda else None, cpu_offload=cfg.optim.cpu_offload)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
