@@ -105,6 +105,10 @@ FLAG_ERRORS = {("--lr", "fast"): "argument --lr: invalid float value: 'fast'",
                ("--dual-clip", "0.5"): "--dual-clip must be 0 (off) or a bound above 1",
                ("--tool-failure-limit", "1.5"): "--tool-failure-limit must be a fraction",
                ("--max-tool-calls", "-1"): "--max-tool-calls must be 0",
+               ("--group-size", "1"): "--group-size must be at least 2 (a group of one has no spread",
+               ("--steps", "-1"): "--steps must be at least 1, got -1",
+               ("--prompts-per-step", "0"): "--prompts-per-step must be at least 1, got 0",
+               ("--lr", "-1"): "--lr must be above 0, got -1.0",
                ("--preset", "huge"): "argument --preset: invalid choice: 'huge'",
                ("--no-such-flag", "1"): "unrecognized arguments: --no-such-flag 1"}
 
