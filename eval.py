@@ -41,10 +41,10 @@ import torch
 from tqdm import tqdm
 
 from nanotorl import cli, dist
-from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_model
+from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_config, load_model
 from nanotorl.config import TrainConfig
-from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems,
-                           repeats_line)
+from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, fit_positions,
+                           load_problems, repeats_line)
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
@@ -97,6 +97,22 @@ def load_sets(specs: list[str], data_dir: Path, skip_bad: bool, log) -> tuple[di
         files[path.stem] = {"path": str(path), "rows": len(problems),
                             "repeats": [[problems[i].id for i in group] for group in find_duplicates(problems)]}
     return sets, files
+
+
+def fit_sets(sets: dict, tok: Tokenizer, positions: int, args, log) -> dict:
+    """Each set without the problems whose prompt and --max-new-tokens pass the model's ``positions`` (one line
+    per set says how many, from which sources), or a ValueError (--long-prompts refuse)."""
+    out = {}
+    for name, problems in sets.items():
+        lengths = [len(tok.prompt_ids(p.problem)) for p in problems]
+        out[name], line = fit_positions(name, problems, lengths, args.max_new_tokens, positions,
+                                        args.long_prompts == "refuse")
+        if line:
+            log(line)
+        if not out[name]:
+            raise ValueError(f"{name}: no problem fits the model's {positions} positions with --max-new-tokens "
+                             f"{args.max_new_tokens}; lower --max-new-tokens")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -223,6 +239,9 @@ def parse_args(argv=None):
     p.add_argument("--sandbox-workers", type=int, default=4)
     p.add_argument("--sandbox-timeout", type=float, default=10.0)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
+    p.add_argument("--long-prompts", choices=("drop", "refuse"), default="drop",
+                   help="a problem whose prompt plus --max-new-tokens passes the model's positions "
+                        "(max_position_embeddings): drop it with one line per dataset, or refuse to start")
     p.add_argument("--out", type=Path, help="results directory (default runs/eval/<model dir name>)")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown, settings above it")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line)")
@@ -285,7 +304,9 @@ def main(argv=None) -> dict | None:
         sets, files = {DEMO_SET: [replace(p, source=DEMO_SET) for p in demo_heldout()]}, {}
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    positions = load_config(model_dir).max_position_embeddings  # names a missing config.json before the tokenizer
     tok = Tokenizer(model_dir, args.prompt_template, args.template_vars)
+    sets = fit_sets(sets, tok, positions, args, log)
     model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device, vocab=tok.vocab_size).eval()
     out = args.out or Path("runs/eval") / model_dir.name
     settings = {"model": str(model_dir.resolve()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}

@@ -59,6 +59,9 @@ def hf_name(name: str) -> str:
 def load_config(path) -> Qwen2Config:
     """Read ``config.json`` of a Qwen2/Qwen2.5 or Qwen3 dense checkpoint; refuse anything else, naming it."""
     file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory; expected a Hugging Face Qwen2/Qwen3 directory "
+                                f"(config.json, *.safetensors, tokenizer.json): check --model")
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
                                 f"(Hugging Face Qwen2/Qwen3 format)")

@@ -41,6 +41,9 @@ class InputsConfig(Checked):
                                     "(rebuilt there if deleted)")
     demo_train_problems: int = option(4000, "synthetic arithmetic problems in the demo's training set",
                                       at_least(1), "problems")
+    long_prompts: str = option("drop", "a problem whose prompt plus --max-new-tokens passes the model's positions "
+                                       "(max_position_embeddings): 'drop' it (one line says how many, from which "
+                                       "sources) or 'refuse' to start", one_of("drop", "refuse"))
 
 
 @dataclass
@@ -71,7 +74,7 @@ class RolloutConfig(Checked):
 @dataclass
 class OptimConfig(Checked):
     """the optimizer, precision and memory"""
-    lr: float = option(5e-4, "AdamW learning rate", above(0))
+    lr: float = option(5e-4, "AdamW learning rate (0: no update, the step only measures)", at_least(0))
     weight_decay: float = option(0.0, "AdamW weight decay", at_least(0))
     grad_clip: float = option(1.0, "clip the gradient to this global norm", above(0))
     micro_batch_tokens: int = option(4096, "tokens per packed micro-batch (gradient accumulation over them)",

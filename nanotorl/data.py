@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -203,6 +204,24 @@ def repeats_line(name: str, problems: list[Problem]) -> str | None:
         return None
     return (f"{name}: {sum(len(g) - 1 for g in groups)} of {len(problems)} rows repeat {len(groups)} problems; "
             f"each problem is evaluated and counted once")
+
+
+def fit_positions(name: str, problems: list[Problem], lengths: list[int], budget: int, positions: int,
+                  refuse: bool) -> tuple[list[Problem], str | None]:
+    """(the problems whose prompt of ``lengths[i]`` tokens plus ``budget`` new tokens fit the model's
+    ``positions`` (max_position_embeddings), the line that says how many of the set ``name`` were dropped and from
+    which sources, or None); with ``refuse`` a ValueError that says the same instead of dropping them."""
+    fits = [n + budget <= positions for n in lengths]
+    over = [p for p, ok in zip(problems, fits, strict=True) if not ok]
+    if not over:
+        return problems, None
+    sources = Counter(p.source or name for p in over)
+    what = (f"{len(over)} of {len(problems)} problems of {name} ({', '.join(f'{s}: {k}' for s, k in sources.items())}) "
+            f"have a prompt that, with the {budget} new tokens of the budget, passes the model's {positions} "
+            f"positions (max_position_embeddings; the longest prompt has {max(lengths)} tokens)")
+    if refuse:
+        raise ValueError(f"{what}; drop them with --long-prompts drop, or lower --max-new-tokens")
+    return [p for p, ok in zip(problems, fits) if ok], f"dropped {what}; --long-prompts refuse stops instead"
 
 
 # ---------------------------------------------------------------------------------------- synthetic arithmetic

@@ -7,7 +7,8 @@ import pytest
 
 from nanotorl.config import PRESETS, TrainConfig, flag_fields, parse_args
 
-CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16", "prompt_template": "chat"}  # str fields with a meaning
+CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16", "prompt_template": "chat",
+           "long_prompts": "refuse"}  # str fields with a meaning
 
 
 def leaves(cfg, path=()):
