@@ -7,8 +7,9 @@
 Datasets: a path (JSONL {problem, answer[, source]} or ToRL parquet), or a name looked up in --data-dir (default
 ../shared/data beside the repository): the file whose stem is the name (aime24 -> aime24.jsonl), else the one
 file whose stem starts with it (math500 -> math500_subset.jsonl). A dataset is named by its file stem. Repeated
-problems (same text) in a file are evaluated and counted once: one line per file says how many rows repeated how
-many problems, results.json lists them.
+problems (same text) in a file are evaluated once and counted once per source: a problem that two sources of the
+file share counts in both rows and once in "all". One line per file says how many rows repeated how many problems
+and which sources share some; results.json lists them.
 
 Every problem gets one greedy response (temperature 0) and K sampled ones; sample j of problem i (its index in
 the deduplicated set) is seeded with rollout.sample_seed(seed, i, j), so results depend on neither the number
@@ -24,7 +25,7 @@ settings on one line above it. The demo's held-out arithmetic is one row.
 Out dir (--out, default runs/eval/<model dir name>): settings.json (what the samples depend on: a rerun with
 other settings needs another --out), samples.jsonl (every response, with its tool calls), results.json: the
 settings, "results" {row: metrics}, "average", "all", and "files" {dataset: path, rows, repeats (groups of ids of
-one problem's rows, the first kept), time_s}.
+one problem's rows, the first kept), shared {kept id: the sources that share it}, time_s}.
 Each rank appends its samples to samples.rank<R>.jsonl after every chunk of problems; rank 0 merges them into
 samples.jsonl at the start and at the end. A rerun reloads the samples there, keyed by (dataset, problem id,
 mode, sample index), and generates only the missing ones (a larger --k adds samples). The ranks must share
@@ -44,7 +45,7 @@ from nanotorl import cli, dist
 from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_config, load_model
 from nanotorl.config import TrainConfig
 from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, fit_positions,
-                           load_problems, repeats_line)
+                           load_problems, repeats_line, shared_sources)
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
@@ -91,11 +92,12 @@ def load_sets(specs: list[str], data_dir: Path, skip_bad: bool, log) -> tuple[di
         if not problems:
             raise ValueError(f"{path} holds no problem; expected JSONL rows {{\"problem\": ..., \"answer\": ...}} "
                              f"or ToRL parquet rows")
-        if line := repeats_line(path.stem, problems):
+        if line := repeats_line(path.stem, problems, per_source=True):
             log(f"{line} (listed in results.json)")
         sets[path.stem] = drop_duplicates(problems)
         files[path.stem] = {"path": str(path), "rows": len(problems),
-                            "repeats": [[problems[i].id for i in group] for group in find_duplicates(problems)]}
+                            "repeats": [[problems[i].id for i in group] for group in find_duplicates(problems)],
+                            "shared": shared_sources(problems)}
     return sets, files
 
 
@@ -275,7 +277,8 @@ def write_results(out: Path, sets: dict, files: dict, times: dict, settings: dic
     """Rank 0, once every sample is in: results.json (module docstring) and the table, then a warning if tool calls
     failed in the sandbox itself; returns what it wrote."""
     records = merge_records(out)
-    rep = report(records, sets, args.k, times)
+    shared = {(name, pid): sources for name, file in files.items() for pid, sources in file["shared"].items()}
+    rep = report(records, sets, args.k, times, shared)
     rep = {"settings": settings | {"k": args.k}} | rep | {
         "files": {name: files.get(name, {}) | {"time_s": times[name]} for name in sets}}
     (out / "results.json").write_text(json.dumps(rep, indent=1))

@@ -196,14 +196,35 @@ def drop_duplicates(problems: list[Problem]) -> list[Problem]:
     return [p for i, p in enumerate(problems) if i not in repeats]
 
 
-def repeats_line(name: str, problems: list[Problem]) -> str | None:
+def shared_sources(problems: list[Problem]) -> dict[str, list[str]]:
+    """{id of the kept problem: its sources, in order} for each repeated problem whose rows have several sources
+    (a problem that two benchmarks share, :func:`drop_duplicates` keeping the first)."""
+    out = {}
+    for group in find_duplicates(problems):
+        sources = list(dict.fromkeys(problems[i].source for i in group))
+        if len(sources) > 1:
+            out[problems[group[0]].id] = sources
+    return out
+
+
+def _words(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def repeats_line(name: str, problems: list[Problem], per_source: bool = False) -> str | None:
     """One line on the repeated problems of the set ``name`` (None if there is none), e.g. "torl_test: 180 of 374
-    rows repeat 60 problems; each problem is evaluated and counted once" (see :func:`drop_duplicates`)."""
+    rows repeat 60 problems (2 shared by aime24 and math500); each problem is evaluated and counted once" (see
+    :func:`drop_duplicates`). ``per_source``: a shared problem counts in the row of each of its sources (eval.py)."""
     groups = find_duplicates(problems)
     if not groups:
         return None
-    return (f"{name}: {sum(len(g) - 1 for g in groups)} of {len(problems)} rows repeat {len(groups)} problems; "
-            f"each problem is evaluated and counted once")
+    sharing = Counter(tuple(sources) for sources in shared_sources(problems).values())
+    parts = [f"{n} by {_words(list(sources))}" for sources, n in sharing.most_common()]
+    shared = f" ({', '.join(parts).replace(' by ', ' shared by ', 1)})" if parts else ""
+    counted = ("evaluated once and counted in the row of each source that has it, once in 'all'" if per_source
+               else "evaluated and counted once")
+    return f"{name}: {sum(len(g) - 1 for g in groups)} of {len(problems)} rows repeat {len(groups)} problems{shared}; " \
+           f"each problem is {counted}"
 
 
 def fit_positions(name: str, problems: list[Problem], lengths: list[int], budget: int, positions: int,
