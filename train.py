@@ -178,8 +178,8 @@ class Log:
         if not self.on:
             return
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        if self.file.exists():  # drop what a crashed run logged after its last checkpoint
-            keep = [line for line in self.file.read_text().splitlines() if json.loads(line)["step"] <= start]
+        if self.file.exists():  # drop what a run logged after its last checkpoint (all of it, if it had none)
+            keep = [line for line in self.file.read_text().splitlines() if start and json.loads(line)["step"] <= start]
             self.file.write_text("".join(line + "\n" for line in keep))
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -137,10 +137,13 @@ def _parquet_rows(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except pyarrow.ArrowException as e:
         raise ValueError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
-    yield from enumerate(rows, 1)
+    if not {"prompt", "problem"} & set(table.column_names):
+        raise ValueError(f"{path}: no 'prompt' column (ToRL parquet: prompt, reward_model[, data_source]) and no "
+                         f"'problem' column (problem, answer); found columns {table.column_names}")
+    yield from enumerate(table.to_pylist(), 1)
 
 
 def load_problems(path, *, skip_bad: bool = False) -> LoadedProblems:

@@ -440,3 +440,18 @@ def test_train_step_minimises_the_objective_of_its_options(options, pack):
     assert (stats["dual_clip_fraction"] > 0) == bool(options)
     assert stats["trained_sequences"] == sum(not ((options and s.truncated) or (options and s.void_turn))
                                              for s in samples)
+
+
+def test_a_rerun_without_a_checkpoint_starts_its_metrics_afresh(tmp_path):
+    """A run that never reached a checkpoint left lines behind: the next one starts from step 0 again and writes
+    its own (before: one more step-0 line per rerun); a resumed run keeps the lines up to its checkpoint."""
+    cfg = TrainConfig(log=LogConfig(out_dir=str(tmp_path)))
+    for _ in range(3):
+        with train.Log(cfg, 0, 0) as log:
+            for step in range(3):
+                log({"step": step, "reward": 0.5})
+    steps = lambda: [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps() == [0, 1, 2]
+    with train.Log(cfg, 0, 1) as log:
+        log({"step": 2, "reward": 0.5})
+    assert steps() == [0, 1, 2]
