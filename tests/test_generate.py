@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -429,15 +430,14 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(tok, dtype):
         assert [c.response_ids for c in cpu] == [e.response_ids for e in runs["eager"]]
 
 
-def padded_checkpoint(tok, path, bias=20.0):
-    """A random Qwen2.5-shaped checkpoint (tied embedding) whose embedding has 2 * D rows past the tokenizer's ids,
-    as every Qwen2.5 and Qwen3 checkpoint has (151,936 rows for 151,665 tokens). The extra rows are +-bias e_d: the
-    final hidden state has RMS 1, so one of them scores at least ``bias`` at every position, and unmasked they
-    take nearly all of the probability."""
-    model = tiny_model(tok.vocab_size + 64)
+def padded_checkpoint(tok, path, rows=None, bias=20.0):
+    """A random Qwen2.5-shaped checkpoint (tied embedding) whose embedding has ``rows`` rows (default: 2 * D past
+    the tokenizer's ids), as every Qwen2.5 and Qwen3 checkpoint has (151,936 rows for 151,665 tokens), in ``path``,
+    which holds the tokenizer's files. 2 * D of the extra rows are +-bias e_d: the final hidden state has RMS 1, so
+    one of them scores at least ``bias`` at every position, and unmasked they take nearly all of the probability."""
+    model = tiny_model(rows or tok.vocab_size + 64)
     with torch.no_grad():
-        model.embed_tokens.weight[tok.vocab_size:] = bias * torch.cat([torch.eye(32), -torch.eye(32)])
-    save_demo_tokenizer(path)
+        model.embed_tokens.weight[tok.vocab_size:tok.vocab_size + 64] = bias * torch.cat([torch.eye(32), -torch.eye(32)])
     save_model(model, path, tokenizer_dir=path)
     return model
 
@@ -448,6 +448,7 @@ def test_ids_past_the_tokenizer_are_never_sampled_and_logprobs_agree(tok, tmp_pa
     PyTorch reference, and the Triton kernel interpreted on CPU) and in the trainer's log-prob alike: 200 sampled
     steps give only real tokens (20 through the interpreted kernel, which is slow), and both log-probs equal
     log_softmax over the real rows only."""
+    save_demo_tokenizer(tmp_path)
     unmasked = padded_checkpoint(tok, tmp_path)
     prompt = tok.prompt_ids("1 + 1")
     with torch.no_grad():
@@ -477,7 +478,25 @@ def test_ids_past_the_tokenizer_are_never_sampled_and_logprobs_agree(tok, tmp_pa
             torch.testing.assert_close(trainer, ref, atol=1e-4, rtol=0)
 
 
+def test_the_real_qwen_vocabulary_its_271_padding_ids_are_never_sampled(tmp_path):
+    """The issue's case: Qwen2.5's tokenizer (151,665 tokens) and an embedding of 151,936 rows, the model biased
+    toward the padding ids; the generator reads every line of 200 sampled tokens for a code fence (where the
+    first padding id crashed it) and all of them are real tokens."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(shared_path("tokenizers", "qwen2.5", name), tmp_path / name)
+    tok = Tokenizer(tmp_path)
+    assert tok.vocab_size == 151665
+    padded_checkpoint(tok, tmp_path, rows=151936)
+    model = load_model(tmp_path, vocab=tok.vocab_size).eval()
+    prompt = tok.prompt_ids("What is 1 + 1?")
+    reqs = [Request(prompt, max_new_tokens=50, seed=i, sampling=SamplingParams(temperature=1.0)) for i in range(4)]
+    outs = Generator(model, tok, FakeSandbox(), slots=4, max_len=len(prompt) + 50, stop_ids=[]).generate(reqs)
+    ids = [t for out in outs for t in out.response_ids]
+    assert len(ids) == 200 and max(ids) < 151665
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tok, tmp_path):
+    save_demo_tokenizer(tmp_path)
     padded_checkpoint(tok, tmp_path)
     with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size + 65} ids.*embedding has "
                                          f"{tok.vocab_size + 64} rows"):
