@@ -147,8 +147,9 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu", vocab: int 
     """Build a :class:`Qwen2` from a Hugging Face checkpoint directory.
 
     ``dtype`` defaults to the checkpoint's own. ``vocab``: the tokenizer's size; ids past it get no logit
-    (:attr:`Qwen2.vocab`), and a tokenizer with more ids than the embedding has rows is refused. Raises ``FileNotFoundError`` for missing files and ``ValueError``
-    naming the offending tensors for missing, unexpected or wrongly shaped weights.
+    (:attr:`Qwen2.vocab`), and a tokenizer with more ids than the embedding has rows is refused. Raises
+    ``FileNotFoundError`` for missing files and ``ValueError`` naming the offending tensors for missing, unexpected
+    or wrongly shaped weights.
     """
     path = Path(path)
     cfg = load_config(path)

@@ -226,8 +226,8 @@ def repeats_line(name: str, problems: list[Problem], per_source: bool = False) -
     shared = f" ({', '.join(parts).replace(' by ', ' shared by ', 1)})" if parts else ""
     counted = ("evaluated once and counted in the row of each source that has it, once in 'all'" if per_source
                else "evaluated and counted once")
-    return f"{name}: {sum(len(g) - 1 for g in groups)} of {len(problems)} rows repeat {len(groups)} problems{shared}; " \
-           f"each problem is {counted}"
+    repeats = sum(len(g) - 1 for g in groups)
+    return f"{name}: {repeats} of {len(problems)} rows repeat {len(groups)} problems{shared}; each problem is {counted}"
 
 
 def fit_positions(name: str, problems: list[Problem], lengths: list[int], budget: int, positions: int,

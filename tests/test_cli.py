@@ -110,8 +110,9 @@ def test_data_errors_come_before_the_weights_are_read(tmp_path, capsys):
     long = "What is " + " + ".join(["1"] * 70) + "?"
     (tmp_path / "long.jsonl").write_text(f"{ROW}\n" + json.dumps({"problem": long, "answer": "70"}) + "\n")
     for main, out in ((train.main, "--out-dir"), (evaluate.main, "--out")):
-        line = one_error_line(capsys, main, ["--model", model, "--data", str(tmp_path / "long.jsonl"), "--max-new-tokens",
-                                             "250", "--long-prompts", "refuse", out, str(tmp_path / "out")])
+        argv = ["--model", model, "--data", str(tmp_path / "long.jsonl"), "--max-new-tokens", "250", "--long-prompts",
+                "refuse", out, str(tmp_path / "out")]
+        line = one_error_line(capsys, main, argv)
         assert "1 of 2 problems of" in line and "(long: 1)" in line and "passes the model's 512 positions" in line
 
 

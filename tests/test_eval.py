@@ -115,8 +115,8 @@ def test_sources_that_share_problems_each_keep_their_row(tmp_path, ckpt, capsys)
     greedy = {r["problem"]: r["correct"] for r in samples if r["mode"] == "greedy"}
     for source, members in (("alpha", texts), ("beta", texts[:3]), ("gamma", texts[::3])):
         assert res["results"][source]["greedy"] == pytest.approx(sum(greedy[t] for t in members) / len(members))
-    assert res["average"]["greedy"] == pytest.approx(sum(res["results"][s]["greedy"] for s in "alpha beta gamma".split())
-                                                     / 3)
+    rows = [res["results"][s]["greedy"] for s in ("alpha", "beta", "gamma")]
+    assert res["average"]["greedy"] == pytest.approx(sum(rows) / 3)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -437,7 +437,8 @@ def padded_checkpoint(tok, path, rows=None, bias=20.0):
     one of them scores at least ``bias`` at every position, and unmasked they take nearly all of the probability."""
     model = tiny_model(rows or tok.vocab_size + 64)
     with torch.no_grad():
-        model.embed_tokens.weight[tok.vocab_size:tok.vocab_size + 64] = bias * torch.cat([torch.eye(32), -torch.eye(32)])
+        extra = bias * torch.cat([torch.eye(32), -torch.eye(32)])  # [64, D]
+        model.embed_tokens.weight[tok.vocab_size:tok.vocab_size + 64] = extra
     save_model(model, path, tokenizer_dir=path)
     return model
 
