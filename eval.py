@@ -8,8 +8,9 @@
 Datasets: a path (JSONL {problem, answer[, source]} or ToRL parquet), or a name looked up in --data-dir (default
 ../shared/data beside the repository): the file whose stem is the name (aime24 -> aime24.jsonl), else the one
 file whose stem starts with it (math500 -> math500_subset.jsonl). A dataset is named by its file stem. Repeated
-problems (same text) in a file are evaluated and counted once: one line per file says how many rows repeated how
-many problems, results.json lists them.
+problems (same text) in a file are evaluated once and counted once per source: a problem that two sources of the
+file share counts in both rows and once in "all". One line per file says how many rows repeated how many problems
+and which sources share some; results.json lists them.
 
 Every problem gets one greedy response (temperature 0) and K sampled ones; sample j of problem i (its index in
 the deduplicated set) is seeded with rollout.sample_seed(seed, i, j), so results depend on neither the number
@@ -25,7 +26,7 @@ settings on one line above it. The demo's held-out arithmetic is one row.
 Out dir (--out, default runs/eval/<model dir name>): settings.json (what the samples depend on: a rerun with
 other settings needs another --out), samples.jsonl (every response, with its tool calls), results.json: the
 settings, "results" {row: metrics}, "average", "all", and "files" {dataset: path, rows, repeats (groups of ids of
-one problem's rows, the first kept), time_s}.
+one problem's rows, the first kept), shared {kept id: the sources that share it}, time_s}.
 Each rank appends its samples to samples.rank<R>.jsonl after every chunk of problems; rank 0 merges them into
 samples.jsonl at the start and at the end. A rerun reloads the samples there, keyed by (dataset, problem id,
 mode, sample index), and generates only the missing ones (a larger --k adds samples). The ranks must share
@@ -42,10 +43,10 @@ import torch
 from tqdm import tqdm
 
 from nanotorl import cli, dist
-from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_model
+from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_config, load_model
 from nanotorl.config import TrainConfig
-from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, load_problems,
-                           repeats_line)
+from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, fit_positions,
+                           load_problems, repeats_line, shared_sources)
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
@@ -93,12 +94,29 @@ def load_sets(specs: list[str], data_dir: Path, skip_bad: bool, log) -> tuple[di
         if not problems:
             raise ValueError(f"{path} holds no problem; expected JSONL rows {{\"problem\": ..., \"answer\": ...}} "
                              f"or ToRL parquet rows")
-        if line := repeats_line(path.stem, problems):
+        if line := repeats_line(path.stem, problems, per_source=True):
             log(f"{line} (listed in results.json)")
         sets[path.stem] = drop_duplicates(problems)
         files[path.stem] = {"path": str(path), "rows": len(problems),
-                            "repeats": [[problems[i].id for i in group] for group in find_duplicates(problems)]}
+                            "repeats": [[problems[i].id for i in group] for group in find_duplicates(problems)],
+                            "shared": shared_sources(problems)}
     return sets, files
+
+
+def fit_sets(sets: dict, tok: Tokenizer, positions: int, args, log) -> dict:
+    """Each set without the problems whose prompt and --max-new-tokens pass the model's ``positions`` (one line
+    per set says how many, from which sources), or a ValueError (--long-prompts refuse)."""
+    out = {}
+    for name, problems in sets.items():
+        lengths = [len(tok.prompt_ids(p.problem)) for p in problems]
+        out[name], line = fit_positions(name, problems, lengths, args.max_new_tokens, positions,
+                                        args.long_prompts == "refuse")
+        if line:
+            log(line)
+        if not out[name]:
+            raise ValueError(f"{name}: no problem fits the model's {positions} positions with --max-new-tokens "
+                             f"{args.max_new_tokens}; lower --max-new-tokens")
+    return out
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -228,6 +246,9 @@ def parse_args(argv=None):
     p.add_argument("--sandbox-workers", type=int, default=4)
     p.add_argument("--sandbox-timeout", type=float, default=10.0)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows instead of stopping")
+    p.add_argument("--long-prompts", choices=("drop", "refuse"), default="drop",
+                   help="a problem whose prompt plus --max-new-tokens passes the model's positions "
+                        "(max_position_embeddings): drop it with one line per dataset, or refuse to start")
     p.add_argument("--out", type=Path, help="results directory (default runs/eval/<model dir name>)")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown, settings above it")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line)")
@@ -262,7 +283,8 @@ def write_results(out: Path, sets: dict, files: dict, times: dict, settings: dic
     """Rank 0, once every sample is in: results.json (module docstring) and the table, then a warning if tool calls
     failed in the sandbox itself; returns what it wrote."""
     records = merge_records(out)
-    rep = report(records, sets, args.k, times)
+    shared = {(name, pid): sources for name, file in files.items() for pid, sources in file["shared"].items()}
+    rep = report(records, sets, args.k, times, shared)
     rep = {"settings": settings | {"k": args.k}} | rep | {
         "files": {name: files.get(name, {}) | {"time_s": times[name]} for name in sets}}
     (out / "results.json").write_text(json.dumps(rep, indent=1))
@@ -291,8 +313,10 @@ def main(argv=None) -> dict | None:
         sets, files = {DEMO_SET: [replace(p, source=DEMO_SET) for p in demo_heldout()]}, {}
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device).eval()
+    positions = load_config(model_dir).max_position_embeddings  # names a missing config.json before the tokenizer
     tok = Tokenizer(model_dir, args.prompt_template, args.template_vars, args.compat)
+    sets = fit_sets(sets, tok, positions, args, log)
+    model = load_model(model_dir, dtype=DTYPES.get(args.dtype), device=device, vocab=tok.vocab_size).eval()
     out = args.out or Path("runs/eval") / model_dir.name
     settings = {"model": str(model_dir.resolve()), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     settings |= {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens", "max_tool_calls",

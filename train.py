@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from nanotorl import cli, dist, faults
 from nanotorl.attention import attention_path
-from nanotorl.checkpoint import latest_checkpoint, load_model, resume, save_checkpoint
+from nanotorl.checkpoint import latest_checkpoint, load_config, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
-from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, repeats_line
+from nanotorl.data import arithmetic_problems, drop_duplicates, fit_positions, load_problems, repeats_line
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
@@ -238,21 +238,25 @@ class Log:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def load_policy(cfg: TrainConfig, rank: int, world: int, device):
-    """(model, optimizer, tokenizer, first step): the newest checkpoint in ``out_dir`` if there is one (resumed),
-    else ``--model``, else the demo's base model (built on first use); the model FSDP2-sharded over the ranks."""
+def policy_dir(cfg: TrainConfig, rank: int) -> tuple[Path, Path | None]:
+    """(the directory the policy starts from, the checkpoint it resumes or None): the newest checkpoint in
+    ``out_dir`` if there is one, else ``--model``, else the demo's base model (built on first use)."""
     ckpt = latest_checkpoint(cfg.log.out_dir)
     base = Path(cfg.inputs.model or cfg.inputs.demo_base_dir or BASE_DIR)
     if ckpt is None and not cfg.inputs.model:
         if rank == 0 and not (base / "config.json").is_file():
             build_base_model(base, log=tqdm.write)
         dist.barrier()
-    model_dir = ckpt or base
-    tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars),
-                    cfg.rollout.compat)
+    return ckpt or base, ckpt
+
+
+def load_policy(cfg: TrainConfig, model_dir: Path, ckpt: Path | None, tok: Tokenizer, rank: int, world: int,
+                device):
+    """(model, optimizer, first step): the weights of ``model_dir`` FSDP2-sharded over the ranks, and the
+    optimizer's state and step of ``ckpt`` when it resumes one."""
     cuda = device.type == "cuda"
     dtype = getattr(torch, cfg.optim.dtype)
-    model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device)
+    model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device, vocab=tok.vocab_size)
     model.activation_checkpointing = cfg.optim.activation_checkpointing
     model = dist.shard(model, param_dtype=dtype if cuda else None, cpu_offload=cfg.optim.cpu_offload)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -262,7 +266,7 @@ def load_policy(cfg: TrainConfig, rank: int, world: int, device):
         tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
                    f"on {device.type} | out_dir {cfg.log.out_dir}")
         tqdm.write(training_rows(cfg, device, dtype))
-    return model, optimizer, tok, start
+    return model, optimizer, start
 
 
 def training_rows(cfg: TrainConfig, device, dtype) -> str:
@@ -274,16 +278,29 @@ def training_rows(cfg: TrainConfig, device, dtype) -> str:
     return f"training rows: responses packed into rows of up to {T} tokens | attention for rows of {T}: {path} ({why})"
 
 
-def fitting_problems(cfg: TrainConfig, tok: Tokenizer, rank: int):
-    """(train, held-out) problems whose prompts fit ``max_prompt_tokens`` (the training ones dropped are counted)."""
+def fitting_problems(cfg: TrainConfig, tok: Tokenizer, positions: int, rank: int):
+    """(train, held-out) problems whose prompts fit ``max_prompt_tokens`` (the training ones dropped are counted)
+    and, with ``max_new_tokens`` after them, the model's ``positions`` (dropped with one line, or refused:
+    ``--long-prompts``)."""
     train, heldout = load_data(cfg)
-    limit = cfg.rollout.max_prompt_tokens
-    fits = [p for p in train if len(tok.prompt_ids(p.problem)) <= limit]
-    if rank == 0 and len(fits) < len(train):
-        tqdm.write(f"dropped {len(train) - len(fits)} training problems longer than {limit} tokens")
+    limit, budget = cfg.rollout.max_prompt_tokens, cfg.rollout.max_new_tokens
+    sets = []
+    for name, problems in ((cfg.inputs.data or "the demo's training problems", train),
+                           (cfg.inputs.eval_data or "the demo's held-out problems", heldout)):
+        short = [(p, n) for p in problems if (n := len(tok.prompt_ids(p.problem))) <= limit]
+        kept, line = fit_positions(name, [p for p, _ in short], [n for _, n in short], budget, positions,
+                                   cfg.inputs.long_prompts == "refuse")
+        if line and rank == 0:
+            tqdm.write(line)
+        sets.append((kept, len(problems) - len(short)))
+    (fits, too_long), (held, _) = sets
+    if rank == 0 and too_long:
+        tqdm.write(f"dropped {too_long} training problems longer than {limit} tokens")
     if not fits:
-        raise ValueError(f"no training problem fits max_prompt_tokens={limit}")
-    return fits, [p for p in heldout if len(tok.prompt_ids(p.problem)) <= limit]
+        raise ValueError(f"no training problem fits: {too_long} of {len(train)} are longer than "
+                         f"--max-prompt-tokens {limit}, the others too long for the model's {positions} positions "
+                         f"with --max-new-tokens {budget}; raise the one or lower the other")
+    return fits, held
 
 
 def main(argv=None):
@@ -309,8 +326,12 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
     """The run from the newest checkpoint to ``cfg.steps``; a signal (``signals``) stops every rank at the next safe
     point with a checkpoint of the last step completed (:class:`nanotorl.cli.Stop`)."""
     torch.manual_seed(cfg.seed + rank)
-    model, optimizer, tok, start = load_policy(cfg, rank, world, device)
-    fits, heldout = fitting_problems(cfg, tok, rank)
+    model_dir, ckpt = policy_dir(cfg, rank)
+    positions = load_config(model_dir).max_position_embeddings
+    tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars),
+                    cfg.rollout.compat)
+    fits, heldout = fitting_problems(cfg, tok, positions, rank)  # data errors before the weights are read
+    model, optimizer, start = load_policy(cfg, model_dir, ckpt, tok, rank, world, device)
     if rank == 0:
         tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
     ro, out = cfg.rollout, cfg.log.out_dir

@@ -96,7 +96,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import Qwen2ForCausalLM
-    model, tok = load_model(args.model, dtype=torch.float32).eval(), Tokenizer(args.model)
+    tok = Tokenizer(args.model)
+    model = load_model(args.model, dtype=torch.float32, vocab=tok.vocab_size).eval()
     hf = Qwen2ForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     print(f"{args.model}: {args.problems} problems x {args.samples} samples, T={args.temperature}, "
           f"max_new_tokens={args.max_new_tokens}, trigger {args.trigger}, {torch.get_num_threads()} thread(s)")

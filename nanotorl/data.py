@@ -17,6 +17,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -142,10 +143,13 @@ def _parquet_rows(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except pyarrow.ArrowException as e:
         raise ValueError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
-    yield from enumerate(rows, 1)
+    if not {"prompt", "problem"} & set(table.column_names):
+        raise ValueError(f"{path}: no 'prompt' column (ToRL parquet: prompt, reward_model[, data_source]) and no "
+                         f"'problem' column (problem, answer); found columns {table.column_names}")
+    yield from enumerate(table.to_pylist(), 1)
 
 
 def load_problems(path, *, skip_bad: bool = False) -> LoadedProblems:
@@ -201,14 +205,53 @@ def drop_duplicates(problems: list[Problem]) -> list[Problem]:
     return [p for i, p in enumerate(problems) if i not in repeats]
 
 
-def repeats_line(name: str, problems: list[Problem]) -> str | None:
+def shared_sources(problems: list[Problem]) -> dict[str, list[str]]:
+    """{id of the kept problem: its sources, in order} for each repeated problem whose rows have several sources
+    (a problem that two benchmarks share, :func:`drop_duplicates` keeping the first)."""
+    out = {}
+    for group in find_duplicates(problems):
+        sources = list(dict.fromkeys(problems[i].source for i in group))
+        if len(sources) > 1:
+            out[problems[group[0]].id] = sources
+    return out
+
+
+def _words(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def repeats_line(name: str, problems: list[Problem], per_source: bool = False) -> str | None:
     """One line on the repeated problems of the set ``name`` (None if there is none), e.g. "torl_test: 180 of 374
-    rows repeat 60 problems; each problem is evaluated and counted once" (see :func:`drop_duplicates`)."""
+    rows repeat 60 problems (2 shared by aime24 and math500); each problem is evaluated and counted once" (see
+    :func:`drop_duplicates`). ``per_source``: a shared problem counts in the row of each of its sources (eval.py)."""
     groups = find_duplicates(problems)
     if not groups:
         return None
-    return (f"{name}: {sum(len(g) - 1 for g in groups)} of {len(problems)} rows repeat {len(groups)} problems; "
-            f"each problem is evaluated and counted once")
+    sharing = Counter(tuple(sources) for sources in shared_sources(problems).values())
+    parts = [f"{n} by {_words(list(sources))}" for sources, n in sharing.most_common()]
+    shared = f" ({', '.join(parts).replace(' by ', ' shared by ', 1)})" if parts else ""
+    counted = ("evaluated once and counted in the row of each source that has it, once in 'all'" if per_source
+               else "evaluated and counted once")
+    repeats = sum(len(g) - 1 for g in groups)
+    return f"{name}: {repeats} of {len(problems)} rows repeat {len(groups)} problems{shared}; each problem is {counted}"
+
+
+def fit_positions(name: str, problems: list[Problem], lengths: list[int], budget: int, positions: int,
+                  refuse: bool) -> tuple[list[Problem], str | None]:
+    """(the problems whose prompt of ``lengths[i]`` tokens plus ``budget`` new tokens fit the model's
+    ``positions`` (max_position_embeddings), the line that says how many of the set ``name`` were dropped and from
+    which sources, or None); with ``refuse`` a ValueError that says the same instead of dropping them."""
+    fits = [n + budget <= positions for n in lengths]
+    over = [p for p, ok in zip(problems, fits, strict=True) if not ok]
+    if not over:
+        return problems, None
+    sources = Counter(p.source or name for p in over)
+    what = (f"{len(over)} of {len(problems)} problems of {name} ({', '.join(f'{s}: {k}' for s, k in sources.items())}) "
+            f"have a prompt that, with the {budget} new tokens of the budget, passes the model's {positions} "
+            f"positions (max_position_embeddings; the longest prompt has {max(lengths)} tokens)")
+    if refuse:
+        raise ValueError(f"{what}; drop them with --long-prompts drop, or lower --max-new-tokens")
+    return [p for p, ok in zip(problems, fits) if ok], f"dropped {what}; --long-prompts refuse stops instead"
 
 
 # ---------------------------------------------------------------------------------------- synthetic arithmetic

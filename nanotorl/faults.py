@@ -119,7 +119,7 @@ def lock_out_dir(out_dir, rank: int):
 
 
 def kept_log_lines(file: Path, start: int, log=print) -> list[str]:
-    """The lines of ``file`` (metrics.jsonl) of steps up to ``start``; a torn last line is dropped (with one line
+    """The lines of ``file`` (metrics.jsonl) of steps up to ``start`` (none when 0); a torn last line is dropped (with one line
     to ``log``), a torn line elsewhere raises a ValueError naming the file and the line."""
     lines = file.read_bytes().decode("utf-8", errors="replace").splitlines()
     keep = []
@@ -133,7 +133,7 @@ def kept_log_lines(file: Path, start: int, log=print) -> list[str]:
                 break
             raise ValueError(f"{file}:{n}: not valid JSON ({e.msg}); a log line is torn before the last one: delete "
                              f"that line, then run the same command again") from None
-        if record["step"] <= start:
+        if start and record["step"] <= start:  # a run without a checkpoint starts its log afresh
             keep.append(line)
     return keep
 

@@ -37,30 +37,33 @@ from dataclasses import dataclass
 import torch
 
 from nanotorl.attention import FLEX_BLOCK
+from nanotorl.flags import Checked, Valid, at_least, one_of, option
 
 
 AGGREGATIONS = ("token", "sequence", "constant")
 
 
 @dataclass
-class GRPOConfig:
-    group_size: int = 8              # G: responses per prompt, whose rewards are compared with each other
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 0.0           # C > 1: cap the loss of a token with A < 0 at -A * C (verl's clip_ratio_c); 0: off
-    std_normalize: bool = True
-    aggregation: str = "token"       # 'token' | 'sequence' | 'constant' (Dr. GRPO): module docstring
-    kl_coef: float = 0.0
-    skip_uniform_groups: bool = False  # drop groups whose rewards are all equal (they carry no signal)
-    mask_truncated: bool = False     # zero loss weight for responses cut by the budget without an answer (DAPO)
-    filter_void_turns: bool = False  # zero loss weight for responses with a void turn (SimpleTIR, nanotorl.rollout)
-
-    def __post_init__(self):
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"--aggregation must be 'token', 'sequence' or 'constant', got {self.aggregation!r}")
-        if self.dual_clip and self.dual_clip <= 1:
-            raise ValueError(f"--dual-clip must be 0 (off) or a bound above 1 on the ratio of a token with a negative "
-                             f"advantage (verl's clip_ratio_c, 3 there), got {self.dual_clip}")
+class GRPOConfig(Checked):
+    """groups, advantages and the loss"""
+    group_size: int = option(8, "G: responses per prompt, whose rewards are compared with each other",
+                             at_least(2, "at least 2 (a group of one has no spread to compare with)"), "responses")
+    clip_low: float = option(0.2, "eps_low: the ratio is clipped below at 1 - eps_low",
+                             Valid("from 0 to below 1", lambda v: 0 <= v < 1, 1))
+    clip_high: float = option(0.2, "eps_high: the ratio is clipped above at 1 + eps_high (DAPO's clip-higher)",
+                              at_least(0))
+    dual_clip: float = option(0.0, "C: cap the loss of a token with A < 0 at -A * C (verl's clip_ratio_c); 0 = off",
+                              Valid("0 (off) or a bound above 1 on the ratio of a token with a negative advantage "
+                                    "(verl's clip_ratio_c, 3 there)", lambda v: v == 0 or v > 1, 0.5))
+    std_normalize: bool = option(True, "divide the advantages by the group's standard deviation (Dr. GRPO: off)")
+    aggregation: str = option("token", "how token losses become the loss: module docstring",
+                              one_of(*AGGREGATIONS))
+    kl_coef: float = option(0.0, "weight of the KL penalty to the reference policy (0 = none, as in ToRL)",
+                            at_least(0))
+    skip_uniform_groups: bool = option(False, "drop groups whose rewards are all equal (they carry no signal)")
+    mask_truncated: bool = option(False, "zero loss weight for responses cut by the budget without an answer (DAPO)")
+    filter_void_turns: bool = option(False, "zero loss weight for responses with a void turn (SimpleTIR, "
+                                            "nanotorl.rollout)")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool = True,

@@ -13,6 +13,12 @@ The model returns final hidden states ``h [B, T, D]``; :meth:`Qwen2.logits` appl
 never needs the ``[N, V]`` logits (the fused log-prob kernel takes ``h`` and the head weight), the generator
 only needs them for the last token of each row.
 
+The embedding may have more rows than the tokenizer has tokens (Qwen2.5: 151,936 rows, 151,665 tokens; the rest
+pad the matrix). :attr:`Qwen2.vocab`, set at load to the tokenizer's size (``checkpoint.load_model(vocab=...)``),
+cuts the head to the ids the tokenizer has: an id past it gets no logit, which is the same as a logit of -inf.
+The generator's sampler and the trainer's log-prob both read :attr:`Qwen2.head_weight`, so both see the same
+distribution over the real tokens and their log-probs still agree.
+
 Block (pre-norm):  x = x + o_proj(attn(rope(q), rope(k), v))  with q, k, v = q/k/v_proj(rms(x)) per head;
                    x = x + down(silu(gate(rms(x))) * up(rms(x))).
 Qwen2 biases the q/k/v projections (``qkv_bias``); Qwen3 drops those biases and normalises each head of q and k
@@ -254,14 +260,16 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
+        self.vocab = cfg.vocab_size  # ids 0..vocab-1 have a logit: the tokenizer's ids (set at load), module docstring
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """LM-head weight [V, D] (the embedding matrix when tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """LM-head weight [vocab, D] (the embedding matrix when tied): the rows of the ids that can be produced."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return weight[:self.vocab]
 
     def logits(self, h):
-        """h: [..., D] -> logits [..., V]."""
+        """h: [..., D] -> logits [..., vocab]."""
         return h @ self.head_weight.T
 
     def forward(self, input_ids, positions=None, seq_ids=None, cache: KVCache | None = None, slots=None):

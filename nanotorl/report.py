@@ -11,7 +11,9 @@ response and the mean response length in tokens (tool output included); the same
 under "greedy_tools".
 
 Rows. A problem belongs to a dataset (one file, named by its stem, deduplicated on its own) and to a source (its
-`source` in JSONL, `data_source` in parquet, the file stem when it has none). There is one row per source of each
+`source` in JSONL, `data_source` in parquet, the file stem when it has none), or to several: a problem that rows
+of several sources of one file hold (benchmarks overlap: MATH500 subsets, AMC/AIME reprints) is generated once
+and counts in the row of each of those sources, and once in "all". There is one row per source of each
 dataset, in the order the sources first appear, named by the source, or "<dataset>/<source>" when several datasets
 have that source (rows of two files are never merged). With several rows come two more:
     average  = every metric's unweighted mean over the rows (nanotorl.metrics.source_mean): each benchmark counts
@@ -62,27 +64,33 @@ def answer_check():
     return lru_cache(maxsize=None)(is_equivalent)
 
 
-def source_rows(sets: dict[str, list[Problem]]) -> dict[str, list[tuple[str, Problem]]]:
-    """{row name: its problems as (dataset, problem)}: one row per source of each dataset (module docstring)."""
-    holders = Counter(source for problems in sets.values() for source in {p.source for p in problems})
+def source_rows(sets: dict[str, list[Problem]], shared: dict | None = None) -> dict[str, list[tuple[str, Problem]]]:
+    """{row name: its problems as (dataset, problem)}: one row per source of each dataset (module docstring);
+    ``shared`` = {(dataset, problem id): its sources} for a problem that several sources of its dataset share."""
+    shared = shared or {}
+    sources = {name: [shared.get((name, p.id), [p.source]) for p in problems] for name, problems in sets.items()}
+    holders = Counter(s for lists in sources.values() for s in {s for of_p in lists for s in of_p})
     rows = {}
     for name, problems in sets.items():
-        for p in problems:
-            rows.setdefault(p.source if holders[p.source] == 1 else f"{name}/{p.source}", []).append((name, p))
+        for p, of_p in zip(problems, sources[name]):
+            for s in of_p:
+                rows.setdefault(s if holders[s] == 1 else f"{name}/{s}", []).append((name, p))
     return rows
 
 
-def report(records: dict, sets: dict[str, list[Problem]], k: int, times: dict[str, float]) -> dict:
+def report(records: dict, sets: dict[str, list[Problem]], k: int, times: dict[str, float],
+           shared: dict | None = None) -> dict:
     """{"results": {row name: its dataset, metrics and time}, "average": ..., "all": ...} (module docstring) for the
-    deduplicated problems of every dataset in ``sets``, ``times`` = {dataset: seconds spent on it}."""
-    rows, equivalent = source_rows(sets), answer_check()
+    deduplicated problems of every dataset in ``sets``, ``times`` = {dataset: seconds spent on it}; ``shared``: see
+    :func:`source_rows`."""
+    rows, equivalent = source_rows(sets, shared), answer_check()
     results = {}
     for row, members in rows.items():
         name = members[0][0]
         time_s = times[name] if len(members) == len(sets[name]) else None
         results[row] = {"dataset": name} | summarize(records, members, k, equivalent) | {"time_s": time_s}
     metrics = [{key: v for key, v in r.items() if key not in COUNTS} for r in results.values()]
-    everything = [member for members in rows.values() for member in members]
+    everything = [(name, p) for name, problems in sets.items() for p in problems]  # a shared problem once
     return {"results": results,
             "average": {"sources": len(results), "problems": len(everything)} | source_mean(metrics)
             | {"time_s": None},

@@ -14,6 +14,7 @@ a problem, ToRL's or the checkpoint's chat template (:mod:`nanotorl.prompt`).
 ("😀" is 4 bytes, often 2 tokens), which decoding the token alone would turn into U+FFFD: its vocabulary stores
 every byte as one printable character (GPT-2's ``bytes_to_unicode`` table, :data:`BYTE_LEVEL`), mapped back here.
 """
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -91,9 +92,10 @@ class Tokenizer:
         raise ValueError(f"{self.path}: no {what} token: set eos_token in tokenizer_config.json "
                          f"or eos_token_id in config.json or generation_config.json")
 
-    @property
+    @cached_property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
+        """One past the largest id with a token (added tokens included): the ids the model may produce."""
+        return 1 + max(self.tk.get_vocab(with_added_tokens=True).values())
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -103,10 +105,14 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token ``token_id`` stands for: exact for byte-level BPE (partial UTF-8 characters included),
-        for added tokens and for tokenizers whose tokens decode on their own (the demo's)."""
+        for added tokens (special ones too: their text) and for tokenizers whose tokens decode on their own (the
+        demo's); none for an id without a token (the model never samples ids past the tokenizer's, nanotorl.model,
+        but an id inside them may have no token)."""
         data = self._bytes.get(token_id)
         if data is None:
-            if token_id in self._added:
+            if self.tk.id_to_token(token_id) is None:
+                data = b""
+            elif token_id in self._added:
                 data = self._added[token_id].encode()
             elif self._byte_level:
                 data = bytes(BYTE_LEVEL[ch] for ch in self.tk.id_to_token(token_id))

@@ -86,7 +86,34 @@ def test_bad_checkpoints_give_one_line_naming_the_file_or_tensor(tmp_path, capsy
     damage, expected = CHECKPOINT_ERRORS[case]
     model = checkpoint(tmp_path, damage)
     assert expected in one_error_line(capsys, train.main, ["--model", model, "--out-dir", str(tmp_path / "out")])
-    assert expected in one_error_line(capsys, evaluate.main, ["--model", model, "--out", str(tmp_path / "eval")])
+    assert expected in one_error_line(capsys, evaluate.main, ["--model", model, "--out", str(tmp_path / "eval"),
+                                                              "--max-new-tokens", "96"])  # fits the 512 positions
+
+
+@pytest.mark.parametrize("main", [train.main, evaluate.main], ids=["train", "eval"])
+def test_a_wrong_model_path_names_what_is_missing(tmp_path, capsys, main):
+    out = ["--out-dir", str(tmp_path / "out")] if main is train.main else ["--out", str(tmp_path / "out")]
+    line = one_error_line(capsys, main, ["--model", str(tmp_path / "nowhere")] + out)
+    assert f"{tmp_path / 'nowhere'}: no such checkpoint directory" in line and "check --model" in line
+    (tmp_path / "empty").mkdir()
+    line = one_error_line(capsys, main, ["--model", str(tmp_path / "empty")] + out)
+    assert f"{tmp_path / 'empty' / 'config.json'} not found" in line
+
+
+def test_data_errors_come_before_the_weights_are_read(tmp_path, capsys):
+    """A bad data file is named even when the weights are damaged too: the data is read (and its prompt lengths
+    checked) before the model loads, which takes minutes at 7B."""
+    model = checkpoint(tmp_path, CHECKPOINT_ERRORS["weights not safetensors"][0])
+    line = one_error_line(capsys, train.main, files(tmp_path)["no answer"] + ["--model", model, "--out-dir",
+                                                                             str(tmp_path / "out")])
+    assert DATA_ERRORS["no answer"] in line
+    long = "What is " + " + ".join(["1"] * 70) + "?"
+    (tmp_path / "long.jsonl").write_text(f"{ROW}\n" + json.dumps({"problem": long, "answer": "70"}) + "\n")
+    for main, out in ((train.main, "--out-dir"), (evaluate.main, "--out")):
+        argv = ["--model", model, "--data", str(tmp_path / "long.jsonl"), "--max-new-tokens", "250", "--long-prompts",
+                "refuse", out, str(tmp_path / "out")]
+        line = one_error_line(capsys, main, argv)
+        assert "1 of 2 problems of" in line and "(long: 1)" in line and "passes the model's 512 positions" in line
 
 
 def test_a_damaged_training_checkpoint_names_its_file(tmp_path, capsys):
@@ -105,6 +132,10 @@ FLAG_ERRORS = {("--lr", "fast"): "argument --lr: invalid float value: 'fast'",
                ("--dual-clip", "0.5"): "--dual-clip must be 0 (off) or a bound above 1",
                ("--tool-failure-limit", "1.5"): "--tool-failure-limit must be a fraction",
                ("--max-tool-calls", "-1"): "--max-tool-calls must be 0",
+               ("--group-size", "1"): "--group-size must be at least 2 (a group of one has no spread",
+               ("--steps", "-1"): "--steps must be at least 1, got -1",
+               ("--prompts-per-step", "0"): "--prompts-per-step must be at least 1, got 0",
+               ("--lr", "-1"): "--lr must be at least 0, got -1.0",
                ("--preset", "huge"): "argument --preset: invalid choice: 'huge'",
                ("--no-such-flag", "1"): "unrecognized arguments: --no-such-flag 1"}
 

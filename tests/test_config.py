@@ -1,22 +1,32 @@
 """The training config: flat flags generated from the nested dataclasses (one per field, names unique across the
-tree), presets underneath them, and the refusal of a field name used twice."""
+tree), presets underneath them, the refusal of a field name used twice, and every field's help and range."""
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import pytest
 
 from nanotorl.config import PRESETS, TrainConfig, flag_fields, parse_args
 
-CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16",  # str fields with a meaning
-           "compat": "torl"}
+CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16", "prompt_template": "chat",
+           "long_prompts": "refuse", "compat": "torl"}  # str fields with a meaning
 IMPLIED = {"compat": {("rollout", "trigger")}}  # --compat torl also sets ToRL's trigger
 BOUNDED = {"tool_failure_limit": 0.5}  # number fields with a range: another value inside it
 
 
 def leaves(cfg, path=()):
     """(path, value) of every non-dataclass field, walked independently of nanotorl.config."""
+    for path, value, _ in described(cfg, path):
+        yield path, value
+
+
+def described(cfg, path=()):
+    """(path, value, dataclass field) of every non-dataclass field."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        yield from leaves(value, path + (f.name,)) if is_dataclass(value) else [(path + (f.name,), value)]
+        yield from described(value, path + (f.name,)) if is_dataclass(value) else [(path + (f.name,), value, f)]
+
+
+FIELDS = {path[-1]: (path, value, f) for path, value, f in described(TrainConfig())}
 
 
 def get(cfg, path):
@@ -29,10 +39,10 @@ def other_value(name, value):
     """A value of the same type as ``value`` but different, and its command-line spelling."""
     if isinstance(value, bool):
         return (not value), str(not value).lower()
-    if name in BOUNDED:
-        return BOUNDED[name], str(BOUNDED[name])
     if isinstance(value, (int, float)):
-        return value + 3, str(value + 3)
+        valid = FIELDS[name][2].metadata.get("valid")  # None: test_every_field_has_its_help_and_its_range says so
+        other = next(v for v in (value + 3, value / 2) if valid is None or valid.ok(v))  # inside the field's range
+        return other, str(other)
     return CHOICES.get(name, "x/y"), CHOICES.get(name, "x/y")
 
 
@@ -113,5 +123,51 @@ def test_compat_torl_sets_torls_trigger_unless_one_is_given():
     assert parse_args(["--compat", "torl"]).rollout.trigger == "output"
     assert parse_args(["--compat", "torl", "--trigger", "fence"]).rollout.trigger == "fence"
     assert (ev.parse_args(["--compat", "torl"]).trigger, ev.parse_args([]).trigger) == ("output", "fence")
-    with pytest.raises(ValueError, match="--compat must be one of"):
+    with pytest.raises(ValueError, match="--compat must be"):
         parse_args(["--compat", "torl2"])
+
+
+NEEDS = ("add it with nanotorl.flags.option(default, help, valid, unit) beside the field: the one-line help of its "
+         "flag and, for a number or a choice, the values it takes")
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_every_field_has_its_help_and_its_range(name):
+    """Fields without them fail here by name (new fields from other branches included)."""
+    path, value, f = FIELDS[name]
+    where = ".".join(path)
+    assert f.metadata.get("help"), f"config field {where} has no help: {NEEDS}"
+    valid = f.metadata.get("valid")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        assert valid is not None, f"config field {where} ({type(value).__name__}) has no valid range: {NEEDS}"
+    if name in CHOICES:
+        assert valid is not None, f"config field {where} takes some words only but has no one_of(...): {NEEDS}"
+    if valid is not None:
+        assert valid.ok(value), f"the default of {where}, {value!r}, is outside its own range ({valid.text})"
+
+
+@pytest.mark.parametrize("name", [n for n, (_, _, f) in FIELDS.items() if f.metadata.get("valid")])
+def test_an_out_of_range_value_is_refused_naming_its_flag(name):
+    valid = FIELDS[name][2].metadata["valid"]
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{flag} must be {re.escape(valid.text)}, got .*; see --help$"):
+        parse_args([flag, str(valid.outside)])
+
+
+def test_presets_are_in_range():
+    """Presets are made like any config, so a value out of range in one stops at import; check what they set."""
+    assert PRESETS["torl-7b"].grpo.group_size == 16 and PRESETS["torl-1.5b"].optim.lr == 1e-6
+
+
+def test_help_shows_every_flag_with_its_help_default_and_unit(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no words broken at hyphens
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, (_, value, f) in FIELDS.items():
+        flag, default = "--" + name.replace("_", "-"), repr(value) if isinstance(value, str) else str(value)
+        shown = re.escape(" ".join(f.metadata.get("help", "?").split()))
+        same_flag = r"(?:(?! --[a-z-]+ (?:INT|FLOAT|STR|\[BOOL\]) ).)*?"  # nothing of the next flag's line
+        assert re.search(f"{flag} \\S+ {shown}{same_flag}\\(default: {re.escape(default)}[ )]", text), name
+    assert "--sandbox-timeout FLOAT wall and CPU time limit of one tool call; above 0 (default: 5.0 seconds)" in text
+    assert "--group-size INT G: responses per prompt" in text

@@ -155,3 +155,14 @@ def test_arithmetic_kinds_are_arguments_and_small_spaces_fail_clearly():
         arithmetic_problems(100, seed=0, kinds=(ArithmeticKind("+", (1, 1)),))  # only 64 such problems exist
     with pytest.raises(ValueError, match="split"):
         arithmetic_problems(5, seed=0, split="test")
+
+
+def test_a_parquet_file_without_a_prompt_or_problem_column_lists_the_columns_it_has(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": "1 + 1?", "reward_model": {"ground_truth": "2"}}]),
+                   tmp_path / "q.parquet")
+    with pytest.raises(ValueError) as error:
+        load_problems(tmp_path / "q.parquet")
+    assert str(error.value) == (f"{tmp_path / 'q.parquet'}: no 'prompt' column (ToRL parquet: prompt, reward_model"
+                                f"[, data_source]) and no 'problem' column (problem, answer); found columns "
+                                f"['question', 'reward_model']")

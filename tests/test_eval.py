@@ -97,6 +97,28 @@ def test_duplicates_reported_and_counted_once(tmp_path, ckpt, capsys):
     assert ids == {"x1", "x2"}
 
 
+def test_sources_that_share_problems_each_keep_their_row(tmp_path, ckpt, capsys):
+    """alpha has 4 problems; beta's 3 and gamma's 2 are all alpha's too (as MATH500 subsets and AIME reprints are):
+    every source keeps its row with all of its problems, each problem is generated once and counts once in 'all',
+    and the line says which sources share what."""
+    texts = [f"What is {i} + {i}?" for i in range(4)]
+    rows = ([(t, "alpha") for t in texts] + [(t, "beta") for t in texts[:3]] + [(t, "gamma") for t in texts[::3]]
+            + [(texts[1], "beta")])  # and one repeat within beta
+    data = write_jsonl(tmp_path / "mix.jsonl", [{"problem": t, "answer": "0", "source": s} for t, s in rows])
+    res = ev.main(["--model", str(ckpt), "--data", str(data), "--k", "1", "--out", str(tmp_path / "out"), *FAST])
+    assert ("mix: 6 of 10 rows repeat 4 problems (2 shared by alpha and beta, 1 by alpha, beta and gamma, 1 by alpha "
+            "and gamma); each problem is evaluated once") in capsys.readouterr().out
+    assert {row: r["problems"] for row, r in res["results"].items()} == {"alpha": 4, "beta": 3, "gamma": 2}
+    assert res["all"]["problems"] == 4 and res["average"]["sources"] == 3
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 2  # one greedy and one sampled response per problem, whatever its sources
+    greedy = {r["problem"]: r["correct"] for r in samples if r["mode"] == "greedy"}
+    for source, members in (("alpha", texts), ("beta", texts[:3]), ("gamma", texts[::3])):
+        assert res["results"][source]["greedy"] == pytest.approx(sum(greedy[t] for t in members) / len(members))
+    rows = [res["results"][s]["greedy"] for s in ("alpha", "beta", "gamma")]
+    assert res["average"]["greedy"] == pytest.approx(sum(rows) / 3)
+
+
 @pytest.mark.parametrize("bad, message", [
     ('{"problem": "What is 1 + 1?"}', r"bad\.jsonl:2: missing field"),
     ('{"problem": "What is 1 + 1?", "answer": ', r"bad\.jsonl:2: not valid JSON")])
@@ -218,7 +240,8 @@ def test_one_row_per_source_average_and_all_against_hand_count(tmp_path, ckpt, m
 
     # the repeats: one line, the list in results.json (ids are "<stem>-<row - 1>" in both formats)
     assert [line for line in out.splitlines() if "repeat" in line] == [
-        "multi: 4 of 13 rows repeat 3 problems; each problem is evaluated and counted once (listed in results.json)"]
+        "multi: 4 of 13 rows repeat 3 problems; each problem is evaluated once and counted in the row of each source "
+        "that has it, once in 'all' (listed in results.json)"]
     assert res["files"]["multi"]["repeats"] == [["multi-000", "multi-005", "multi-012"], ["multi-003", "multi-010"],
                                                 ["multi-009", "multi-011"]]
     assert res["files"]["multi"]["rows"] == 13 and res["files"]["multi"]["time_s"] > 0

@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from conftest import interpreted, save_chat_tokenizer, shared_path
+from nanotorl.checkpoint import load_model, save_model
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
@@ -453,3 +455,86 @@ def test_cuda_graph_decoding_equals_eager_on_gpu(tok, dtype):
     if dtype == torch.float32:
         cpu = Generator(model, tok, FakeSandbox(), slots=4, max_len=128).generate(reqs)
         assert [c.response_ids for c in cpu] == [e.response_ids for e in runs["eager"]]
+
+
+def padded_checkpoint(tok, path, rows=None, bias=20.0):
+    """A random Qwen2.5-shaped checkpoint (tied embedding) whose embedding has ``rows`` rows (default: 2 * D past
+    the tokenizer's ids), as every Qwen2.5 and Qwen3 checkpoint has (151,936 rows for 151,665 tokens), in ``path``,
+    which holds the tokenizer's files. 2 * D of the extra rows are +-bias e_d: the final hidden state has RMS 1, so
+    one of them scores at least ``bias`` at every position, and unmasked they take nearly all of the probability."""
+    model = tiny_model(rows or tok.vocab_size + 64)
+    with torch.no_grad():
+        extra = bias * torch.cat([torch.eye(32), -torch.eye(32)])  # [64, D]
+        model.embed_tokens.weight[tok.vocab_size:tok.vocab_size + 64] = extra
+    save_model(model, path, tokenizer_dir=path)
+    return model
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_ids_past_the_tokenizer_are_never_sampled_and_logprobs_agree(tok, tmp_path, kernels, monkeypatch):
+    """Ids the tokenizer has no token for (the padding rows of the embedding) get no logit, in the sampler (the
+    PyTorch reference, and the Triton kernel interpreted on CPU) and in the trainer's log-prob alike: 200 sampled
+    steps give only real tokens (20 through the interpreted kernel, which is slow), and both log-probs equal
+    log_softmax over the real rows only."""
+    save_demo_tokenizer(tmp_path)
+    unmasked = padded_checkpoint(tok, tmp_path)
+    prompt = tok.prompt_ids("1 + 1")
+    with torch.no_grad():
+        probs = unmasked.logits(unmasked(torch.tensor([prompt])))[0].softmax(-1)
+    assert float(probs[:, tok.vocab_size:].sum(-1).min()) > 0.99  # the extra ids would be drawn nearly always
+    model = load_model(tmp_path, vocab=tok.vocab_size).eval()
+    if kernels == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        interpreted("nanotorl.kernels.decode_attention")
+        interpreted("nanotorl.kernels.sampling")
+    n, new = (4, 50) if kernels == "torch" else (2, 10)
+    reqs = [Request(prompt, max_new_tokens=new, seed=i, sampling=SamplingParams(temperature=1.0)) for i in range(n)]
+    outs = Generator(model, tok, FakeSandbox(), slots=n, max_len=len(prompt) + new, stop_ids=[],
+                     cuda_graph=kernels == "triton").generate(reqs)
+    ids = [t for out in outs for t in out.response_ids]
+    assert len(ids) == n * new and max(ids) < tok.vocab_size
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with torch.no_grad():
+        for out in outs:
+            full = torch.tensor([prompt + out.response_ids])
+            h = model(full)[0, len(prompt) - 1:-1]                                   # [T, D]
+            real = model.embed_tokens.weight[:tok.vocab_size]                         # [V_tok, D]
+            ref = torch.log_softmax(h @ real.T, -1).gather(1, torch.tensor(out.response_ids)[:, None])[:, 0]
+            targets = torch.tensor([[-100] * (len(prompt) - 1) + out.response_ids + [-100]])
+            trainer = model.token_logprobs(full, targets)[len(prompt) - 1:-1]
+            torch.testing.assert_close(torch.tensor(out.logprobs), ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(trainer, ref, atol=1e-4, rtol=0)
+
+
+def test_the_real_qwen_vocabulary_its_271_padding_ids_are_never_sampled(tmp_path):
+    """The issue's case: Qwen2.5's tokenizer (151,665 tokens) and an embedding of 151,936 rows, the model biased
+    toward the padding ids; the generator reads every line of 200 sampled tokens for a code fence (where the
+    first padding id crashed it) and all of them are real tokens."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(shared_path("tokenizers", "qwen2.5", name), tmp_path / name)
+    tok = Tokenizer(tmp_path)
+    assert tok.vocab_size == 151665
+    padded_checkpoint(tok, tmp_path, rows=151936)
+    model = load_model(tmp_path, vocab=tok.vocab_size).eval()
+    prompt = tok.prompt_ids("What is 1 + 1?")
+    reqs = [Request(prompt, max_new_tokens=50, seed=i, sampling=SamplingParams(temperature=1.0)) for i in range(4)]
+    outs = Generator(model, tok, FakeSandbox(), slots=4, max_len=len(prompt) + 50, stop_ids=[]).generate(reqs)
+    ids = [t for out in outs for t in out.response_ids]
+    assert len(ids) == 200 and max(ids) < 151665
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tok, tmp_path):
+    save_demo_tokenizer(tmp_path)
+    padded_checkpoint(tok, tmp_path)
+    with pytest.raises(ValueError, match=f"tokenizer has {tok.vocab_size + 65} ids.*embedding has "
+                                         f"{tok.vocab_size + 64} rows"):
+        load_model(tmp_path, vocab=tok.vocab_size + 65)
+
+
+def test_special_tokens_are_read_as_their_text_and_ids_without_a_token_as_no_bytes(chat_tok):
+    """Decided: special (added) tokens can be sampled and read as their text (an end id still ends a response);
+    an id inside the tokenizer's range that has no token at all reads as no bytes instead of crashing the
+    line reader. Ids past the tokenizer's last one are never sampled (the test above)."""
+    added = chat_tok.tk.get_added_tokens_decoder()
+    assert added and all(chat_tok.token_bytes(i) == t.content.encode() for i, t in added.items())
+    assert chat_tok.token_bytes(chat_tok.vocab_size + 5) == b""

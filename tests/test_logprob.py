@@ -143,6 +143,18 @@ def test_leading_dims_and_non_contiguous_h():
     torch.testing.assert_close(got, lp.logprob_ref(h3, W, t3), atol=1e-5, rtol=0)
 
 
+def test_rows_of_one_dimension_come_back_as_they_are_not_as_views():
+    """The model's token_logprobs hands the fused log-prob flat rows and returns its result from a forward that
+    FSDP2 wraps; FSDP2 warns on every rank when such a forward returns a view (an in-place op on it would skip the
+    pre-backward hook). So flat rows come back as the Function's own output; other shapes as views of it."""
+    h, W, b, targets = _inputs(12, 24, 50, torch.float32, "cpu", bias=False)
+    for fn in (lp.fused_logprob, lpl.logprob_from_logits):
+        args = (h, W, targets) if fn is lp.fused_logprob else (h @ W.T, targets)
+        logp, entropy = fn(*args, return_entropy=True)
+        assert logp._base is None and entropy._base is None and fn(*args)._base is None
+    assert lp.fused_logprob(h.reshape(3, 4, 24), W, targets.reshape(3, 4)).shape == (3, 4)
+
+
 def test_entropy_is_detached():
     h, W, b, targets = _inputs(5, 24, 50, torch.float32, "cpu", bias=True)
     for fn in (lp.fused_logprob, lp.logprob_ref):

@@ -88,3 +88,11 @@ def test_peak_memory_follows_the_slice_not_n_by_v(return_entropy):
 
     ref, ours = peak(logprob_ref), peak(chunked_logprob, width=1024)
     assert ours < 0.1 * ref, f"chunked peak {ours / 2**20:.1f} MiB, reference {ref / 2**20:.1f} MiB"
+
+
+def test_rows_of_one_dimension_come_back_as_they_are_not_as_views():
+    """As the fused path (tests/test_logprob.py): FSDP2 warns when the model's token_logprobs returns a view."""
+    h, W, targets = torch.randn(6, 8, requires_grad=True), torch.randn(40, 8), torch.randint(0, 40, (6,))
+    logp, entropy = chunked_logprob(h, W, targets, return_entropy=True, width=16)
+    assert logp._base is None and entropy._base is None and chunked_logprob(h, W, targets, width=16)._base is None
+    assert chunked_logprob(h.view(2, 3, 8), W, targets.view(2, 3), width=16).shape == (2, 3)

@@ -2,6 +2,7 @@
 result, and the demo runs end to end."""
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -142,6 +143,37 @@ def test_held_out_repeats_dropped_before_the_limit_with_one_line(tmp_path, capsy
     assert [p.problem for p in heldout] == ["What is 7 * 3?", "What is 8 * 3?", "What is 9 * 3?"]
     assert capsys.readouterr().out.splitlines() == [
         f"{tmp_path / 'heldout.jsonl'}: 2 of 6 rows repeat 1 problems; each problem is evaluated and counted once"]
+
+
+def long_and_short(tmp_path) -> str:
+    """JSONL of 7 problems from sources alpha and beta: 3 of them with prompts of about 300 demo tokens."""
+    long = "What is " + " + ".join(["1"] * 70) + "?"
+    rows = [("What is 1 + 2?", "alpha"), (long, "alpha"), ("What is 2 + 2?", "alpha"), ("What is 3 + 2?", "alpha"),
+            (long.replace("?", " + 2?"), "beta"), ("What is 4 + 2?", "beta"), (long.replace("?", " + 3?"), "beta")]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"problem": p, "answer": "1", "source": s}) + "\n" for p, s in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["drop", "refuse"])
+def test_prompts_past_the_models_positions_are_dropped_with_one_line_or_refused(tmp_path, capsys, mode):
+    """The demo model has 512 positions: with 250 new tokens, a prompt over 262 tokens cannot be generated from."""
+    path, tok = long_and_short(tmp_path), Tokenizer(train.BASE_DIR)
+    cfg = TrainConfig(inputs=InputsConfig(data=path, eval_data=path, long_prompts=mode),
+                      rollout=RolloutConfig(max_new_tokens=250))
+    problems = train.load_data(cfg)[0]
+    fit = [p for p in problems if len(tok.prompt_ids(p.problem)) + 250 <= 512]
+    assert len(fit) == 4 and all(len(tok.prompt_ids(p.problem)) <= cfg.rollout.max_prompt_tokens for p in problems)
+    line = (f"3 of 7 problems of {path} (alpha: 1, beta: 2) have a prompt that, with the 250 new tokens of the "
+            f"budget, passes the model's 512 positions (max_position_embeddings; the longest prompt has "
+            f"{max(len(tok.prompt_ids(p.problem)) for p in problems)} tokens)")
+    if mode == "refuse":
+        with pytest.raises(ValueError, match=re.escape(line + "; drop them with --long-prompts drop")):
+            train.fitting_problems(cfg, tok, 512, rank=0)
+        return
+    train_set, heldout = train.fitting_problems(cfg, tok, 512, rank=0)
+    assert train_set == heldout == fit
+    assert capsys.readouterr().out.splitlines() == [f"dropped {line}; --long-prompts refuse stops instead"] * 2
 
 
 # One generation slot: with several, which sequences share a forward depends on when sandbox results arrive,
@@ -408,3 +440,18 @@ def test_train_step_minimises_the_objective_of_its_options(options, pack):
     assert (stats["dual_clip_fraction"] > 0) == bool(options)
     assert stats["trained_sequences"] == sum(not ((options and s.truncated) or (options and s.void_turn))
                                              for s in samples)
+
+
+def test_a_rerun_without_a_checkpoint_starts_its_metrics_afresh(tmp_path):
+    """A run that never reached a checkpoint left lines behind: the next one starts from step 0 again and writes
+    its own (before: one more step-0 line per rerun); a resumed run keeps the lines up to its checkpoint."""
+    cfg = TrainConfig(log=LogConfig(out_dir=str(tmp_path)))
+    for _ in range(3):
+        with train.Log(cfg, 0, 0) as log:
+            for step in range(3):
+                log({"step": step, "reward": 0.5})
+    steps = lambda: [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps() == [0, 1, 2]
+    with train.Log(cfg, 0, 1) as log:
+        log({"step": 2, "reward": 0.5})
+    assert steps() == [0, 1, 2]

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from nanotorl import kernels
 from nanotorl.kernels.logprob_chunked import chunked_logprob
-from nanotorl.kernels.logprob_ref import (IGNORE_INDEX, _check, _check_targets, _coef, _outputs,  # noqa: F401
+from nanotorl.kernels.logprob_ref import (IGNORE_INDEX, _check, _check_targets, _coef, _outputs, _shaped,  # noqa: F401
                                          logprob_from_logits_ref, logprob_ref)
 
 _IGNORE = tl.constexpr(IGNORE_INDEX)  # the same value, readable inside kernels
@@ -307,7 +307,7 @@ def fused_logprob(h, weight, targets, bias=None, temperature=1.0, return_entropy
     out = _FusedLogprob.apply(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(),
                               None if bias is None else bias.contiguous(), targets.reshape(-1).contiguous(),
                               float(temperature), return_entropy)
-    return out.view(lead) if not return_entropy else (out[0].view(lead), out[1].view(lead))
+    return _shaped(out, lead)
 
 
 def logprob(h, weight, targets, bias=None, temperature=1.0, return_entropy=False):

@@ -27,7 +27,7 @@ figures stay what they were).
 import torch
 import torch.nn.functional as F
 
-from nanotorl.kernels.logprob_ref import IGNORE_INDEX, _check, _coef, _outputs, logprob_ref
+from nanotorl.kernels.logprob_ref import IGNORE_INDEX, _check, _coef, _outputs, _shaped, logprob_ref
 
 _CHUNK_BYTES = 32 << 20   # the fp32 logits of one slice of the vocabulary, for every row
 
@@ -115,4 +115,4 @@ def chunked_logprob(h, weight, targets, bias=None, temperature=1.0, return_entro
     _check(h, weight, targets, bias, temperature)
     out = _ChunkedLogprob.apply(h.reshape(-1, h.shape[-1]), weight, bias, targets.reshape(-1), float(temperature),
                                 return_entropy, width)
-    return out.view(lead) if not return_entropy else (out[0].view(lead), out[1].view(lead))
+    return _shaped(out, lead)

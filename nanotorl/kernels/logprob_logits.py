@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from nanotorl import kernels
-from nanotorl.kernels.logprob import (_IGNORE, _check_targets, _coef, _combine, _fwd_kernel, _outputs, _splits,
-                             logprob_from_logits_ref)
+from nanotorl.kernels.logprob import (_IGNORE, _check_targets, _coef, _combine, _fwd_kernel, _outputs, _shaped,
+                                      _splits, logprob_from_logits_ref)
 
 
 @triton.jit
@@ -77,5 +77,5 @@ def logprob_from_logits(logits, targets, temperature=1.0, return_entropy=False):
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = _LogitsLogprob.apply(x, targets.reshape(-1).contiguous(), float(temperature), return_entropy)
-    return out.view(lead) if not return_entropy else (out[0].view(lead), out[1].view(lead))
+    return _shaped(out, lead)
 

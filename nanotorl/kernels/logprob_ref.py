@@ -65,6 +65,15 @@ def _outputs(ctx, logp, entropy):
     return logp, entropy
 
 
+def _shaped(out, lead):
+    """The [N] output(s) of an autograd.Function as ``lead``-shaped results: rows that already have that shape come
+    back as they are, not as views (FSDP2 warns when a forward it wraps, the model's token_logprobs, returns a
+    view: an in-place op on one would skip its pre-backward hook)."""
+    if isinstance(out, tuple):
+        return tuple(_shaped(o, lead) for o in out)
+    return out if out.shape == lead else out.view(lead)
+
+
 def _coef(g, targets, temperature):
     """Per-row factor of dz: g / T, and 0 on ignored rows. g: [N] -> [N] fp32."""
     return torch.where(targets == IGNORE_INDEX, 0.0, g.float() / temperature).contiguous()
