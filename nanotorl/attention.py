@@ -13,7 +13,8 @@ Four ways to compute it; :func:`attention_path` picks one from what is available
   flex         torch's FlexAttention with a causal document ``BlockMask`` built from ``seq_ids``: of the 128 x 128
                blocks of the score matrix, those between different sequences are never computed. Compiled on CUDA,
                once per row shape (the trainer pads rows to a few lengths: ``nanotorl.grpo.micro_batches``).
-  dense        SDPA with a boolean mask [B, 1, T, T]: one call that computes every block; the right tool at small T.
+  dense        SDPA with a boolean mask [B, 1, T, T]: one call that computes every block; the right tool at small T
+               (on CUDA K/V are expanded to every query head, so the memory-efficient kernel takes it: sdpa_heads).
   sdpa_varlen  ``flash_attn_varlen_func``'s layout computed by causal SDPA on each sequence in turn: CPU at
                larger T, where a [T, T] mask would outgrow the activations.
 
@@ -72,9 +73,26 @@ def attention_path(device, dtype, T: int) -> tuple[str, str]:
 def sdpa(q, k, v, mask=None):
     """SDPA in the model's layout. q: [B, T, Hq, d], k/v: [B, S, Hkv, d] (Hq a multiple of Hkv), mask: [B, 1, T, S]
     bool or None (plain causal) -> [B, T, Hq, d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    return out.transpose(1, 2)
+    return sdpa_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+
+
+def sdpa_heads(q, k, v, mask=None):
+    """SDPA in the heads-first layout, never on CUDA's math kernel. q: [B, Hq, T, d], k/v: [B, Hkv, S, d], mask:
+    [B, 1, T, S] bool or None (plain causal) -> [B, Hq, T, d].
+
+    On CUDA, flash attention takes grouped-query heads but no mask, and the memory-efficient kernel a mask but no
+    grouped-query heads; a masked call with Hq > Hkv would fall to the math kernel, which expands K/V itself and
+    materialises fp32 [B, Hq, T, S] scores. So a masked call on CUDA gets K/V expanded to every query head first
+    (the memory-efficient kernel then takes it); elsewhere SDPA groups the heads itself."""
+    if mask is not None and _cuda(q) and k.shape[1] != q.shape[1]:
+        k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))   # [B, Hq, S, d]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _cuda(t) -> bool:
+    """Whether ``t`` is on CUDA, where SDPA picks among flash, memory-efficient and math kernels."""
+    return t.is_cuda
 
 
 def sequence_mask(seq_ids):
