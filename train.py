@@ -88,21 +88,29 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     passes = int(dist.all_max(len(batch.micro_batches), device))
     stats = LossStats()
     model.train()
-    for mb in batch.micro_batches + [filler_micro_batch()] * (passes - len(batch.micro_batches)):
-        mb = {k: v.to(device) for k, v in mb.items()}
-        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], seq_ids=mb.get("seq_ids"),
-                                             temperature=cfg.rollout.temperature, return_entropy=True)
-        old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
-        loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
-        (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
-        stats.add(loss, st, logp, old, weight, entropy)
+    # every micro-batch goes to the device first: a copy from pageable host memory waits for the device's queue
+    mbs = [{k: v.to(device) for k, v in mb.items()}
+           for mb in batch.micro_batches + [filler_micro_batch()] * (passes - len(batch.micro_batches))]
+    for mb in mbs:
+        train_micro_batch(model, mb, cfg, normalizer, world, stats)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = dist.all_sum(stats.sums | {"tokens": batch.tokens, "sequences": batch.sequences}, device)
-    return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm))
+    sums, gap_max, grad_norm = stats.read(grad_norm)  # the step's one read-back of its statistics
+    sums = dist.all_sum(sums | {"tokens": batch.tokens, "sequences": batch.sequences}, device)
+    return LossStats.means(sums, dist.all_max(gap_max, device), grad_norm)
+
+
+def train_micro_batch(model, mb: dict, cfg: TrainConfig, normalizer: float, world: int, stats: LossStats) -> None:
+    """Forward, loss and backward of one micro-batch (its tensors on the device); no host read."""
+    logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], seq_ids=mb.get("seq_ids"),
+                                         temperature=cfg.rollout.temperature, return_entropy=True)
+    old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
+    loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
+    (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
+    stats.add(loss, st, logp, old, weight, entropy)
 
 
 def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -> None:
