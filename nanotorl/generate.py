@@ -26,6 +26,7 @@ on the model's device; the only text ever encoded is a tool observation (what th
 
 Only the observation tokens (plus the token sampled just before the pause) are prefilled on resume.
 """
+import itertools
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -264,20 +265,23 @@ class Generator:
         """Append the drawn tokens to their slots; the host then looks only at the slots the table flags: finish
         those that wrote an end id or are full, read the line a slot ended (it may pause for the tool). Returns
         the slots that finished."""
-        finished = []
+        finished, lines = [], []  # lines: (slot, its length) of the slots that ended a line
         for row, stopped, full, line_end, length in self.table.append(idx, tokens, logprobs):
             s = slots[row]
             if stopped or full:
                 s.n_tokens, s.finish_reason = length, "eos" if stopped else "length"
                 finished.append(s)
-            elif line_end and self._read_line(s, length):
-                finished.append(s)
+            elif line_end:
+                lines.append((s, length))
+        if lines:  # every line read back in one go, not one read per slot
+            flat = torch.cat([self.table.tokens[s.index, s.line_start:n] for s, n in lines]).tolist()
+            starts = [0, *itertools.accumulate(n - s.line_start for s, n in lines)]
+            finished += [s for (s, n), a, b in zip(lines, starts, starts[1:]) if self._read_line(s, n, flat[a:b])]
         return finished
 
-    def _read_line(self, s: _Slot, length: int) -> bool:
-        """Feed the slot's scanner the line it just ended; on a tool call, submit the code and pause the slot.
-        True if it must finish instead ('output' trigger, budget spent)."""
-        ids = self.table.tokens[s.index, s.line_start:length].tolist()
+    def _read_line(self, s: _Slot, length: int, ids: list[int]) -> bool:
+        """Feed the slot's scanner the line it just ended, ``ids`` (its tokens line_start..length-1); on a tool call,
+        submit the code and pause the slot. True if it must finish instead ('output' trigger, budget spent)."""
         s.line_start = length
         code = s.scanner.feed(b"".join(map(self.tokenizer.token_bytes, ids)))
         if code is None:
