@@ -30,6 +30,7 @@ from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, r
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
+from nanotorl.memory import run_plan
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
@@ -73,8 +74,11 @@ def rollout_step(model, gen: Generator, problems, step: int, cfg: TrainConfig, r
     draws = groups(mine, cfg.grpo.group_size, sampling, first + offset)
     with dist.gathered(model), torch.no_grad():
         model.eval()
-        return rollout(gen, draws, max_new_tokens=ro.max_new_tokens, max_tool_calls=ro.max_tool_calls, seed=cfg.seed,
-                       code_penalty=ro.code_penalty)
+        samples = rollout(gen, draws, max_new_tokens=ro.max_new_tokens, max_tool_calls=ro.max_tool_calls,
+                          seed=cfg.seed, code_penalty=ro.code_penalty)
+    if not ro.keep_kv_cache:
+        gen.release()  # the caching allocator gives its memory to train_step
+    return samples
 
 
 def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device, world: int) -> dict:
@@ -295,6 +299,9 @@ def main(argv=None):
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
                         trigger=ro.trigger, cuda_graph=ro.cuda_graph)
+        if rank == 0:
+            cache_len = gen.max_len + gen.prefill_chunk
+            tqdm.write(run_plan(cfg, model.cfg, world, device.type == "cuda", cache_len).table())
         if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
         for step in range(start, cfg.steps):

@@ -44,6 +44,7 @@ class RolloutConfig:
     trigger: str = "fence"          # 'fence': run a block once closed; 'output': when the model writes ```output
     gen_slots: int = 128            # concurrent sequences per rank
     cuda_graph: bool = False        # decode step as a CUDA graph (GPU; not yet measured on one: see README)
+    keep_kv_cache: bool = False     # keep the generator's KV cache allocated through train_step (else freed for it)
     sandbox_workers: int = 2
     sandbox_timeout: float = 5.0
     code_penalty: float = 0.0       # extra penalty for a failed tool call (the paper's ablation used 0.5)

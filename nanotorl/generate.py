@@ -114,7 +114,13 @@ class Generator:
 
     def close(self):
         """Release the KV cache; later calls raise."""
-        self.cache, self.table, self.decode_step, self.closed = None, None, None, True
+        self.release()
+        self.closed = True
+
+    def release(self):
+        """Drop the KV cache and the slot table, so that the caching allocator can give their memory to training;
+        the next ``generate`` allocates them again."""
+        self.cache, self.table, self.decode_step = None, None, None
 
     def _check(self, r: Request):
         if not r.prompt_ids:
