@@ -130,6 +130,7 @@ class Packing:
     inverse: torch.Tensor | None = None    # varlen: back to row order
     cu_seqlens: torch.Tensor | None = None  # varlen: [sequences + 1] int32, where each starts in that order
     lengths: tuple[int, ...] = ()          # varlen: the sequences' lengths in that order, on the host
+    seq_ids: torch.Tensor | None = None    # flex: the rows' ids [B, T], which its mask function reads
 
 
 def pack(seq_ids, dtype) -> Packing:
@@ -138,7 +139,7 @@ def pack(seq_ids, dtype) -> Packing:
     if path == "dense":
         return Packing(path, mask=sequence_mask(seq_ids))
     if path == "flex":
-        return Packing(path, block_mask=document_block_mask(seq_ids))
+        return Packing(path, block_mask=document_block_mask(seq_ids), seq_ids=seq_ids)
     B, T = seq_ids.shape
     order, first = _grouped(seq_ids)
     order = (order + T * torch.arange(B, device=seq_ids.device)[:, None]).flatten()   # [B * T]
@@ -154,7 +155,7 @@ def document_block_mask(seq_ids) -> BlockMask:
     sequence of their own); which blocks are computed follows from each block's smallest and largest id."""
     B, T = seq_ids.shape
     n = -(-T // FLEX_BLOCK)
-    ids = torch.cat([seq_ids, (seq_ids.max() + 1).expand(B, n * FLEX_BLOCK - T)], 1)   # [B, n * FLEX_BLOCK]
+    ids = _block_padded(seq_ids)                                                        # [B, n * FLEX_BLOCK]
     lo, hi = ids.view(B, n, FLEX_BLOCK).aminmax(dim=-1)                                 # [B, n] each
     blk = torch.arange(n, device=ids.device)
     below, before = blk[None, :] <= blk[:, None], blk[None, :] < blk[:, None]           # [n_q, n_k]: k <= q, k < q
@@ -162,12 +163,37 @@ def document_block_mask(seq_ids) -> BlockMask:
     single = lo == hi
     full = before & single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
     partial = below & overlap & ~full
-
-    def doc_causal(b, h, q, kv):
-        return (ids[b, q] == ids[b, kv]) & (q >= kv)
-
     return BlockMask.from_kv_blocks(*_kv_blocks(partial), *_kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=doc_causal)
+                                    mask_mod=document_mask(ids))
+
+
+def _block_padded(seq_ids):
+    """seq_ids [B, T] padded to whole blocks [B, n * FLEX_BLOCK], the pads one id above the largest."""
+    B, T = seq_ids.shape
+    return torch.cat([seq_ids, (seq_ids.max() + 1).expand(B, -(-T // FLEX_BLOCK) * FLEX_BLOCK - T)], 1)
+
+
+_DOCUMENT_MASKS = {}  # (shape, dtype, device) -> (ids buffer, its mask function)
+
+
+def document_mask(ids):
+    """The token-level mask function of rows ``ids [B, T_blocks]`` (same sequence, causal): one function per row
+    shape, which reads the ids from a buffer of that shape, and ``ids`` copied into it. torch.compile guards on the
+    function, so a new closure per micro-batch could recompile FlexAttention for each one (torch 2.11); and
+    :func:`attend` copies its rows' ids in again before each call, so packings of one length may be used in any
+    order. A forward and its backward must not have another forward of the same row shape in between (the
+    trainer runs each micro-batch's in turn)."""
+    key = (tuple(ids.shape), ids.dtype, ids.device)
+    if key not in _DOCUMENT_MASKS:
+        held = torch.empty_like(ids)
+
+        def doc_causal(b, h, q, kv):
+            return (held[b, q] == held[b, kv]) & (q >= kv)
+
+        _DOCUMENT_MASKS[key] = (held, doc_causal)
+    held, fn = _DOCUMENT_MASKS[key]
+    held.copy_(ids)
+    return fn
 
 
 def _kv_blocks(blocks):
@@ -187,6 +213,7 @@ def attend(q, k, v, packing: Packing):
     if packing.path == "dense":
         return sdpa(q, k, v, packing.mask)
     if packing.path == "flex":
+        document_mask(_block_padded(packing.seq_ids))  # these rows' ids into the buffer their mask function reads
         return _flex(q, k, v, packing.block_mask)
     return _varlen(q, k, v, packing)
 
