@@ -164,7 +164,7 @@ def document_block_mask(seq_ids) -> BlockMask:
     full = before & single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
     partial = below & overlap & ~full
     return BlockMask.from_kv_blocks(*_kv_blocks(partial), *_kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=document_mask(ids))
+                                    mask_mod=document_mask(seq_ids))
 
 
 def _block_padded(seq_ids):
@@ -173,27 +173,31 @@ def _block_padded(seq_ids):
     return torch.cat([seq_ids, (seq_ids.max() + 1).expand(B, -(-T // FLEX_BLOCK) * FLEX_BLOCK - T)], 1)
 
 
-_DOCUMENT_MASKS = {}  # (shape, dtype, device) -> (ids buffer, its mask function)
+_DOCUMENT_MASKS = {}  # (padded shape, dtype, device) -> [ids buffer, its mask function, the seq_ids it holds]
 
 
-def document_mask(ids):
-    """The token-level mask function of rows ``ids [B, T_blocks]`` (same sequence, causal): one function per row
-    shape, which reads the ids from a buffer of that shape, and ``ids`` copied into it. torch.compile guards on the
-    function, so a new closure per micro-batch could recompile FlexAttention for each one (torch 2.11); and
-    :func:`attend` copies its rows' ids in again before each call, so packings of one length may be used in any
-    order. A forward and its backward must not have another forward of the same row shape in between (the
-    trainer runs each micro-batch's in turn)."""
-    key = (tuple(ids.shape), ids.dtype, ids.device)
+def document_mask(seq_ids):
+    """The token-level mask function of rows ``seq_ids [B, T]`` padded to whole blocks (same sequence, causal).
+
+    One function per padded row shape, reading the ids from a buffer of that shape: torch.compile guards on the
+    function, so a new closure per micro-batch could recompile FlexAttention for each one (torch 2.11). The
+    buffer takes ``seq_ids`` unless it holds them already, so :func:`attend` calls this before each attention and
+    packings of one shape may be used in turn; a packing's forward and backward must not have another packing of
+    its shape in between (autograd then refuses the backward: the buffer it saved was written)."""
+    B, T = seq_ids.shape
+    key = ((B, -(-T // FLEX_BLOCK) * FLEX_BLOCK), seq_ids.dtype, seq_ids.device)
     if key not in _DOCUMENT_MASKS:
-        held = torch.empty_like(ids)
+        held = torch.empty(key[0], dtype=seq_ids.dtype, device=seq_ids.device)
 
         def doc_causal(b, h, q, kv):
             return (held[b, q] == held[b, kv]) & (q >= kv)
 
-        _DOCUMENT_MASKS[key] = (held, doc_causal)
-    held, fn = _DOCUMENT_MASKS[key]
-    held.copy_(ids)
-    return fn
+        _DOCUMENT_MASKS[key] = [held, doc_causal, None]
+    entry = _DOCUMENT_MASKS[key]
+    if entry[2] is not seq_ids:
+        entry[0].copy_(_block_padded(seq_ids))
+        entry[2] = seq_ids
+    return entry[1]
 
 
 def _kv_blocks(blocks):
@@ -213,7 +217,7 @@ def attend(q, k, v, packing: Packing):
     if packing.path == "dense":
         return sdpa(q, k, v, packing.mask)
     if packing.path == "flex":
-        document_mask(_block_padded(packing.seq_ids))  # these rows' ids into the buffer their mask function reads
+        document_mask(packing.seq_ids)  # these rows' ids into the buffer their mask function reads
         return _flex(q, k, v, packing.block_mask)
     return _varlen(q, k, v, packing)
 
