@@ -28,6 +28,7 @@ Only the observation tokens (plus the token sampled just before the pause) are p
 """
 import itertools
 import time
+import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import torch
 from nanotorl.kernels.sampling import sample
 from nanotorl.batch import DecodeRows, prefill_group, twins
 from nanotorl.decode_step import DecodeStep
+from nanotorl.dist import hooks_bypassed
 from nanotorl.fences import Scanner, line_ends
 from nanotorl.model import KVCache
 from nanotorl.slots import SlotTable
@@ -98,7 +100,8 @@ class Generator:
     closed; 'output' waits until the model itself writes "```output" (ToRL's original trigger, for base
     Qwen2.5-Math checkpoints that learned to write it); the exact rules are in :mod:`nanotorl.fences`.
     ``cuda_graph``: decode through :class:`nanotorl.decode_step.DecodeStep` (every slot, fixed shapes; a CUDA
-    graph on GPU)."""
+    graph on GPU; if the capture fails, eagerly, with a warning that names why). An FSDP2 model generates inside
+    ``dist.gathered``: its calls skip FSDP2's hooks (``dist.hooks_bypassed``)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
                  prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False):
@@ -145,11 +148,22 @@ class Generator:
                                  device=p.device, dtype=p.dtype)
             self.table = SlotTable(self.slots, self.max_len, *self._token_tables(), device=p.device)
         if self.cuda_graph:  # captured for this call: the weights stay where they are until it returns
-            self.decode_step = DecodeStep(self.model, self.cache, params=self.table.params)
-        try:
-            return self._generate(requests, progress)
+            self.decode_step = self._decode_step()
+        try:  # the weights are whole (dist.gathered): FSDP2's hooks would only add their launches to every step
+            with hooks_bypassed(self.model):
+                return self._generate(requests, progress)
         finally:
             self.decode_step = None
+
+    def _decode_step(self) -> DecodeStep | None:
+        """The captured decode step, or None when the capture fails: then this generator decodes eagerly from here
+        on, and says why once."""
+        try:
+            return DecodeStep(self.model, self.cache, params=self.table.params)
+        except RuntimeError as e:
+            self.cuda_graph = False
+            warnings.warn(f"cuda_graph: decoding eagerly, the decode step could not be captured: {e}", RuntimeWarning)
+            return None
 
     def _token_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[V] bool each: the stop ids, and the tokens whose bytes hold a line end."""
