@@ -83,19 +83,25 @@ def _torch_and_triton() -> list[str]:
 def install(wheelhouse: Path, site: Path = SITE) -> bool:
     """pip-install the requirements from the local wheels into a fresh folder beside ``site``, and only if that
     succeeded point the link ``site`` at it (one atomic rename) and remove the install it pointed at before. A
-    run cut half way (gpu_check.sh's time limit) leaves ``site`` as it was: never a half-installed package."""
+    run cut half way (gpu_check.sh's time limit) leaves ``site`` as it was: never a half-installed package; the
+    folder it left is removed by the next install."""
+    current = site.resolve() if site.is_symlink() else None
+    for left in site.parent.glob(site.name + "-*"):  # folders (and links) of installs cut short
+        if left.is_symlink():
+            left.unlink()
+        elif left.resolve() != current:
+            shutil.rmtree(left, ignore_errors=True)
     fresh = Path(tempfile.mkdtemp(prefix=site.name + "-", dir=site.parent))
     run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheelhouse),
                           "--target", str(fresh), "-r", str(REQUIREMENTS)], check=False)
     if run.returncode != 0:
         shutil.rmtree(fresh, ignore_errors=True)
         return False
-    before = site.resolve() if site.is_symlink() else None
     link = site.with_name(f"{fresh.name}.link")
     link.symlink_to(fresh.name)
     os.replace(link, site)
-    if before is not None:
-        shutil.rmtree(before, ignore_errors=True)
+    if current is not None:
+        shutil.rmtree(current, ignore_errors=True)
     return True
 
 

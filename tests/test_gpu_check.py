@@ -107,6 +107,7 @@ def test_install_switches_to_a_fresh_folder_only_on_success(tmp_path, monkeypatc
     fake_pip(monkeypatch, False, "half")
     assert not bench.deps.install(tmp_path, site)
     assert (site / "pkg.py").read_text() == "first" and len(list(tmp_path.iterdir())) == 2  # site, its folder
+    (tmp_path / "site-killed").mkdir()  # what an install killed by the time limit leaves
     fake_pip(monkeypatch, True, "second")
     assert bench.deps.install(tmp_path, site) and (site / "pkg.py").read_text() == "second"
-    assert len(list(tmp_path.iterdir())) == 2  # the first install removed
+    assert len(list(tmp_path.iterdir())) == 2  # the first install and the killed one's folder removed
