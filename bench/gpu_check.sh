@@ -26,6 +26,7 @@ export PYTHONUNBUFFERED=1
 export BENCH_RESULTS=${BENCH_RESULTS:-bench/results}
 export PYTHONPATH="$PWD/bench/site${PYTHONPATH:+:$PYTHONPATH}"  # what part 1 installed, once it is complete
 GPU_TESTS="tests/test_attention.py tests/test_decode_attention.py tests/test_logprob.py tests/test_sampling.py tests/test_generate.py"
+GPU_TESTS+=" tests/test_sdpa_backends.py"
 PARTS=(  # limit in seconds | name | arguments of $PY; 480 s in all (tests/test_gpu_check.py holds it to that)
     "60|dependencies|-m bench.deps --install bench/wheelhouse"
     "45|bench.logprob|-m bench.logprob --quick"

@@ -52,13 +52,14 @@ def model():
 def forwards(model):
     """The model's SDPA users: prefill chunks of two slots, a tool-output chunk after them, packed rows, padded
     rows; returns their outputs."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 97, (2, 12), generator=g)
-    cache = KVCache(model.cfg, slots=3, max_len=24, dtype=torch.bfloat16)
-    slots = torch.tensor([2, 0])
-    out = [model(ids[:, :8], positions=torch.arange(8).expand(2, 8), cache=cache, slots=slots),
-           model(ids[:, 8:], positions=torch.arange(8, 12).expand(2, 4), cache=cache, slots=slots)]
-    seq_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3])
+    dev = model.embed_tokens.weight.device
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1)).to(dev)
+    cache = KVCache(model.cfg, slots=3, max_len=24, device=dev, dtype=torch.bfloat16)
+    slots = torch.tensor([2, 0], device=dev)
+    positions = torch.arange(12, device=dev).expand(2, 12)
+    out = [model(ids[:, :8], positions=positions[:, :8], cache=cache, slots=slots),
+           model(ids[:, 8:], positions=positions[:, 8:], cache=cache, slots=slots)]
+    seq_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3], device=dev)
     out.append(model(ids.view(2, 12)[:1], seq_ids=seq_ids))
     out.append(model(ids))
     return out
@@ -85,3 +86,16 @@ def test_no_cuda_attention_call_selects_the_math_kernel(model, monkeypatch):
                                              f"enable_gqa {kw['enable_gqa']}")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to run SDPA's fused kernels")
+def test_cuda_forwards_run_with_the_math_kernel_disabled(model, monkeypatch):
+    """On a GPU, the same forwards with SDPA's math kernel switched off: any call that needs it raises."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    monkeypatch.delenv("NANOTORL_ATTENTION", raising=False)
+    monkeypatch.setenv("NANOTORL_KERNELS", "torch")  # the cached forwards through SDPA, not the decode kernel
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with torch.no_grad(), sdpa_kernel(fused):
+        out = forwards(model.cuda())
+    assert all(torch.isfinite(o).all() for o in out)
