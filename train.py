@@ -34,6 +34,7 @@ from nanotorl.data import arithmetic_problems, drop_duplicates, fit_positions, l
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
+from nanotorl.memory import run_plan
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
@@ -77,8 +78,11 @@ def rollout_step(model, gen: Generator, problems, step: int, cfg: TrainConfig, r
     draws = groups(mine, cfg.grpo.group_size, sampling, first + offset)
     with dist.gathered(model), torch.no_grad():
         model.eval()
-        return rollout(gen, draws, max_new_tokens=ro.max_new_tokens, max_tool_calls=ro.max_tool_calls, seed=cfg.seed,
-                       code_penalty=ro.code_penalty)
+        samples = rollout(gen, draws, max_new_tokens=ro.max_new_tokens, max_tool_calls=ro.max_tool_calls,
+                          seed=cfg.seed, code_penalty=ro.code_penalty)
+    if not ro.keep_kv_cache:
+        gen.release()  # the caching allocator gives its memory to train_step
+    return samples
 
 
 def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device, world: int) -> dict:
@@ -92,25 +96,32 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     passes = int(dist.all_max(len(batch.micro_batches), device))
     stats = LossStats()
     model.train()
-    for mb in batch.micro_batches + [filler_micro_batch()] * (passes - len(batch.micro_batches)):
-        mb = {k: v.to(device) for k, v in mb.items()}
-        logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], seq_ids=mb.get("seq_ids"),
-                                             temperature=cfg.rollout.temperature, return_entropy=True)
-        old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
-        loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
-        (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
-        stats.add(loss, st, logp, old, weight, entropy)
+    # every micro-batch goes to the device first: a copy from pageable host memory waits for the device's queue
+    mbs = [{k: v.to(device) for k, v in mb.items()}
+           for mb in batch.micro_batches + [filler_micro_batch()] * (passes - len(batch.micro_batches))]
+    for mb in mbs:
+        train_micro_batch(model, mb, cfg, normalizer, world, stats)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    finite = math.isfinite(stats.sums["loss"]) and math.isfinite(float(grad_norm))
-    sums = dist.all_sum(stats.sums | {"tokens": batch.tokens, "sequences": batch.sequences,
-                                      "nonfinite": float(not finite)}, device)
+    sums, gap_max, grad_norm = stats.read(grad_norm)  # the step's one read-back of its statistics
+    finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+    sums = dist.all_sum(sums | {"tokens": batch.tokens, "sequences": batch.sequences, "nonfinite": float(not finite)},
+                        device)
     if not sums["nonfinite"]:  # a non-finite loss or gradient norm on any rank: no rank updates (faults.Divergence)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm)) | {
-        "skipped": int(sums["nonfinite"] > 0)}
+    return LossStats.means(sums, dist.all_max(gap_max, device), grad_norm) | {"skipped": int(sums["nonfinite"] > 0)}
+
+
+def train_micro_batch(model, mb: dict, cfg: TrainConfig, normalizer: float, world: int, stats: LossStats) -> None:
+    """Forward, loss and backward of one micro-batch (its tensors on the device); no host read."""
+    logp, entropy = model.token_logprobs(mb["input_ids"], mb["targets"], seq_ids=mb.get("seq_ids"),
+                                         temperature=cfg.rollout.temperature, return_entropy=True)
+    old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
+    loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
+    (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
+    stats.add(loss, st, logp, old, weight, entropy)
 
 
 def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -> None:
@@ -339,6 +350,8 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
                         trigger=ro.trigger, cuda_graph=ro.cuda_graph, compat=ro.compat)
+        if rank == 0:
+            tqdm.write(run_plan(cfg, model.cfg, world, device.type == "cuda", gen.max_len + gen.prefill_chunk).table())
         if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
         divergence, saved = faults.Divergence(cfg.optim.max_skipped_steps, rank), start

@@ -2,6 +2,7 @@
 
     python -m bench.deps                            # exit status 1 if something is missing
     python -m bench.deps --install bench/wheelhouse # first install what is missing from local wheels (no network)
+                                                    # into bench/site (put it on PYTHONPATH: gpu_check.sh does)
 
 Checked: the packages of bench/gpu_requirements.txt at the versions it asks for (``bench/wheelhouse.sh`` downloads
 them for a machine with no network); every module the GPU tests and benchmarks import (a package the list
@@ -17,9 +18,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 REQUIREMENTS = Path(__file__).with_name("gpu_requirements.txt")
+SITE = Path(__file__).with_name("site")  # what --install installs, a link to the last complete install
 ENTRY_MODULES = ["bench.logprob", "bench.sampling", "bench.decode", "bench.generate", "bench.decode_step",
                  "nanotorl.demo", "pytest", "transformers"]
 
@@ -77,13 +80,39 @@ def _torch_and_triton() -> list[str]:
     return [] if torch.cuda.is_available() else [f"a CUDA device: torch {torch.__version__} sees none"]
 
 
+def install(wheelhouse: Path, site: Path = SITE) -> bool:
+    """pip-install the requirements from the local wheels into a fresh folder beside ``site``, and only if that
+    succeeded point the link ``site`` at it (one atomic rename) and remove the install it pointed at before. A
+    run cut half way (gpu_check.sh's time limit) leaves ``site`` as it was: never a half-installed package; the
+    folder it left is removed by the next install."""
+    current = site.resolve() if site.is_symlink() else None
+    for left in site.parent.glob(site.name + "-*"):  # folders (and links) of installs cut short
+        if left.is_symlink():
+            left.unlink()
+        elif left.resolve() != current:
+            shutil.rmtree(left, ignore_errors=True)
+    fresh = Path(tempfile.mkdtemp(prefix=site.name + "-", dir=site.parent))
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheelhouse),
+                          "--target", str(fresh), "-r", str(REQUIREMENTS)], check=False)
+    if run.returncode != 0:
+        shutil.rmtree(fresh, ignore_errors=True)
+        return False
+    link = site.with_name(f"{fresh.name}.link")
+    link.symlink_to(fresh.name)
+    os.replace(link, site)
+    if current is not None:
+        shutil.rmtree(current, ignore_errors=True)
+    return True
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--install", metavar="WHEELHOUSE", help="install missing packages from these wheels first")
     args = parser.parse_args()
     if args.install and Path(args.install).is_dir() and missing():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", args.install,
-                        "-r", str(REQUIREMENTS)], check=False)
+        print("installed into bench/site" if install(Path(args.install)) else "install failed: bench/site unchanged")
+        sys.path.insert(0, str(SITE))
+        importlib.invalidate_caches()
     problems = missing()
     print(f"python {sys.version.split()[0]} at {sys.executable}")
     for line in problems:

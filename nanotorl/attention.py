@@ -13,7 +13,8 @@ Four ways to compute it; :func:`attention_path` picks one from what is available
   flex         torch's FlexAttention with a causal document ``BlockMask`` built from ``seq_ids``: of the 128 x 128
                blocks of the score matrix, those between different sequences are never computed. Compiled on CUDA,
                once per row shape (the trainer pads rows to a few lengths: ``nanotorl.grpo.micro_batches``).
-  dense        SDPA with a boolean mask [B, 1, T, T]: one call that computes every block; the right tool at small T.
+  dense        SDPA with a boolean mask [B, 1, T, T]: one call that computes every block; the right tool at small T
+               (on CUDA K/V are expanded to every query head, so the memory-efficient kernel takes it: sdpa_heads).
   sdpa_varlen  ``flash_attn_varlen_func``'s layout computed by causal SDPA on each sequence in turn: CPU at
                larger T, where a [T, T] mask would outgrow the activations.
 
@@ -72,9 +73,26 @@ def attention_path(device, dtype, T: int) -> tuple[str, str]:
 def sdpa(q, k, v, mask=None):
     """SDPA in the model's layout. q: [B, T, Hq, d], k/v: [B, S, Hkv, d] (Hq a multiple of Hkv), mask: [B, 1, T, S]
     bool or None (plain causal) -> [B, T, Hq, d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    return out.transpose(1, 2)
+    return sdpa_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+
+
+def sdpa_heads(q, k, v, mask=None):
+    """SDPA in the heads-first layout, never on CUDA's math kernel. q: [B, Hq, T, d], k/v: [B, Hkv, S, d], mask:
+    [B, 1, T, S] bool or None (plain causal) -> [B, Hq, T, d].
+
+    On CUDA, flash attention takes grouped-query heads but no mask, and the memory-efficient kernel a mask but no
+    grouped-query heads; a masked call with Hq > Hkv would fall to the math kernel, which expands K/V itself and
+    materialises fp32 [B, Hq, T, S] scores. So a masked call on CUDA gets K/V expanded to every query head first
+    (the memory-efficient kernel then takes it); elsewhere SDPA groups the heads itself."""
+    if mask is not None and _cuda(q) and k.shape[1] != q.shape[1]:
+        k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))   # [B, Hq, S, d]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _cuda(t) -> bool:
+    """Whether ``t`` is on CUDA, where SDPA picks among flash, memory-efficient and math kernels."""
+    return t.is_cuda
 
 
 def sequence_mask(seq_ids):
@@ -112,6 +130,7 @@ class Packing:
     inverse: torch.Tensor | None = None    # varlen: back to row order
     cu_seqlens: torch.Tensor | None = None  # varlen: [sequences + 1] int32, where each starts in that order
     lengths: tuple[int, ...] = ()          # varlen: the sequences' lengths in that order, on the host
+    seq_ids: torch.Tensor | None = None    # flex: the rows' ids [B, T], which its mask function reads
 
 
 def pack(seq_ids, dtype) -> Packing:
@@ -120,7 +139,7 @@ def pack(seq_ids, dtype) -> Packing:
     if path == "dense":
         return Packing(path, mask=sequence_mask(seq_ids))
     if path == "flex":
-        return Packing(path, block_mask=document_block_mask(seq_ids))
+        return Packing(path, block_mask=document_block_mask(seq_ids), seq_ids=seq_ids)
     B, T = seq_ids.shape
     order, first = _grouped(seq_ids)
     order = (order + T * torch.arange(B, device=seq_ids.device)[:, None]).flatten()   # [B * T]
@@ -136,7 +155,7 @@ def document_block_mask(seq_ids) -> BlockMask:
     sequence of their own); which blocks are computed follows from each block's smallest and largest id."""
     B, T = seq_ids.shape
     n = -(-T // FLEX_BLOCK)
-    ids = torch.cat([seq_ids, (seq_ids.max() + 1).expand(B, n * FLEX_BLOCK - T)], 1)   # [B, n * FLEX_BLOCK]
+    ids = _block_padded(seq_ids)                                                        # [B, n * FLEX_BLOCK]
     lo, hi = ids.view(B, n, FLEX_BLOCK).aminmax(dim=-1)                                 # [B, n] each
     blk = torch.arange(n, device=ids.device)
     below, before = blk[None, :] <= blk[:, None], blk[None, :] < blk[:, None]           # [n_q, n_k]: k <= q, k < q
@@ -144,12 +163,41 @@ def document_block_mask(seq_ids) -> BlockMask:
     single = lo == hi
     full = before & single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
     partial = below & overlap & ~full
-
-    def doc_causal(b, h, q, kv):
-        return (ids[b, q] == ids[b, kv]) & (q >= kv)
-
     return BlockMask.from_kv_blocks(*_kv_blocks(partial), *_kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=doc_causal)
+                                    mask_mod=document_mask(seq_ids))
+
+
+def _block_padded(seq_ids):
+    """seq_ids [B, T] padded to whole blocks [B, n * FLEX_BLOCK], the pads one id above the largest."""
+    B, T = seq_ids.shape
+    return torch.cat([seq_ids, (seq_ids.max() + 1).expand(B, -(-T // FLEX_BLOCK) * FLEX_BLOCK - T)], 1)
+
+
+_DOCUMENT_MASKS = {}  # (padded shape, dtype, device) -> [ids buffer, its mask function, the seq_ids it holds]
+
+
+def document_mask(seq_ids):
+    """The token-level mask function of rows ``seq_ids [B, T]`` padded to whole blocks (same sequence, causal).
+
+    One function per padded row shape, reading the ids from a buffer of that shape: torch.compile guards on the
+    function, so a new closure per micro-batch could recompile FlexAttention for each one (torch 2.11). The
+    buffer takes ``seq_ids`` unless it holds them already, so :func:`attend` calls this before each attention and
+    packings of one shape may be used in turn; a packing's forward and backward must not have another packing of
+    its shape in between (autograd then refuses the backward: the buffer it saved was written)."""
+    B, T = seq_ids.shape
+    key = ((B, -(-T // FLEX_BLOCK) * FLEX_BLOCK), seq_ids.dtype, seq_ids.device)
+    if key not in _DOCUMENT_MASKS:
+        held = torch.empty(key[0], dtype=seq_ids.dtype, device=seq_ids.device)
+
+        def doc_causal(b, h, q, kv):
+            return (held[b, q] == held[b, kv]) & (q >= kv)
+
+        _DOCUMENT_MASKS[key] = [held, doc_causal, None]
+    entry = _DOCUMENT_MASKS[key]
+    if entry[2] is not seq_ids:
+        entry[0].copy_(_block_padded(seq_ids))
+        entry[2] = seq_ids
+    return entry[1]
 
 
 def _kv_blocks(blocks):
@@ -169,6 +217,7 @@ def attend(q, k, v, packing: Packing):
     if packing.path == "dense":
         return sdpa(q, k, v, packing.mask)
     if packing.path == "flex":
+        document_mask(packing.seq_ids)  # these rows' ids into the buffer their mask function reads
         return _flex(q, k, v, packing.block_mask)
     return _varlen(q, k, v, packing)
 

@@ -65,6 +65,8 @@ class RolloutConfig(Checked):
                          one_of(*COMPAT))
     gen_slots: int = option(128, "concurrent sequences per rank (KV-cache slots)", at_least(1), "sequences")
     cuda_graph: bool = option(False, "decode step as a CUDA graph (GPU; not yet measured on one: see README)")
+    keep_kv_cache: bool = option(False, "keep the generator's KV cache allocated through the update (else freed "
+                                        "for it)")
     sandbox_workers: int = option(2, "sandbox processes per rank running tool calls", at_least(1), "processes")
     sandbox_timeout: float = option(5.0, "wall and CPU time limit of one tool call", above(0), "seconds")
     code_penalty: float = option(0.0, "extra reward penalty for a failed tool call (the paper's ablation used 0.5)",

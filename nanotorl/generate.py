@@ -26,7 +26,9 @@ on the model's device; the only text ever encoded is a tool observation (what th
 
 Only the observation tokens (plus the token sampled just before the pause) are prefilled on resume.
 """
+import itertools
 import time
+import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ import torch
 from nanotorl.kernels.sampling import sample
 from nanotorl.batch import DecodeRows, prefill_group, twins
 from nanotorl.decode_step import DecodeStep
+from nanotorl.dist import hooks_bypassed
 from nanotorl.fences import Scanner, line_ends
 from nanotorl.model import KVCache
 from nanotorl.slots import SlotTable
@@ -97,8 +100,10 @@ class Generator:
     closed; 'output' waits until the model itself writes "```output" (ToRL's original trigger, for base
     Qwen2.5-Math checkpoints that learned to write it); the exact rules are in :mod:`nanotorl.fences`.
     ``cuda_graph``: decode through :class:`nanotorl.decode_step.DecodeStep` (every slot, fixed shapes; a CUDA
-    graph on GPU). ``compat``: 'torl' follows ToRL's own code (trigger 'output' only): its observation text
-    (:func:`nanotorl.tool.torl_observation`) and its budget rule (a spent budget makes further calls text)."""
+    graph on GPU; if the capture fails, eagerly, with a warning that names why). An FSDP2 model generates inside
+    ``dist.gathered``: its calls skip FSDP2's hooks (``dist.hooks_bypassed``). ``compat``: 'torl' follows ToRL's own
+    code (trigger 'output' only): its observation text (:func:`nanotorl.tool.torl_observation`) and its budget rule
+    (a spent budget makes further calls text)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
                  prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False,
@@ -121,7 +126,13 @@ class Generator:
 
     def close(self):
         """Release the KV cache; later calls raise."""
-        self.cache, self.table, self.decode_step, self.closed = None, None, None, True
+        self.release()
+        self.closed = True
+
+    def release(self):
+        """Drop the KV cache and the slot table, so that the caching allocator can give their memory to training;
+        the next ``generate`` allocates them again."""
+        self.cache, self.table, self.decode_step = None, None, None
 
     def _check(self, r: Request):
         if not r.prompt_ids:
@@ -146,11 +157,22 @@ class Generator:
                                  device=p.device, dtype=p.dtype)
             self.table = SlotTable(self.slots, self.max_len, *self._token_tables(), device=p.device)
         if self.cuda_graph:  # captured for this call: the weights stay where they are until it returns
-            self.decode_step = DecodeStep(self.model, self.cache, params=self.table.params)
-        try:
-            return self._generate(requests, progress)
+            self.decode_step = self._decode_step()
+        try:  # the weights are whole (dist.gathered): FSDP2's hooks would only add their launches to every step
+            with hooks_bypassed(self.model):
+                return self._generate(requests, progress)
         finally:
             self.decode_step = None
+
+    def _decode_step(self) -> DecodeStep | None:
+        """The captured decode step, or None when the capture fails: then this generator decodes eagerly from here
+        on, and says why once."""
+        try:
+            return DecodeStep(self.model, self.cache, params=self.table.params)
+        except RuntimeError as e:
+            self.cuda_graph = False
+            warnings.warn(f"cuda_graph: decoding eagerly, the decode step could not be captured: {e}", RuntimeWarning)
+            return None
 
     def _token_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[V] bool each: the stop ids, and the tokens whose bytes hold a line end."""
@@ -272,20 +294,23 @@ class Generator:
         """Append the drawn tokens to their slots; the host then looks only at the slots the table flags: finish
         those that wrote an end id or are full, read the line a slot ended (it may pause for the tool). Returns
         the slots that finished."""
-        finished = []
+        finished, lines = [], []  # lines: (slot, its length) of the slots that ended a line
         for row, stopped, full, line_end, length in self.table.append(idx, tokens, logprobs):
             s = slots[row]
             if stopped or full:
                 s.n_tokens, s.finish_reason = length, "eos" if stopped else "length"
                 finished.append(s)
-            elif line_end and self._read_line(s, length):
-                finished.append(s)
+            elif line_end:
+                lines.append((s, length))
+        if lines:  # every line read back in one go, not one read per slot
+            flat = torch.cat([self.table.tokens[s.index, s.line_start:n] for s, n in lines]).tolist()
+            starts = [0, *itertools.accumulate(n - s.line_start for s, n in lines)]
+            finished += [s for (s, n), a, b in zip(lines, starts, starts[1:]) if self._read_line(s, n, flat[a:b])]
         return finished
 
-    def _read_line(self, s: _Slot, length: int) -> bool:
-        """Feed the slot's scanner the line it just ended; on a tool call, submit the code and pause the slot.
-        True if it must finish instead ('output' trigger, budget spent)."""
-        ids = self.table.tokens[s.index, s.line_start:length].tolist()
+    def _read_line(self, s: _Slot, length: int, ids: list[int]) -> bool:
+        """Feed the slot's scanner the line it just ended, ``ids`` (its tokens line_start..length-1); on a tool call,
+        submit the code and pause the slot. True if it must finish instead ('output' trigger, budget spent)."""
         s.line_start = length
         code = s.scanner.feed(b"".join(map(self.tokenizer.token_bytes, ids)))
         if code is None:

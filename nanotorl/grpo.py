@@ -93,23 +93,26 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, normalizer: f
     1 / (its sequence's masked length) in ``mask`` and ``normalizer`` is the number of sequences; for constant
     aggregation it is the number of sequences x ``max_new_tokens`` (:func:`loss_normalizer`). Dividing by a global
     count keeps the gradient exact under micro-batching and data parallelism.
-    Returns (loss, stats) where stats holds sums for logging: clipped tokens, tokens the dual clip capped, KL.
+    Returns (loss, stats) where stats holds sums for logging: clipped tokens, tokens the dual clip capped, KL; each a
+    0-dim tensor on the device (read back once per step: :class:`LossStats`).
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
-    stats = {"clipped": float(((clipped < unclipped) & (mask > 0)).sum()), "dual_clipped": 0.0}
+    on = mask > 0
+    zero = per_token.new_zeros(())
+    stats = {"clipped": ((clipped < unclipped) & on).sum(), "dual_clipped": zero, "kl": zero}
     if cfg.dual_clip:
         cap = -cfg.dual_clip * advantages  # binds only where A < 0 (there it is positive)
         capped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(capped, cap, per_token)
-        stats["dual_clipped"] = float((capped & (mask > 0)).sum())
+        stats["dual_clipped"] = (capped & on).sum()
     if cfg.kl_coef and ref_logp is not None:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_token = per_token + cfg.kl_coef * kl
-        stats["kl"] = float((kl.detach() * (mask > 0)).sum())
+        stats["kl"] = torch.where(on, kl.detach(), 0.0).sum()
     return (per_token * mask).sum() / normalizer, stats
 
 
@@ -251,24 +254,30 @@ def filler_micro_batch() -> dict:
 
 
 class LossStats:
-    """Sums over the micro-batches of one step, for the log; :meth:`means` once summed over the ranks."""
+    """Sums over the micro-batches of one step, for the log, kept on the device: :meth:`read` brings them to the host
+    once per step (a read per micro-batch would make the host wait for each forward before launching its
+    backward); :meth:`means` once summed over the ranks."""
+    KEYS = ("clipped", "dual_clipped", "entropy", "gap_sum", "kl", "loss")
 
     def __init__(self):
-        self.sums = {"clipped": 0.0, "dual_clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
-        self.gap_max = 0.0  # largest |trainer log-prob - generator log-prob| of a policy token
+        self.sums = None     # [len(KEYS)] float64, in the order of KEYS
+        self.gap_max = None  # 0-dim: largest |trainer log-prob - generator log-prob| of a policy token
 
     def add(self, loss, stats: dict, logp, old_logp, weight, entropy) -> None:
         """One micro-batch: its loss and :func:`policy_loss` stats; per token [N]: log-probs now and at
         sampling, weights, entropies."""
         on = weight > 0
-        gap = (logp.detach() - old_logp).abs()[on]
-        self.sums["clipped"] += stats["clipped"]
-        self.sums["dual_clipped"] += stats["dual_clipped"]
-        self.sums["kl"] += stats.get("kl", 0.0)
-        self.sums["entropy"] += float(entropy.detach()[on].sum())
-        self.sums["gap_sum"] += float(gap.sum())
-        self.sums["loss"] += float(loss.detach())
-        self.gap_max = max(self.gap_max, float(gap.max()) if gap.numel() else 0.0)
+        gap = torch.where(on, (logp.detach() - old_logp).abs(), 0.0)
+        parts = {"entropy": torch.where(on, entropy.detach(), 0.0).sum(), "gap_sum": gap.sum(), "loss": loss.detach()}
+        new = torch.stack([(parts[k] if k in parts else stats[k]).double() for k in self.KEYS])
+        first = self.sums is None
+        self.sums = new if first else self.sums + new
+        self.gap_max = gap.max() if first else torch.maximum(self.gap_max, gap.max())
+
+    def read(self, grad_norm: torch.Tensor) -> tuple[dict, float, float]:
+        """(sums by key, largest gap, ``grad_norm``) on the host, in one read-back."""
+        values = torch.cat([self.sums, self.gap_max.double()[None], grad_norm.double().reshape(1)]).tolist()
+        return dict(zip(self.KEYS, values)), values[-2], values[-1]
 
     @staticmethod
     def means(sums: dict, gap_max: float, grad_norm: float) -> dict:

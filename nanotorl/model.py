@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from nanotorl.kernels import use_triton
 from nanotorl.kernels.decode_attention import decode_attention
 from nanotorl.kernels.logprob import logprob
-from nanotorl.attention import Packing, attend, pack, sdpa, sequence_positions
+from nanotorl.attention import Packing, attend, pack, sdpa, sdpa_heads, sequence_positions
 
 
 @dataclass
@@ -219,8 +219,7 @@ class Attention(nn.Module):
             scores = torch.baddbmm(w.mask, q.view(B * self.n_kv, Hq // self.n_kv, d), keys.flatten(0, 1).mT,
                                    alpha=d ** -0.5)  # [B * Hkv, G, S]
             return torch.bmm(scores.float().softmax(-1).to(values.dtype), values.flatten(0, 1)).view(B, Hq, d)
-        out = F.scaled_dot_product_attention(q.view(B, T, Hq, d).transpose(1, 2), keys, values, attn_mask=w.mask,
-                                             enable_gqa=True)  # [B, Hq, T, d]
+        out = sdpa_heads(q.view(B, T, Hq, d).transpose(1, 2), keys, values, w.mask)  # [B, Hq, T, d]
         return out.transpose(1, 2).reshape(B * T, Hq, d)
 
 

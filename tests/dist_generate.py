@@ -3,10 +3,11 @@ argv[1] as JSON:
   resharded   which parameters a forward outside generation leaves sharded (DTensors), before any
               ``dist.gathered`` and after two of them: the root's (embedding, norm, head) stay whole, the blocks'
               are sharded again
-  fsdp_hooks  calls of FSDP2's pre-forward (root and per group) inside the decode step, and elsewhere
+  fsdp_hooks  calls of FSDP2's pre-forward (root and per group) inside generation with ``cuda_graph`` and
+              without (eager: prefills and decoding), and outside generation
   steps       decode steps run; every one under ``host_sync.no_host_sync``
   same        the tokens of the sharded model decoding with ``cuda_graph`` (the captured step, interpreted
-              Triton kernels) equal an unsharded copy's; logprob_diff is the largest log-prob difference
+              Triton kernels) and eagerly equal an unsharded copy's; logprob_diff is the largest log-prob difference
 """
 import copy
 import json
@@ -28,27 +29,33 @@ from nanotorl.generate import Generator, Request, SamplingParams  # noqa: E402
 from nanotorl.model import Qwen2, Qwen2Config  # noqa: E402
 from nanotorl.tokenizer import Tokenizer  # noqa: E402
 
-CALLS = {"step": 0, "elsewhere": 0}
-IN_STEP = [False]
+CALLS = {"graph": 0, "eager": 0, "outside": 0}
+WHERE = ["outside"]  # where FSDP2's hooks are counted now
 
 
 def counted(fn):
     def call(*args, **kwargs):
-        CALLS["step" if IN_STEP[0] else "elsewhere"] += 1
+        CALLS[WHERE[0]] += 1
         return fn(*args, **kwargs)
     return call
 
 
 def checked_run(run, steps):
     def step(self):
-        IN_STEP[0] = True
-        try:
-            with no_host_sync():
-                run(self)
-        finally:
-            IN_STEP[0] = False
+        with no_host_sync():
+            run(self)
         steps.append(1)
     return step
+
+
+def labelled(generate):
+    def call(self, *args, **kwargs):
+        WHERE[0] = "graph" if self.cuda_graph else "eager"
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            WHERE[0] = "outside"
+    return call
 
 
 def resharded(model) -> dict:
@@ -75,19 +82,20 @@ def main(out, tok_dir):
     FSDPParamGroup.pre_forward = counted(FSDPParamGroup.pre_forward)
     steps = []
     DecodeStep._run = checked_run(DecodeStep._run, steps)
+    Generator.generate = labelled(Generator.generate)
     reqs = [Request(tok.encode(f"What is {i} + {i}?"), max_new_tokens=4, seed=i,
                     sampling=SamplingParams(temperature=float(i % 2))) for i in range(2)]
     outs = []
-    for _ in range(2):
+    for graph in (True, True, False):
         with dist.gathered(model), torch.no_grad():
             model.eval()
-            outs = Generator(model, tok, slots=2, max_len=48, cuda_graph=True).generate(reqs)
+            outs.append(Generator(model, tok, slots=2, max_len=48, cuda_graph=graph).generate(reqs))
     seen["resharded"].append(resharded(model))
     with torch.no_grad():
         want = Generator(reference, tok, slots=2, max_len=48).generate(reqs)
-    seen |= {"fsdp_hooks": CALLS, "steps": len(steps),
-             "same": [o.response_ids for o in outs] == [w.response_ids for w in want],
-             "logprob_diff": max(abs(a - b) for o, w in zip(outs, want) for a, b in zip(o.logprobs, w.logprobs)),
+    pairs = [(o, w) for out in outs[1:] for o, w in zip(out, want)]
+    seen |= {"fsdp_hooks": CALLS, "steps": len(steps), "same": all(o.response_ids == w.response_ids for o, w in pairs),
+             "logprob_diff": max(abs(a - b) for o, w in pairs for a, b in zip(o.logprobs, w.logprobs)),
              "counts": dist.all_counts({f"only on rank {rank}": rank + 1, "on both": 10})}  # keys differ by rank
     if rank == 0:
         with open(out, "w") as f:

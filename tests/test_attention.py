@@ -104,6 +104,23 @@ def test_path_equals_dense_mask(case, path, monkeypatch, cpu_flex_backward):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{path} {name}: {m}")
 
 
+def test_one_flex_mask_function_per_row_shape_and_packings_used_in_any_order(monkeypatch, cpu_flex_backward):
+    """The rows of every micro-batch of one shape share one mask function (a new closure per micro-batch could make
+    torch 2.11 recompile FlexAttention for each), and a packing made before another of its shape still attends
+    within its own sequences, forward and backward."""
+    monkeypatch.setenv("NANOTORL_ATTENTION", "flex")
+    first, second, other = CASES["2-seq"], CASES["5-seq"], CASES["5-seq"][:, :200]
+    packings = [pack(ids, torch.float32) for ids in (first, second, other)]
+    assert packings[0].block_mask.mask_mod is packings[1].block_mask.mask_mod
+    assert packings[2].block_mask.mask_mod is not packings[0].block_mask.mask_mod
+    for ids, packing in zip((first, second, other), packings):
+        q, k, v = qkv(ids)
+        want = attention_and_grads(q, k, v, lambda *z: attention.sdpa(*z, sequence_mask(ids)))
+        got = attention_and_grads(q, k, v, lambda *z: attend(*z, packing))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def block_mask_as_tokens(block_mask, seq_ids):
     """The [B, T', T'] token mask a BlockMask stands for: full blocks all True, partial ones through its mask_mod."""
     B, n = block_mask.kv_num_blocks.shape[0], block_mask.kv_num_blocks.shape[-1]

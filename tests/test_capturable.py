@@ -136,3 +136,18 @@ def test_failed_capture_names_its_cause(error, cause):
     assert cause in capture_hint(error)
     if "join" in error.lower():
         assert "host" not in capture_hint(error)
+
+
+def test_failed_capture_falls_back_to_eager_decoding_and_says_why(tok, monkeypatch):
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("capturing the decode step as a CUDA graph failed: cudaErrorStreamCaptureUnjoined")
+
+    monkeypatch.setattr(DecodeStep, "__init__", failing)
+    model = tiny_model(tok.vocab_size)
+    reqs = [Request(p, max_new_tokens=4, sampling=SamplingParams(temperature=0.0)) for p in prompts(tok, 2)]
+    gen = Generator(model, tok, slots=2, max_len=48, cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly.*cudaErrorStreamCaptureUnjoined"):
+        got = gen.generate(reqs)
+    assert not gen.cuda_graph  # once: the next call does not try again
+    want = Generator(model, tok, slots=2, max_len=48).generate(reqs)
+    assert [o.response_ids for o in got] == [o.response_ids for o in want]
