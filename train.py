@@ -14,6 +14,7 @@ generating), checkpoints are Hugging Face directories plus the optimizer, and a 
 the newest complete checkpoint in ``out_dir``. The options are nanotorl.config's (``--help`` lists them).
 """
 import json
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -29,10 +30,12 @@ from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, repeats_line
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
-from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
+from nanotorl.grpo import (LossStats, filler_micro_batch, group_advantages, grpo_batch, loss_normalizer, policy_loss,
+                           trained)
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
+from nanotorl.samples import SampleLog, drop_after, logged_indices, sample_record
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.sandbox import SandboxPool
 
@@ -139,10 +142,11 @@ def eval_means(sums: dict) -> dict:
         f"eval_{key}": v / n for key, v in sums.items() if key.startswith("pass@")}
 
 
-def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -> dict:
+def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device, step: int) -> tuple[dict, list]:
     """Greedy accuracy and tool use, and unbiased pass@k, on the held-out set (each rank its share, summed over
     ranks); with --eval-data of several sources, the same per source ("eval_accuracy/aime24") and their unweighted
-    mean ("eval_accuracy/average"), as ToRL's validation logs them."""
+    mean ("eval_accuracy/average"), as ToRL's validation logs them. Also the records (nanotorl.samples) of this
+    rank's greedy responses to the first ``--log-eval-samples`` held-out problems."""
     mine, first = dist.shard_of(heldout, rank, world)
     budget = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_tool_calls": cfg.rollout.max_tool_calls}
     k = cfg.log.eval_k
@@ -162,7 +166,25 @@ def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -
     means = {part: eval_means({key: total[(part, key)] for key in sums}) for part, sums in local.items()}
     per_source = {f"{key}/{s}": v for s in sources for key, v in means[s].items()}
     average = source_mean([means[s] for s in sources]) if sources else {}
-    return means[""] | per_source | {f"{key}/average": v for key, v in average.items()}
+    kept = [sample_record(s, generator.tokenizer, step=step, mode="greedy", index=0)
+            for i, s in enumerate(greedy) if first + i < cfg.log.log_eval_samples]
+    return means[""] | per_source | {f"{key}/average": v for key, v in average.items()}, kept
+
+
+def training_records(samples: list[Sample], cfg: TrainConfig, tok, step: int, rank: int, world: int) -> list[dict]:
+    """The records (nanotorl.samples) of the responses this rank keeps of ``step``: none but every
+    ``--log-samples-every`` steps (default: the validation cadence) and at the last step; then its share of
+    ``--log-samples``, with each response's advantage and whether the loss saw it."""
+    every = cfg.log.log_samples_every or cfg.log.eval_every
+    if not every or (step % every and step != cfg.steps):
+        return []
+    G, rewards = cfg.grpo.group_size, [s.reward for s in samples]
+    advantages = group_advantages(torch.tensor(rewards), G, cfg.grpo.std_normalize).tolist()
+    seen = trained(samples, torch.tensor(rewards), cfg.grpo)
+    rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+    picked = logged_indices(rewards, G, -(-cfg.log.log_samples // world), rng)
+    return [sample_record(samples[i], tok, step=step, mode="train", index=i % G, advantage=advantages[i],
+                          trained=seen[i]) for i in picked]
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -178,9 +200,7 @@ class Log:
         if not self.on:
             return
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        if self.file.exists():  # drop what a crashed run logged after its last checkpoint
-            keep = [line for line in self.file.read_text().splitlines() if json.loads(line)["step"] <= start]
-            self.file.write_text("".join(line + "\n" for line in keep))
+        drop_after(self.file, start)  # what a crashed run logged after its last checkpoint
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(Path(cfg.log.out_dir) / "tensorboard")
@@ -282,13 +302,15 @@ def main(argv=None):
     fits, heldout = fitting_problems(cfg, tok, rank)
     if rank == 0:
         tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
-    ro = cfg.rollout
+    ro, kept = cfg.rollout, SampleLog(cfg.log.out_dir, rank, start)
     with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
                         trigger=ro.trigger, cuda_graph=ro.cuda_graph)
         if start == 0 and heldout and cfg.log.eval_every:
-            log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
+            metrics, held = evaluate(model, gen, heldout, cfg, rank, world, device, 0)
+            log({"step": 0} | metrics)
+            kept.write(held)
         for step in range(start, cfg.steps):
             t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
             samples = rollout_step(model, gen, fits, step, cfg, rank, world)             # rollout -> rewards
@@ -301,16 +323,20 @@ def main(argv=None):
             record |= finish_stats(sums, failures) | {
                 "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
                 "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
+            records = training_records(samples, cfg, tok, step + 1, rank, world)
             if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
-                record |= evaluate(model, gen, heldout, cfg, rank, world, device)
+                metrics, held = evaluate(model, gen, heldout, cfg, rank, world, device, step + 1)
+                record, records = record | metrics, records + held
             log(record)
+            kept.write(records)
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(model, optimizer, tok, cfg.log.out_dir, step + 1, asdict(cfg),
                                 cfg.log.keep_checkpoints, rank, world)
     if rank == 0:
         from nanotorl.plot import plot_metrics
         png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
-        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}")
+        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}; to read the responses: "
+                   f"python -m nanotorl.view {cfg.log.out_dir}")
     dist.teardown()
 
 

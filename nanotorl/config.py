@@ -75,6 +75,9 @@ class LogConfig:
     eval_every: int = 10
     eval_problems: int = 200
     eval_k: int = 4                 # samples per held-out problem for pass@k (1 = greedy only)
+    log_samples_every: int = 0      # steps between training responses kept in samples.jsonl (>= 0; 0: --eval-every)
+    log_samples: int = 24           # training responses kept per such step (>= 0): best, worst, one random per group
+    log_eval_samples: int = 32      # held-out greedy responses kept per validation (>= 0): the first N problems
     save_every: int = 20
     keep_checkpoints: int = 2
     tensorboard: bool = False

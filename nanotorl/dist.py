@@ -177,6 +177,15 @@ def all_counts(counts: dict) -> dict:
     return total
 
 
+def gathered_lists(items: list) -> list:
+    """Every rank's ``items`` (picklable), rank 0's first, concatenated on every rank."""
+    if not distributed():
+        return list(items)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, list(items))
+    return [item for part in every for item in part]
+
+
 def all_max(value: float, device) -> float:
     if not distributed():
         return value
