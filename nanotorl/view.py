@@ -101,8 +101,8 @@ def render(records, metrics: list[dict], title: str) -> str:
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     data = "\n".join(f'<script type="application/json" id="chunk{i}">{embed(rs)}</script>'
                      for i, rs in enumerate(parts.values()))
-    values = {"TITLE": html.escape(title), "SCRIPT_HASH": f"sha256-{digest}", "STYLE": (ASSETS / "page.css").read_text(),
-              "META": embed(meta), "CHUNKS": data, "SCRIPT": script}
+    values = {"TITLE": html.escape(title), "SCRIPT_HASH": f"sha256-{digest}", "META": embed(meta), "CHUNKS": data,
+              "STYLE": (ASSETS / "page.css").read_text(), "SCRIPT": script}
     # one pass over the template: a value's own text (a response that writes "{{SCRIPT}}") is never replaced
     return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m[1]], (ASSETS / "page.html").read_text())
 

@@ -53,6 +53,22 @@ def test_embedded_json_cannot_close_its_element():
     assert json.loads(text) == obj
 
 
+def test_a_samples_file_of_eval_gets_its_page_beside_it(tmp_path, capsys):
+    old = {"dataset": "aime24", "id": "1", "problem": "Q?", "answer": "2", "response": "So \\boxed{2}",
+           "extracted": "2", "correct": True, "reward": 1.0, "tool_calls": [], "finish_reason": "eos",
+           "response_tokens": 5}  # a record eval.py wrote before the shared one: no masked offsets, no prompt
+    file = tmp_path / "samples.jsonl"
+    file.write_text("".join(json.dumps(old | {"mode": m, "index": i}) + "\n" for m, i in
+                            (("greedy", 0), ("sampled", 0), ("sampled", 1))))
+    assert main([str(file)]) == tmp_path / "samples.html"
+    assert "3 responses" in capsys.readouterr().out
+    meta = (tmp_path / "samples.html").read_text().split('<script type="application/json" id="meta">')[1]
+    assert json.loads(meta.split("</script>")[0])["chunks"] == [{"mode": "greedy", "step": 0, "n": 1},
+                                                               {"mode": "sampled", "step": 0, "n": 2}]
+    with pytest.raises(FileNotFoundError, match="samples.jsonl"):
+        main([str(tmp_path / "nothing")])
+
+
 def hostile_records(step: int) -> list[dict]:
     """Training records whose every text field is hostile, one per attack in its text, code and tool output."""
     bad = "".join(HOSTILE)
