@@ -82,7 +82,8 @@ def rollout_step(model, gen: Generator, problems, step: int, cfg: TrainConfig, r
 
 def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device, world: int) -> dict:
     """One optimizer step on this rank's samples (whole groups): the GRPO batch, then the loss and its backward
-    micro-batch by micro-batch, gradient clipping and the AdamW step; returns the step's statistics (all ranks)."""
+    micro-batch by micro-batch, gradient clipping and the AdamW step; returns the step's statistics (all ranks) and
+    sets each trained sample's ``logprob_gap``."""
     batch = grpo_batch(samples, cfg.grpo, cfg.optim.micro_batch_tokens, pack=cfg.optim.pack_rows)
     total = dist.all_sum({"tokens": batch.tokens, "sequences": batch.sequences}, device)
     # global counts: the same gradient however the step's batch is split over micro-batches and ranks
@@ -98,12 +99,14 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
         old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
         loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
         (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
-        stats.add(loss, st, logp, old, weight, entropy)
+        stats.add(loss, st, logp, old, weight, entropy, mb.get("sample"))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for i, gap in stats.sample_gaps.items():
+        samples[i].logprob_gap = gap
     sums = dist.all_sum(stats.sums | {"tokens": batch.tokens, "sequences": batch.sequences}, device)
     return LossStats.means(sums, dist.all_max(stats.gap_max, device), float(grad_norm))
 

@@ -221,7 +221,8 @@ def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int, pack: bool = Fal
     adv = group_advantages(rewards, cfg.group_size, cfg.std_normalize)
     seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
                             s.completion.logprobs, float(a), cfg.aggregation)
-            for s, a, k in zip(samples, adv.tolist(), trained(samples, rewards, cfg)) if k]
+            | {"sample": [i] * (len(s.completion.prompt_ids) + len(s.completion.response_ids))}  # its index here
+            for i, (s, a, k) in enumerate(zip(samples, adv.tolist(), trained(samples, rewards, cfg))) if k]
     return Batch(micro_batches(seqs, max_tokens, pack), tokens=sum(sum(m > 0 for m in s["weight"]) for s in seqs),
                  sequences=len(seqs))
 
@@ -253,10 +254,11 @@ class LossStats:
     def __init__(self):
         self.sums = {"clipped": 0.0, "dual_clipped": 0.0, "entropy": 0.0, "gap_sum": 0.0, "kl": 0.0, "loss": 0.0}
         self.gap_max = 0.0  # largest |trainer log-prob - generator log-prob| of a policy token
+        self.sample_gaps = {}  # the same per response: {its index in the step's samples: largest gap}
 
-    def add(self, loss, stats: dict, logp, old_logp, weight, entropy) -> None:
+    def add(self, loss, stats: dict, logp, old_logp, weight, entropy, sample=None) -> None:
         """One micro-batch: its loss and :func:`policy_loss` stats; per token [N]: log-probs now and at
-        sampling, weights, entropies."""
+        sampling, weights, entropies and (``sample``, optional) the index of the response it belongs to."""
         on = weight > 0
         gap = (logp.detach() - old_logp).abs()[on]
         self.sums["clipped"] += stats["clipped"]
@@ -266,6 +268,11 @@ class LossStats:
         self.sums["gap_sum"] += float(gap.sum())
         self.sums["loss"] += float(loss.detach())
         self.gap_max = max(self.gap_max, float(gap.max()) if gap.numel() else 0.0)
+        if sample is not None and gap.numel():
+            ids, which = sample.flatten()[on].unique(return_inverse=True)
+            worst = torch.zeros(len(ids), dtype=gap.dtype, device=gap.device).scatter_reduce(0, which, gap, "amax")
+            for i, g in zip(ids.tolist(), worst.tolist()):
+                self.sample_gaps[i] = max(self.sample_gaps.get(i, 0.0), g)
 
     @staticmethod
     def means(sums: dict, gap_max: float, grad_norm: float) -> dict:

@@ -6,7 +6,8 @@ name for it), ``extracted`` (the last ``\\boxed{}`` of the policy's own text, No
 ``reward``; ``response``, the whole response as text, and ``masked``, the [start, end) character offsets of its
 tool-output stretches in it (the tokens the loss never sees, mask 0); ``tool_calls`` (each call's code, status,
 observation, error kind and whether the sandbox itself failed), ``finish_reason``, the ``truncated`` and
-``void_turn`` flags (:mod:`nanotorl.rollout`), ``response_tokens`` (tool output included) and ``policy_tokens``.
+``void_turn`` flags (:mod:`nanotorl.rollout`), ``response_tokens`` (tool output included), ``policy_tokens`` and
+``logprob_gap`` (the largest |trainer - generator log-prob| of its policy tokens; None where it was not trained).
 Training adds ``step``, ``mode`` ("train", or "greedy" for held-out validation), ``index`` (the sample in its
 group), ``advantage`` and ``trained`` (False when the loss gave it zero weight, :func:`nanotorl.grpo.trained`);
 eval.py adds ``dataset``, ``mode`` ("greedy" or "sampled") and ``index``.
@@ -43,7 +44,8 @@ def sample_record(sample, tok, **extra) -> dict:
             "correct": sample.correct, "reward": sample.reward, "response": "".join(texts), "masked": masked,
             "tool_calls": [asdict(call) for call in completion.tool_calls],
             "finish_reason": completion.finish_reason, "truncated": sample.truncated, "void_turn": sample.void_turn,
-            "response_tokens": len(completion.response_ids), "policy_tokens": sum(completion.loss_mask)} | extra
+            "response_tokens": len(completion.response_ids), "policy_tokens": sum(completion.loss_mask),
+            "logprob_gap": sample.logprob_gap} | extra
 
 
 def token_runs(ids: list[int], mask: list[int]) -> list[tuple[list[int], bool]]:

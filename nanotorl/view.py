@@ -69,6 +69,7 @@ def page_record(record: dict) -> dict:
             "r": record.get("reward"), "adv": record.get("advantage"), "fin": record.get("finish_reason"),
             "trunc": bool(record.get("truncated")), "void": bool(record.get("void_turn")),
             "trained": record.get("trained", True), "tok": record.get("response_tokens"),
+            "gap": record.get("logprob_gap"),
             "errs": sorted({c["error_kind"] for c in record.get("tool_calls", []) if c.get("error_kind")}),
             "parts": response_parts(record)}
 

@@ -94,20 +94,21 @@ def test_resume_drops_what_was_logged_after_the_checkpoint(tmp_path):
 def test_a_short_run_keeps_training_and_held_out_responses(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--out-dir", str(out), "--steps", "3", "--prompts-per-step", "4",
-           "--group-size", "4", "--max-new-tokens", "48", "--eval-every", "2", "--eval-problems", "8", "--eval-k", "1",
-           "--log-samples-every", "1", "--log-samples", "5", "--log-eval-samples", "6", "--save-every", "3"]
+           "--group-size", "3", "--max-new-tokens", "48", "--eval-every", "2", "--eval-problems", "8", "--eval-k", "1",
+           "--log-samples-every", "1", "--log-samples", "12", "--log-eval-samples", "6", "--save-every", "3"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"python -m nanotorl.view {out}" in r.stdout + r.stderr
     records = list(read_records(out / "samples.jsonl"))
     train = [x for x in records if x["mode"] == "train"]
     greedy = [x for x in records if x["mode"] == "greedy"]
-    assert [sum(x["step"] == s for x in train) for s in (1, 2, 3)] == [5, 5, 5]
+    assert [sum(x["step"] == s for x in train) for s in (1, 2, 3)] == [12, 12, 12]  # every response
     assert sorted({x["step"] for x in greedy}) == [0, 2, 3]
     metrics = {m["step"]: m for m in read_records(out / "metrics.jsonl")}
     for s in (1, 2, 3):
         step = [x for x in train if x["step"] == s]
-        assert all(x["trained"] and x["index"] in range(4) for x in step)
+        assert all(x["trained"] and x["index"] in range(3) for x in step)
+        assert max(x["logprob_gap"] for x in step) == metrics[s]["logprob_gap_max"]  # the step's, all kept
         assert all(abs(x["advantage"]) < 2 for x in step) and min(x["reward"] for x in step) >= -1
     first = [p.id for p in arithmetic_problems(8, 0, "heldout")[:6]]
     for s in (0, 2, 3):  # the first 6 of the 8 held-out problems, each once

@@ -111,7 +111,7 @@ def validate(tok, eval_data: str, rank: int = 0, world: int = 1) -> dict:
     policy = ScriptedPolicy(tok, list(HELDOUT), respond)
     heldout = [Problem(text, text, "1", source) for text, (source, *_) in HELDOUT.items()]
     cfg = TrainConfig(inputs=InputsConfig(eval_data=eval_data), log=LogConfig(eval_k=2))
-    return train.evaluate(torch.nn.Linear(1, 1), policy, heldout, cfg, rank, world, torch.device("cpu"))
+    return train.evaluate(torch.nn.Linear(1, 1), policy, heldout, cfg, rank, world, torch.device("cpu"), 0)[0]
 
 
 def test_validation_per_source_and_their_mean_against_hand_count(tok):

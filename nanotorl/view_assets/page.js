@@ -200,6 +200,7 @@ function responseEl(r, chunk, query, comparable) {
   if (r.trunc) head.append(badge("truncated", "warn"));
   if (r.trained === false) head.append(badge("not trained", "warn"));
   head.append(badge(`${r.tok} tokens`));
+  if (r.gap !== null && r.gap !== undefined) head.append(badge(`log-prob gap ${r.gap.toExponential(1)}`));
   if (comparable && chunk.mode !== "train" && modeChunks(chunk.mode).length > 1) {
     const b = el("button", "compare", "compare steps");
     b.addEventListener("click", () => openCompare(r, chunk));
