@@ -22,6 +22,7 @@ import base64
 import hashlib
 import html
 import json
+import math
 import re
 import sys
 from importlib.resources import files
@@ -94,7 +95,9 @@ def embed(obj) -> str:
 def render(records, metrics: list[dict], title: str) -> str:
     """The page (module docstring) of ``records`` and the run's ``metrics`` (metrics.jsonl's records, or [])."""
     parts = chunks(records)
-    meta = {"title": title, "curves": panel_curves(metrics) if metrics else {},
+    curves = {title: {key: [p for p in points if math.isfinite(p[1])] for key, points in panel.items()}
+              for title, panel in panel_curves(metrics).items()}  # a NaN (a diverged run) is no point, and no JSON
+    meta = {"title": title, "curves": curves,
             "chunks": [{"mode": mode, "step": step, "n": len(rs)} for (mode, step), rs in parts.items()],
             "sources": sorted({r["src"] for rs in parts.values() for r in rs}),
             "errors": sorted({e for rs in parts.values() for r in rs for e in r["errs"]})}

@@ -106,6 +106,8 @@ def test_the_page_holds_one_script_of_its_own_per_chunk(run):
     chunks = {(r["mode"], r["step"]) for r in read_records(run / "samples.jsonl")}
     assert page.count("<script") == page.count("</script>") == len(chunks) + 2  # + the meta data and the code
     assert render([], [], "<b>x</b>").count("<b>") == 0
+    nan = render([], [{"step": 1, "reward": float("nan")}, {"step": 2, "reward": 0.5}], "t")
+    assert '"training reward":{"reward":[[2,0.5]]}' in nan
 
 
 @pytest.fixture(scope="module")
