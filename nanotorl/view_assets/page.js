@@ -44,7 +44,7 @@ function option(select, value, label) {
 
 function fmt(v) {
   if (v === null || v === undefined) return "–";
-  return typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(3) : String(v);
+  return typeof v === "number" && !Number.isInteger(v) ? String(Number(v.toPrecision(3))) : String(v);
 }
 
 function records(i) {
@@ -249,7 +249,7 @@ function renderCompare() {
 // -------------------------------------------------------------------------------------------------- curves
 
 function panel(title, series) {
-  const W = 290, H = 150, L = 36, R = 8, T = 6, B = 18;
+  const W = 270, H = 150, L = 36, R = 8, T = 6, B = 18;
   const points = Object.values(series).flat();
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
   let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
