@@ -72,10 +72,11 @@ def brute_force_ok(rewards, G, budget, picked) -> None:
     assert sum(len(m) < min(G, 3) for m in by_group.values()) <= 1
 
 
-@pytest.mark.parametrize("G,budget", [(4, 6), (4, 7), (8, 100), (2, 5), (1, 3)])
-def test_each_kept_group_gives_its_best_worst_and_one_other(G, budget):
+@pytest.mark.parametrize("G,budget,values", [(4, 6, (-1, 1, 0.5)), (4, 7, (-1, 1)), (8, 100, (-1, 1, 0.5)),
+                                             (2, 5, (-1, 1)), (1, 3, (-1, 1)), (4, 100, (1,))])
+def test_each_kept_group_gives_its_best_worst_and_one_other(G, budget, values):
     rng = random.Random(G * 100 + budget)
-    rewards = [rng.choice([-1.0, 1.0, 0.5]) for _ in range(G * 6)]
+    rewards = [float(rng.choice(values)) for _ in range(G * 6)]  # (1,): every group uniform, best is worst
     picked = logged_indices(rewards, G, budget, random.Random(0))
     assert picked == sorted(set(picked))
     brute_force_ok(rewards, G, budget, picked)
