@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from nanotorl.generate import Generator, SamplingParams
 from nanotorl.prompt import PROMPT_TEMPLATES, parse_template_vars
 from nanotorl.report import print_report, report, settings_line
 from nanotorl.rollout import Draw, Sample, rollout
+from nanotorl.samples import read_records, sample_record
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.tool import COMPAT
 from nanotorl.sandbox import SandboxPool
@@ -123,13 +124,9 @@ def fit_sets(sets: dict, tok: Tokenizer, positions: int, args, log) -> dict:
 
 
 def to_record(name: str, mode: str, index: int, sample: Sample, tok: Tokenizer) -> dict:
-    """One scored response as a JSON-able dict (its answer comes from the policy's own tokens, see rollout)."""
-    problem, completion = sample.problem, sample.completion
-    return {"dataset": name, "id": problem.id, "mode": mode, "index": index, "problem": problem.problem,
-            "answer": problem.answer, "response": tok.decode(completion.response_ids), "extracted": sample.answer,
-            "correct": sample.correct, "reward": sample.reward,
-            "tool_calls": [asdict(call) for call in completion.tool_calls],
-            "finish_reason": completion.finish_reason, "response_tokens": len(completion.response_ids)}
+    """One scored response as training keeps it (nanotorl.samples; its answer comes from the policy's own tokens,
+    see rollout), plus its dataset, mode and sample index."""
+    return sample_record(sample, tok, dataset=name, mode=mode, index=index)
 
 
 def key(record: dict) -> tuple:
@@ -169,24 +166,9 @@ def run_dataset(gen: Generator, name: str, problems: list[Problem], done: set, a
 # ------------------------------------------------------------------------------------------- sample files
 
 
-def read_records(file: Path):
-    """The records of one samples file. A last line without its newline was cut short by an interrupted write:
-    it is skipped (and regenerated)."""
-    lines = file.read_text().split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                continue
-            raise ValueError(f"{file}:{n}: not a sample record ({e.msg}); delete that line to regenerate "
-                             f"the sample, or the whole out dir to start over") from None
-
-
 def merge_records(out: Path) -> dict:
-    """Every finished sample in ``out`` by key; written back sorted to samples.jsonl, per-rank files removed."""
+    """Every finished sample in ``out`` by key (a record cut short by an interrupted write is skipped, and so
+    regenerated); written back sorted to samples.jsonl, per-rank files removed."""
     files = [out / "samples.jsonl"] + sorted(out.glob("samples.rank*.jsonl"))
     records = {}
     for file in files:
@@ -344,7 +326,8 @@ def main(argv=None) -> dict | None:
         dist.teardown()
         return None
     results = write_results(out, sets, files, times, settings, args, model_dir)
-    log(f"results in {out / 'results.json'}, every response in {out / 'samples.jsonl'}")
+    log(f"results in {out / 'results.json'}, every response in {out / 'samples.jsonl'}; to read them: "
+        f"python -m nanotorl.view {out}")
     dist.teardown()
     return results
 

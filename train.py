@@ -16,8 +16,8 @@ Every rank generates for its share of the step's problems with the model that tr
 generating), checkpoints are Hugging Face directories plus the optimizer, and a restarted run resumes from
 the newest complete checkpoint in ``out_dir``. The options are nanotorl.config's (``--help`` lists them).
 """
-import json
 import math
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -33,11 +33,14 @@ from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, drop_duplicates, fit_positions, load_problems, repeats_line
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
-from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
+from nanotorl.grpo import (LossStats, filler_micro_batch, group_advantages, grpo_batch, loss_normalizer, policy_loss,
+                           trained)
 from nanotorl.memory import run_plan
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
+from nanotorl.runlog import Log
+from nanotorl.samples import SampleLog, logged_indices, sample_record
 from nanotorl.tokenizer import Tokenizer
 from nanotorl.sandbox import SandboxPool
 
@@ -87,14 +90,15 @@ def rollout_step(model, gen: Generator, problems, step: int, cfg: TrainConfig, r
 
 def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device, world: int) -> dict:
     """One optimizer step on this rank's samples (whole groups): the GRPO batch, then the loss and its backward
-    micro-batch by micro-batch, gradient clipping and the AdamW step; returns the step's statistics (all ranks)."""
+    micro-batch by micro-batch, gradient clipping and the AdamW step; returns the step's statistics (all ranks) and
+    sets each trained sample's ``logprob_gap``."""
     batch = grpo_batch(samples, cfg.grpo, cfg.optim.micro_batch_tokens, pack=cfg.optim.pack_rows)
     total = dist.all_sum({"tokens": batch.tokens, "sequences": batch.sequences}, device)
     # global counts: the same gradient however the step's batch is split over micro-batches and ranks
     normalizer = loss_normalizer(cfg.grpo, total["tokens"], total["sequences"], cfg.rollout.max_new_tokens)
     # FSDP needs the same number of passes on every rank: a rank that runs out makes filler passes (weight 0)
     passes = int(dist.all_max(len(batch.micro_batches), device))
-    stats = LossStats()
+    stats = LossStats(len(samples))
     model.train()
     # every micro-batch goes to the device first: a copy from pageable host memory waits for the device's queue
     mbs = [{k: v.to(device) for k, v in mb.items()}
@@ -111,6 +115,8 @@ def train_step(model, optimizer, samples: list[Sample], cfg: TrainConfig, device
     if not sums["nonfinite"]:  # a non-finite loss or gradient norm on any rank: no rank updates (faults.Divergence)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    for i, gap in stats.sample_gaps.items():
+        samples[i].logprob_gap = gap
     return LossStats.means(sums, dist.all_max(gap_max, device), grad_norm) | {"skipped": int(sums["nonfinite"] > 0)}
 
 
@@ -121,7 +127,7 @@ def train_micro_batch(model, mb: dict, cfg: TrainConfig, normalizer: float, worl
     old, weight = mb["old_logp"].flatten(), mb["weight"].flatten()
     loss, st = policy_loss(logp, old, mb["advantage"].flatten(), weight, cfg.grpo, normalizer)
     (loss * world).backward()  # FSDP averages gradients over ranks; the normalizer is already global
-    stats.add(loss, st, logp, old, weight, entropy)
+    stats.add(loss, st, logp, old, weight, entropy, mb.get("sample"))
 
 
 def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -> None:
@@ -158,10 +164,11 @@ def eval_means(sums: dict) -> dict:
         f"eval_{key}": v / n for key, v in sums.items() if key.startswith("pass@")}
 
 
-def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -> dict:
+def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device, step: int) -> tuple[dict, list]:
     """Greedy accuracy and tool use, and unbiased pass@k, on the held-out set (each rank its share, summed over
     ranks); with --eval-data of several sources, the same per source ("eval_accuracy/aime24") and their unweighted
-    mean ("eval_accuracy/average"), as ToRL's validation logs them."""
+    mean ("eval_accuracy/average"), as ToRL's validation logs them. Also the records (nanotorl.samples) of this
+    rank's greedy responses to the first ``--log-eval-samples`` held-out problems."""
     mine, first = dist.shard_of(heldout, rank, world)
     budget = {"max_new_tokens": cfg.rollout.max_new_tokens, "max_tool_calls": cfg.rollout.max_tool_calls}
     k = cfg.log.eval_k
@@ -181,69 +188,28 @@ def evaluate(model, generator, heldout, cfg: TrainConfig, rank, world, device) -
     means = {part: eval_means({key: total[(part, key)] for key in sums}) for part, sums in local.items()}
     per_source = {f"{key}/{s}": v for s in sources for key, v in means[s].items()}
     average = source_mean([means[s] for s in sources]) if sources else {}
-    return means[""] | per_source | {f"{key}/average": v for key, v in average.items()}
+    kept = [sample_record(s, generator.tokenizer, step=step, mode="greedy", index=0)
+            for i, s in enumerate(greedy) if first + i < cfg.log.log_eval_samples]
+    return means[""] | per_source | {f"{key}/average": v for key, v in average.items()}, kept
+
+
+def training_records(samples: list[Sample], cfg: TrainConfig, tok, step: int, rank: int, world: int) -> list[dict]:
+    """The records (nanotorl.samples) of the responses this rank keeps of ``step``: none but every
+    ``--log-samples-every`` steps (default: the validation cadence) and at the last step; then its share of
+    ``--log-samples``, with each response's advantage and whether the loss saw it."""
+    every = cfg.log.log_samples_every or cfg.log.eval_every
+    if not every or (step % every and step != cfg.steps):
+        return []
+    G, rewards = cfg.grpo.group_size, [s.reward for s in samples]
+    advantages = group_advantages(torch.tensor(rewards), G, cfg.grpo.std_normalize).tolist()
+    seen = trained(samples, torch.tensor(rewards), cfg.grpo)
+    rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+    picked = logged_indices(rewards, G, -(-cfg.log.log_samples // world), rng)
+    return [sample_record(samples[i], tok, step=step, mode="train", index=i % G, advantage=advantages[i],
+                          trained=seen[i]) for i in picked]
 
 
 # ------------------------------------------------------------------------------------------------ logging
-
-
-class Log:
-    """Rank 0 writes: a console line and a tqdm bar per step, metrics.jsonl, and optionally TensorBoard/wandb."""
-
-    def __init__(self, cfg: TrainConfig, rank: int, start: int):
-        self.on = rank == 0
-        self.file = Path(cfg.log.out_dir) / "metrics.jsonl"
-        self.tb = self.wandb = self.bar = None
-        if not self.on:
-            return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        if self.file.exists():  # drop what a crashed run logged after its last checkpoint, and a torn last line
-            keep = faults.kept_log_lines(self.file, start, log=tqdm.write)
-            self.file.write_text("".join(line + "\n" for line in keep))
-        if cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(Path(cfg.log.out_dir) / "tensorboard")
-        if cfg.log.wandb_project:
-            import wandb
-            self.wandb = wandb.init(project=cfg.log.wandb_project, config=asdict(cfg), resume="allow")
-        self.bar = tqdm(total=cfg.steps, initial=start, desc="ToRL", dynamic_ncols=True)
-
-    def __call__(self, record: dict):
-        if not self.on:
-            return
-        try:
-            with self.file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a full disk: name the file (the torn line this may leave is dropped on restart)
-            raise OSError(e.errno, e.strerror, str(self.file)) from None
-        keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
-                "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
-        line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)
-        if record.get("skipped"):
-            line += f" | update skipped: loss {record['loss']:.3g}, grad norm {record['grad_norm']:.3g}"
-        if self.bar is not None and record["step"] > 0:
-            self.bar.update(record["step"] - self.bar.n)
-        tqdm.write(f"step {record['step']:4d} | {line}")
-        for k, v in record.items():
-            if self.tb is not None and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, record["step"])
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
-
-    def __enter__(self) -> "Log":
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        """End the bar (so that a following error starts its own line) and the TensorBoard and wandb runs."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -329,7 +295,8 @@ def main(argv=None):
     if rank == 0:
         from nanotorl.plot import plot_metrics
         png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
-        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}")
+        tqdm.write(f"done: curves in {png}, weights in {latest_checkpoint(cfg.log.out_dir)}; to read the responses: "
+                   f"python -m nanotorl.view {cfg.log.out_dir}")
     dist.teardown()
 
 
@@ -345,7 +312,7 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
     model, optimizer, start = load_policy(cfg, model_dir, ckpt, tok, rank, world, device)
     if rank == 0:
         tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
-    ro, out = cfg.rollout, cfg.log.out_dir
+    ro, out, kept = cfg.rollout, cfg.log.out_dir, SampleLog(cfg.log.out_dir, rank, start)
     with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
@@ -353,21 +320,25 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
         if rank == 0:
             tqdm.write(run_plan(cfg, model.cfg, world, device.type == "cuda", gen.max_len + gen.prefill_chunk).table())
         if start == 0 and heldout and cfg.log.eval_every:
-            log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
+            metrics, held = evaluate(model, gen, heldout, cfg, rank, world, device, 0)
+            log({"step": 0} | metrics)
+            kept.write(held)
         divergence, saved = faults.Divergence(cfg.optim.max_skipped_steps, rank), start
 
         def save(n: int):
             save_checkpoint(model, optimizer, tok, out, n, asdict(cfg), cfg.log.keep_checkpoints, rank, world)
 
         for step in range(start, cfg.steps):
-            record = None if signals.requested(device) else one_step(model, optimizer, gen, fits, heldout, step, cfg,
-                                                                      signals, rank, world, device)
-            if record is None:  # a signal: save the last step completed (unless saved), then stop every rank
+            done = None if signals.requested(device) else one_step(model, optimizer, gen, fits, heldout, step, cfg,
+                                                                    signals, rank, world, device)
+            if done is None:  # a signal: save the last step completed (unless saved), then stop every rank
                 if step > saved:
                     save(step)
                 raise faults.stopped(signals.requested(device), step, cfg.steps, latest_checkpoint(out), argv, rank,
                                      world)
+            record, records = done
             log(record | divergence.count(record))
+            kept.write(records)
             divergence.check(step + 1, record, latest_checkpoint(out))
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
                 save(step + 1)
@@ -375,9 +346,9 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
 
 
 def one_step(model, optimizer, gen, fits, heldout, step: int, cfg: TrainConfig, signals: faults.Preemption,
-             rank: int, world: int, device) -> dict | None:
-    """Step ``step`` + 1: rollout, rewards, update, statistics (and validation when due); its record, or None when
-    a signal came during the rollout (then the update is not made)."""
+             rank: int, world: int, device) -> tuple[dict, list[dict]] | None:
+    """Step ``step`` + 1: rollout, rewards, update, statistics (and validation when due); its record and the
+    responses it keeps (nanotorl.samples), or None when a signal came during the rollout (then no update is made)."""
     t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
     samples = rollout_step(model, gen, fits, step, cfg, rank, world)                   # rollout -> rewards
     if signals.requested(device):                                                       # safe point
@@ -391,9 +362,11 @@ def one_step(model, optimizer, gen, fits, heldout, step: int, cfg: TrainConfig, 
     record |= finish_stats(sums, failures) | {
         "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
         "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
+    records = training_records(samples, cfg, gen.tokenizer, step + 1, rank, world)
     if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
-        record |= evaluate(model, gen, heldout, cfg, rank, world, device)
-    return record
+        metrics, held = evaluate(model, gen, heldout, cfg, rank, world, device, step + 1)
+        record, records = record | metrics, records + held
+    return record, records
 
 
 if __name__ == "__main__":

@@ -103,6 +103,12 @@ class LogConfig(Checked):
     eval_problems: int = option(200, "held-out problems used for validation (the first ones)", at_least(1),
                                 "problems")
     eval_k: int = option(4, "samples per held-out problem for pass@k (1 = greedy only)", at_least(1), "samples")
+    log_samples_every: int = option(0, "steps between training responses kept in samples.jsonl (0 = --eval-every)",
+                                    at_least(0), "steps")
+    log_samples: int = option(24, "training responses kept per such step: best, worst, one random per group",
+                              at_least(0), "responses")
+    log_eval_samples: int = option(32, "held-out greedy responses kept per validation (the first N problems)",
+                                   at_least(0), "responses")
     save_every: int = option(20, "write a checkpoint every this many steps (and at the last)", at_least(1), "steps")
     keep_checkpoints: int = option(2, "newest checkpoints kept in out_dir/checkpoints", at_least(1), "checkpoints")
     tensorboard: bool = option(False, "also log to TensorBoard, in out_dir/tensorboard")

@@ -184,6 +184,11 @@ def all_objects(obj) -> list:
     return every
 
 
+def gathered_lists(items: list) -> list:
+    """Every rank's ``items`` (picklable), rank 0's first, concatenated on every rank."""
+    return [item for part in all_objects(list(items)) for item in part]
+
+
 def all_max(value: float, device) -> float:
     if not distributed():
         return value

@@ -227,7 +227,8 @@ def grpo_batch(samples: list, cfg: GRPOConfig, max_tokens: int, pack: bool = Fal
     adv = group_advantages(rewards, cfg.group_size, cfg.std_normalize)
     seqs = [policy_sequence(s.completion.prompt_ids, s.completion.response_ids, s.completion.loss_mask,
                             s.completion.logprobs, float(a), cfg.aggregation)
-            for s, a, k in zip(samples, adv.tolist(), trained(samples, rewards, cfg)) if k]
+            | {"sample": [i] * (len(s.completion.prompt_ids) + len(s.completion.response_ids))}  # its index here
+            for i, (s, a, k) in enumerate(zip(samples, adv.tolist(), trained(samples, rewards, cfg))) if k]
     return Batch(micro_batches(seqs, max_tokens, pack), tokens=sum(sum(m > 0 for m in s["weight"]) for s in seqs),
                  sequences=len(seqs))
 
@@ -259,13 +260,16 @@ class LossStats:
     backward); :meth:`means` once summed over the ranks."""
     KEYS = ("clipped", "dual_clipped", "entropy", "gap_sum", "kl", "loss")
 
-    def __init__(self):
+    def __init__(self, n_samples: int = 0):
         self.sums = None     # [len(KEYS)] float64, in the order of KEYS
         self.gap_max = None  # 0-dim: largest |trainer log-prob - generator log-prob| of a policy token
+        self.n_samples = n_samples
+        self.sample_gap = None  # [2, n_samples] float64: each response's largest gap, and 1 if it had a policy token
+        self.sample_gaps = {}   # after :meth:`read`: {index of a response in the step's samples: its largest gap}
 
-    def add(self, loss, stats: dict, logp, old_logp, weight, entropy) -> None:
+    def add(self, loss, stats: dict, logp, old_logp, weight, entropy, sample=None) -> None:
         """One micro-batch: its loss and :func:`policy_loss` stats; per token [N]: log-probs now and at
-        sampling, weights, entropies."""
+        sampling, weights, entropies and (``sample``, optional) the index of the response it belongs to."""
         on = weight > 0
         gap = torch.where(on, (logp.detach() - old_logp).abs(), 0.0)
         parts = {"entropy": torch.where(on, entropy.detach(), 0.0).sum(), "gap_sum": gap.sum(), "loss": loss.detach()}
@@ -273,11 +277,22 @@ class LossStats:
         first = self.sums is None
         self.sums = new if first else self.sums + new
         self.gap_max = gap.max() if first else torch.maximum(self.gap_max, gap.max())
+        if sample is not None:
+            if self.sample_gap is None:
+                self.sample_gap = torch.zeros(2, self.n_samples, dtype=torch.float64, device=gap.device)
+            ids = torch.where(on, sample.flatten(), 0).long().expand(2, -1).contiguous()
+            self.sample_gap.scatter_reduce_(1, ids, torch.stack([gap.double(), on.double()]), "amax")
 
     def read(self, grad_norm: torch.Tensor) -> tuple[dict, float, float]:
-        """(sums by key, largest gap, ``grad_norm``) on the host, in one read-back."""
-        values = torch.cat([self.sums, self.gap_max.double()[None], grad_norm.double().reshape(1)]).tolist()
-        return dict(zip(self.KEYS, values)), values[-2], values[-1]
+        """(sums by key, largest gap, ``grad_norm``) on the host, in one read-back (which also fills
+        :attr:`sample_gaps`)."""
+        per_sample = [] if self.sample_gap is None else [self.sample_gap.flatten()]
+        values = torch.cat([self.sums, self.gap_max.double()[None], grad_norm.double().reshape(1)] + per_sample)
+        values = values.tolist()
+        head, tail = values[:len(self.KEYS) + 2], values[len(self.KEYS) + 2:]
+        gaps, seen = tail[:len(tail) // 2], tail[len(tail) // 2:]
+        self.sample_gaps = {i: g for i, (g, s) in enumerate(zip(gaps, seen)) if s}
+        return dict(zip(self.KEYS, head)), head[-2], head[-1]
 
     @staticmethod
     def means(sums: dict, gap_max: float, grad_norm: float) -> dict:

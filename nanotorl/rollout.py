@@ -37,6 +37,7 @@ class Sample:
     reward: float
     truncated: bool = False   # cut by the token budget with no final answer
     void_turn: bool = False   # its final turn holds neither a final answer nor a complete code block (docstring)
+    logprob_gap: float | None = None  # largest |trainer - generator log-prob| of its tokens, once trained
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def validate(tok, eval_data: str, rank: int = 0, world: int = 1) -> dict:
     policy = ScriptedPolicy(tok, list(HELDOUT), respond)
     heldout = [Problem(text, text, "1", source) for text, (source, *_) in HELDOUT.items()]
     cfg = TrainConfig(inputs=InputsConfig(eval_data=eval_data), log=LogConfig(eval_k=2))
-    return train.evaluate(torch.nn.Linear(1, 1), policy, heldout, cfg, rank, world, torch.device("cpu"))
+    return train.evaluate(torch.nn.Linear(1, 1), policy, heldout, cfg, rank, world, torch.device("cpu"), 0)[0]
 
 
 def test_validation_per_source_and_their_mean_against_hand_count(tok):
@@ -203,6 +203,15 @@ def metrics(out):
             for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def kept_samples(out):
+    """samples.jsonl's records, without the sandbox's wall times."""
+    records = [json.loads(line) for line in (Path(out) / "samples.jsonl").read_text().splitlines()]
+    for r in records:
+        for call in r["tool_calls"]:
+            del call["wall_time"]
+    return records
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -230,6 +239,7 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path):
     assert not (out / "checkpoints" / "step_000004").exists()
     run_demo(out)
     assert metrics(out) == metrics(uninterrupted)
+    assert kept_samples(out) == kept_samples(uninterrupted)  # what the killed run wrote after step 2 was dropped
     a = load_model(out / "checkpoints" / "step_000004").state_dict()
     b = load_model(uninterrupted / "checkpoints" / "step_000004").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
