@@ -19,6 +19,7 @@ drawn at random (two when best and worst are one response); at every validation,
 drops what a crashed one logged after its last checkpoint (:func:`drop_after`), as metrics.jsonl does.
 """
 import json
+import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -99,12 +100,18 @@ def read_records(file: Path):
 def drop_after(file: Path, step: int, log=print) -> None:
     """Keep only the JSON lines of ``file`` whose "step" is at most ``step`` (a resumed run drops what a crashed
     one logged after its last checkpoint; a run from step 0 starts afresh; a torn last line is dropped, with one
-    line to ``log``: :func:`nanotorl.faults.kept_log_lines`); written atomically."""
+    line to ``log``: :func:`nanotorl.faults.kept_log_lines`). The lines kept are the file's first ones (steps are
+    logged in order): the file is cut after them in one call, which needs no free space (the disk may be full);
+    otherwise it is rewritten atomically."""
     if not file.exists():
         return
     keep = kept_log_lines(file, step, log)
+    text = "".join(line + "\n" for line in keep).encode()
+    if file.read_bytes().startswith(text):
+        os.truncate(file, len(text))
+        return
     tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_bytes(text)
     tmp.replace(file)
 
 

@@ -146,7 +146,7 @@ def test_a_signal_during_the_rollout_stops_the_step_before_its_update(monkeypatc
     monkeypatch.setattr(train, "rollout_step", rollout)
     model, _ = trained()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gen, cpu = SimpleNamespace(stats={"tool_wait_s": 0.0}), torch.device("cpu")
+    gen, cpu = SimpleNamespace(stats={"tool_wait_s": 0.0}, tokenizer=None), torch.device("cpu")
     with faults.Preemption() as signals:
         record = train.one_step(model, torch.optim.SGD(model.parameters(), lr=1.0), gen, [], [], 0, cfg, signals, 0,
                                 1, cpu)
