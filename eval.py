@@ -45,6 +45,7 @@ from tqdm import tqdm
 from nanotorl import cli, dist
 from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_config, load_model
 from nanotorl.config import TrainConfig
+from nanotorl.decode_step import CUDA_GRAPH, use_cuda_graph
 from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, fit_positions,
                            load_problems, repeats_line, shared_sources)
 from nanotorl.generate import Generator, SamplingParams
@@ -221,7 +222,8 @@ def parse_args(argv=None):
                                                        "'{\"enable_thinking\": false}' (as in training)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's own")
     p.add_argument("--slots", type=int, default=64, help="concurrent sequences per rank")
-    p.add_argument("--cuda-graph", action="store_true", help="decode step as a CUDA graph (GPU)")
+    p.add_argument("--cuda-graph", choices=CUDA_GRAPH, default="auto", help="decode step as a CUDA graph: auto = on "
+                   "CUDA (a failed capture decodes eagerly, with a warning that says why), eagerly elsewhere")
     p.add_argument("--chunk", type=int, help="problems per chunk between saves (default: 4 x slots x ranks "
                                              "samples' worth)")
     p.add_argument("--seed", type=int, default=0)
@@ -317,7 +319,7 @@ def main(argv=None) -> dict | None:
     with SandboxPool(workers=args.sandbox_workers, wall_time=args.sandbox_timeout,
                      cpu_time=args.sandbox_timeout) as box, torch.no_grad():
         gen = Generator(model, tok, box, slots=args.slots, max_len=longest + args.max_new_tokens,
-                        trigger=args.trigger, cuda_graph=args.cuda_graph, compat=args.compat)
+                        trigger=args.trigger, cuda_graph=use_cuda_graph(args.cuda_graph, device), compat=args.compat)
         for name, problems in sets.items():
             t0 = time.perf_counter()
             run_dataset(gen, name, problems, done, args, rank, world, out)

@@ -31,6 +31,7 @@ from nanotorl.attention import attention_path
 from nanotorl.checkpoint import latest_checkpoint, load_config, load_model, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, drop_duplicates, fit_positions, load_problems, repeats_line
+from nanotorl.decode_step import use_cuda_graph
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import (LossStats, filler_micro_batch, group_advantages, grpo_batch, loss_normalizer, policy_loss,
@@ -316,7 +317,7 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
     with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
                                                    cpu_time=ro.sandbox_timeout) as box:
         gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
-                        trigger=ro.trigger, cuda_graph=ro.cuda_graph, compat=ro.compat)
+                        trigger=ro.trigger, cuda_graph=use_cuda_graph(ro.cuda_graph, device), compat=ro.compat)
         if rank == 0:
             tqdm.write(run_plan(cfg, model.cfg, world, device.type == "cuda", gen.max_len + gen.prefill_chunk).table())
         if start == 0 and heldout and cfg.log.eval_every:

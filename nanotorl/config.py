@@ -21,6 +21,7 @@ that names the flag, :class:`nanotorl.flags.Checked`), whether it came from a fl
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 from nanotorl.cli import ArgumentParser, parse_bool
+from nanotorl.decode_step import CUDA_GRAPH
 from nanotorl.flags import Checked, Valid, above, at_least, between, flag_name, help_line, one_of, option
 from nanotorl.grpo import GRPOConfig
 from nanotorl.prompt import PROMPT_TEMPLATES
@@ -64,7 +65,8 @@ class RolloutConfig(Checked):
     compat: str = option("none", "'torl': ToRL's own prompt, observation and budget rules (sets --trigger output)",
                          one_of(*COMPAT))
     gen_slots: int = option(128, "concurrent sequences per rank (KV-cache slots)", at_least(1), "sequences")
-    cuda_graph: bool = option(False, "decode step as a CUDA graph (GPU; not yet measured on one: see README)")
+    cuda_graph: str = option("auto", "decode step as a CUDA graph: auto = on CUDA (a failed capture decodes "
+                                     "eagerly, with a warning that says why), eagerly elsewhere", one_of(*CUDA_GRAPH))
     keep_kv_cache: bool = option(False, "keep the generator's KV cache allocated through the update (else freed "
                                         "for it)")
     sandbox_workers: int = option(2, "sandbox processes per rank running tool calls", at_least(1), "processes")

@@ -31,6 +31,16 @@ _CAPTURE_FAILURES = [  # (words of the CUDA error, what they mean and what to do
     (("invalidated",), "an earlier operation of the capture failed (see the first error above)"),
 ]
 
+CUDA_GRAPH = ("auto", "true", "false")  # --cuda-graph: auto decodes through a CUDA graph on CUDA, eagerly elsewhere
+
+
+def use_cuda_graph(choice: str, device) -> bool:
+    """Whether ``--cuda-graph`` ``choice`` (one of :data:`CUDA_GRAPH`) captures the decode step on ``device``. A
+    capture that fails decodes eagerly with a warning that names why (nanotorl.generate)."""
+    if choice not in CUDA_GRAPH:
+        raise ValueError(f"--cuda-graph must be one of {list(CUDA_GRAPH)}, got {choice!r}")
+    return choice == "true" or (choice == "auto" and torch.device(device).type == "cuda")
+
 
 def capture_hint(message: str) -> str:
     """What a failed capture's CUDA error ``message`` means, and what to do."""

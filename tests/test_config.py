@@ -8,7 +8,7 @@ import pytest
 from nanotorl.config import PRESETS, TrainConfig, flag_fields, parse_args
 
 CHOICES = {"aggregation": "sequence", "trigger": "output", "dtype": "bfloat16", "prompt_template": "chat",
-           "long_prompts": "refuse", "compat": "torl"}  # str fields with a meaning
+           "long_prompts": "refuse", "compat": "torl", "cuda_graph": "false"}  # str fields with a meaning
 IMPLIED = {"compat": {("rollout", "trigger")}}  # --compat torl also sets ToRL's trigger
 BOUNDED = {"tool_failure_limit": 0.5}  # number fields with a range: another value inside it
 
@@ -171,3 +171,14 @@ def test_help_shows_every_flag_with_its_help_default_and_unit(capsys, monkeypatc
         assert re.search(f"{flag} \\S+ {shown}{same_flag}\\(default: {re.escape(default)}[ )]", text), name
     assert "--sandbox-timeout FLOAT wall and CPU time limit of one tool call; above 0 (default: 5.0 seconds)" in text
     assert "--group-size INT G: responses per prompt" in text
+
+
+def test_cuda_graph_is_on_where_it_can_run_unless_told_otherwise():
+    """--cuda-graph auto (the default) captures the decode step on CUDA only; true and false decide alone."""
+    from nanotorl.decode_step import use_cuda_graph
+    assert TrainConfig().rollout.cuda_graph == "auto"
+    assert parse_args(["--cuda-graph", "false"]).rollout.cuda_graph == "false"
+    assert [use_cuda_graph(c, d) for c in ("auto", "true", "false") for d in ("cuda", "cpu")] == \
+        [True, False, True, True, False, False]
+    with pytest.raises(ValueError, match="--cuda-graph must be"):
+        parse_args(["--cuda-graph", "yes"])

@@ -2,6 +2,7 @@
 package works from any directory, editable or from a wheel, with Hugging Face's ``kernels`` (which owns the top-level
 name ``kernels``) and the newest transformers installed in the same environment; the scripts run from anywhere."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -57,9 +58,11 @@ def run_outside(tmp_path, env=None) -> dict:
 def wheel(tmp_path_factory) -> Path:
     """The wheel ``pip wheel .`` builds from this checkout (no network: the build uses this environment)."""
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools: pip install -e '.[dev]'")
-    out = tmp_path_factory.mktemp("wheel")
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src") / "nanotorl"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache"))  # builds leave build/
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+                        str(out), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = out.glob("nanotorl-*.whl")
     return path
