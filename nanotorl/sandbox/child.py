@@ -7,13 +7,15 @@ seccomp program is installed last, and only then does the untrusted code start:
     parent-death signal    -> the run dies with the server, never lingers as an orphan
     signal mask            -> empty, as in a fresh ``python -c`` (the server blocks the signals that would stop it)
     stdio = the pipe the code arrives on (EOF once read) + two capped pipes; every other fd closed
-        except the server's import directories (sandbox/isolation.py)
+        except the allowlist's descriptors (the import directories, sandbox/isolation.py)
     read-only empty working directory; its own pids cgroup if any
     setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps, and (as its
         own uid) a cap on its tasks, threads included
     identity: no supplementary groups, then gid and uid of its slot (an unprivileged uid no one else
         uses); every capability is gone with uid 0, and dropped again for good measure
     every pseudo-random generator the server holds (random's, numpy's, sympy's...) reseeded from os.urandom
+    Landlock: from now on it reads only the installation, its working directory and its own /proc/<pid>
+        (sandbox/landlock.py; nothing changes where the kernel has no Landlock)
     the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py); it sets
         no_new_privs
     one byte READY on stdout
@@ -35,6 +37,7 @@ import types
 from dataclasses import dataclass
 
 from nanotorl.sandbox.isolation import RUN_UIDS
+from nanotorl.sandbox.landlock import Allowlist
 
 FILENAME = "<code>"
 READY, STARTED = b"\x06", b"\x02"  # written on stdout once confined, and once the code has arrived
@@ -49,7 +52,8 @@ KEPT = SYNCHRONOUS | {signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIG
                       signal.SIGXFSZ, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 SERVER_BLOCKS = sorted(s for s in signal.valid_signals() if s not in KEPT)
 
-# The first run of every server checks its own confinement: one SERVER rule, one RUN rule, its identity.
+# The first run of every server checks its own confinement: one SERVER rule, one RUN rule, its identity, and
+# (READS, where the kernel has Landlock) the read allowlist.
 PROBE = """import os, socket
 for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 0))):
     try:
@@ -57,6 +61,12 @@ for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 
         raise SystemExit(f"{name}() was allowed: a seccomp filter is not active")
     except PermissionError:
         pass
+try:
+    os.listdir("/")
+    if READS:
+        raise SystemExit("listing / was allowed: the Landlock read allowlist is not active")
+except PermissionError:
+    pass
 ids = os.getresuid() + os.getresgid()
 if not (IDENTITY):
     raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected IDENTITY")
@@ -145,7 +155,7 @@ class Confinement:
     workdir: str
     limits: list                 # from resource_limits
     seccomp: object              # the RUN policy.Filter, or None when allowed to run unconfined
-    keep_fds: tuple = ()         # the import directories (sandbox/isolation.py), open in every run
+    allowlist: Allowlist         # what a run may read (sandbox/landlock.py); its descriptors stay open in every run
     cgroup: str | None = None    # a pids cgroup directory that holds one subdirectory per slot
     switch_uid: bool = False     # whether the server may give runs an identity of their own
     generators: tuple = ()
@@ -165,7 +175,7 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     _check(sigprocmask(signal.SIG_SETMASK, _NO_SIGNALS, None), "sigprocmask")
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
-    keep = sorted(fd for fd in cfg.keep_fds if fd > 2)
+    keep = sorted(fd for fd in cfg.allowlist.fds if fd > 2)
     for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
         os.closerange(lo, hi)
     os.chdir(cfg.workdir)
@@ -183,6 +193,7 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
         os.setresuid(uid, uid, uid)
     drop_capabilities()
     reseed(cfg.generators)
+    cfg.allowlist.restrict()
     if cfg.seccomp is not None:
         cfg.seccomp.install(os.getpid())
     os.write(1, READY)

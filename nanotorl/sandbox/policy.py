@@ -144,7 +144,8 @@ POLICY = [
     ("prctl",                                                                  PRCTL,         ALLOW),
     # the server only: fork runs, confine them (group, limits, identity), watch and end them, talk to the pool
     ("setpgid setrlimit capset setgroups setresuid setresgid wait4 waitid pidfd_open pidfd_send_signal "
-     "sendto recvfrom",                                                        NEVER,         ALLOW),
+     "sendto recvfrom landlock_create_ruleset landlock_add_rule landlock_restrict_self",
+                                                                               NEVER,         ALLOW),
     # refused to both, like every call not in this table; named here because they are what an attack reaches for
     ("fork vfork execve execveat socket socketpair ptrace process_vm_readv process_vm_writev pidfd_getfd tkill "
      "setsid flock timer_create mq_open mq_notify memfd_create unshare setns mount seccomp bpf io_uring_setup "

@@ -41,12 +41,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from nanotorl.sandbox import child, isolation, protocol
+from nanotorl.sandbox import child, isolation, landlock, protocol
 from nanotorl.sandbox.policy import RUN, SERVER, Filter
 
 PR_SET_DUMPABLE = 4
 PROBE_ID = -1
 MARKERS = child.READY + child.STARTED
+OWN_PACKAGES = ("nanotorl",)  # never readable by runs: where it is installed editable, that is the repository
 RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
 
 
@@ -114,7 +115,8 @@ class Zygote:
         switch_uid = os.geteuid() == 0
         cgroup, no_cgroup = isolation.make_pids_cgroup(self.cfg["cgroup_name"], len(self.free_slots),
                                                        isolation.TASKS)
-        self.jail = child.Confinement(workdir, [], None, isolation.share_import_roots(workdir), cgroup,
+        roots = isolation.share_import_roots(landlock.installation_roots(OWN_PACKAGES))
+        self.jail = child.Confinement(workdir, [], None, landlock.Allowlist.open(roots, workdir), cgroup,
                                       switch_uid, tuple(child.generators()))
         gc.freeze()  # children never touch the preloaded objects' GC headers: fewer copy-on-write faults
         isolation.use_huge_pages()
@@ -134,7 +136,7 @@ class Zygote:
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
                           "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine,
                           "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
-                          "import_roots": len(self.jail.keep_fds)}}
+                          "import_roots": len(roots), "landlock": self.jail.allowlist.version}}
 
     def install_and_probe(self) -> str | None:
         """Install the SERVER program, then run the probe; None if every rule it checks holds."""
@@ -142,7 +144,8 @@ class Zygote:
             Filter(SERVER).install(os.getpid())
             self.jail.seccomp = Filter(RUN)
             same_ids = f"ids == {os.getresuid() + os.getresgid()!r}"  # a trainer that is not root: its own ids
-            self.submit(PROBE_ID, child.PROBE.replace("IDENTITY", child.OWN_ID if self.jail.switch_uid else same_ids))
+            probe = child.PROBE.replace("READS", str(bool(self.jail.allowlist.version)))
+            self.submit(PROBE_ID, probe.replace("IDENTITY", child.OWN_ID if self.jail.switch_uid else same_ids))
             while self.probe is None:
                 self.step()
         except (OSError, RuntimeError, ValueError) as e:
