@@ -6,8 +6,8 @@ seccomp program is installed last, and only then does the untrusted code start:
     own process group      -> the server can SIGKILL the whole run on wall-time expiry
     parent-death signal    -> the run dies with the server, never lingers as an orphan
     signal mask            -> empty, as in a fresh ``python -c`` (the server blocks the signals that would stop it)
-    stdio = the pipe the code arrives on (EOF once read) + two capped pipes; every other fd closed
-        except the allowlist's descriptors (the import directories, sandbox/isolation.py)
+    stdio = /dev/null, /dev/null, the server's stderr (for a failure to confine); every other fd closed
+        but its channel to the server and the allowlist's descriptors (the import directories, isolation.py)
     read-only empty working directory; its own pids cgroup if any
     setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps, and (as its
         own uid) a cap on its tasks, threads included
@@ -16,13 +16,16 @@ seccomp program is installed last, and only then does the untrusted code start:
     every pseudo-random generator the server holds (random's, numpy's, sympy's...) reseeded from os.urandom
     Landlock: from now on it reads only the installation, its working directory and its own /proc/<pid>
         (sandbox/landlock.py; nothing changes where the kernel has no Landlock)
+    -- the child is now a spare: it waits on its channel until the server passes it a run's descriptors --
+    the run's descriptors: the code memfd and the stdout and stderr pipes the pool reads (fds 1 and 2)
     the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py); it sets
         no_new_privs
-    one byte READY on stdout
-    -- the child is now a spare: it waits here until the server writes its code to stdin --
-    one byte STARTED on stdout once the code is read (the server strips both bytes; a child that dies
-        before STARTED never ran its code, and the server gives the code to another child)
+    one byte STARTED on the channel, which it then closes (a child that dies before STARTED never ran
+        its code, and the server gives the run to another child); the code, read from the memfd
     exec(code) in a fresh __main__, then os._exit: no interpreter teardown, no atexit of the server
+
+The code and the output go from the pool to the child and back without passing through the server,
+so no later run, forked from the server, can find them in its memory.
 """
 import builtins
 import ctypes
@@ -32,6 +35,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import sys
 import types
 from dataclasses import dataclass
@@ -40,7 +44,7 @@ from nanotorl.sandbox.isolation import RUN_UIDS
 from nanotorl.sandbox.landlock import Allowlist
 
 FILENAME = "<code>"
-READY, STARTED = b"\x06", b"\x02"  # written on stdout once confined, and once the code has arrived
+STARTED = b"\x02"  # written on the channel once the run's descriptors have arrived, before its code runs
 PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
@@ -161,11 +165,14 @@ class Confinement:
     generators: tuple = ()
 
 
-def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid: int, slot: int) -> None:
-    """Confine this just-forked child; raise if any step fails (the caller then exits, never runs code).
+def confine(stdio: tuple[int, int, int], channel: int, server_pid: int, cfg: Confinement, uid: int,
+            slot: int) -> None:
+    """Confine this just-forked child but for the RUN seccomp program (``receive`` installs it); raise if any
+    step fails (the caller then exits, never runs code).
 
-    ``stdio``: descriptors for fds 0, 1, 2. ``uid``: the run's own uid (and gid), used when
-    ``cfg.switch_uid``; ``slot``: its pids cgroup, when ``cfg.cgroup``."""
+    ``stdio``: descriptors for fds 0, 1, 2 until the run's arrive. ``channel``: the socket they arrive on.
+    ``uid``: the run's own uid (and gid), used when ``cfg.switch_uid``; ``slot``: its pids cgroup, when
+    ``cfg.cgroup``."""
     os.setpgid(0, 0)
     _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != server_pid:  # the server died between fork and prctl
@@ -175,7 +182,7 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     _check(sigprocmask(signal.SIG_SETMASK, _NO_SIGNALS, None), "sigprocmask")
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
-    keep = sorted(fd for fd in cfg.allowlist.fds if fd > 2)
+    keep = sorted(fd for fd in (*cfg.allowlist.fds, channel) if fd > 2)
     for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
         os.closerange(lo, hi)
     os.chdir(cfg.workdir)
@@ -194,18 +201,29 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     drop_capabilities()
     reseed(cfg.generators)
     cfg.allowlist.restrict()
+
+
+def receive(channel: socket.socket, cfg: Confinement) -> str:
+    """Wait for the run: its code memfd and the write ends of its stdout and stderr, from the pool by way of the
+    server. Make them fds 1 and 2 (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
+    the RUN seccomp program, say STARTED on the channel and close it, then read the code and return it."""
+    _, fds, _, _ = socket.recv_fds(channel, 16, 3)
+    if len(fds) != 3:  # the server is gone
+        os._exit(1)
+    code_fd, out_w, err_w = fds
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.close(out_w)
+    os.close(err_w)
     if cfg.seccomp is not None:
         cfg.seccomp.install(os.getpid())
-    os.write(1, READY)
-
-
-def read_code() -> str:
-    """The run's code: everything the server writes to stdin before closing it (so input() then
-    meets EOF, as with no stdin at all); then say STARTED."""
-    chunks = []
-    while chunk := os.read(0, 1 << 16):
-        chunks.append(chunk)
-    os.write(1, STARTED)
+    os.write(channel.fileno(), STARTED)
+    channel.close()
+    size, chunks, got = os.fstat(code_fd).st_size, [], 0
+    while got < size:  # pread, not read: a child before us that died reading it moved no offset
+        chunks.append(os.pread(code_fd, size - got, got))
+        got += len(chunks[-1]) or size
+    os.close(code_fd)
     return b"".join(chunks).decode("utf-8", "surrogatepass")
 
 
