@@ -223,6 +223,7 @@ class SandboxPool:
         try:
             while True:
                 self._hand_over(server)
+                server.flush()
                 for fd, events in server.poller.poll(1000):
                     if fd == self._wake_r:
                         _drain(fd)
@@ -231,7 +232,6 @@ class SandboxPool:
                             raise EOFError("the server closed its socket")
                     elif fd in server.by_stream:  # (closed already when an earlier event ended its run)
                         server.on_stream(fd)
-                server.flush()
                 if server.pending and time.monotonic() - server.last_progress > self.watchdog:
                     why = f"the server gave no result for {self.watchdog:g} s and was replaced"
                     server.proc.kill()  # stuck: no result for far longer than any run may take
