@@ -10,7 +10,6 @@ import secrets
 import string
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -22,10 +21,11 @@ TOKEN = "nanotorl-secret-" + secrets.token_hex(8)  # what every file and command
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    """What a trainer has around it: an out-dir, a PYTHONPATH entry, files anyone may read, a host process."""
+    """What a trainer has around it: a working directory (this process's, for the module), an out-dir, a
+    PYTHONPATH entry, files anyone may read, a host process with a secret on its command line."""
     root = tmp_path_factory.mktemp("trainer")
     files = {}
-    for name in ("out-dir", "pythonpath", "public"):
+    for name in ("cwd", "out-dir", "pythonpath", "public"):
         path = root / name
         path.mkdir()
         os.chmod(path, 0o755)
@@ -33,17 +33,13 @@ def trainer(tmp_path_factory):
         files[name].write_text(f"TOKEN = {TOKEN!r}\n")
         os.chmod(files[name], 0o644)
     os.chmod(root, 0o755)
-    cwd = tempfile.NamedTemporaryFile("w", dir=os.getcwd(), prefix=".nanotorl-cwd-", suffix=".txt", delete=False)
-    cwd.write(TOKEN)
-    cwd.close()
-    os.chmod(cwd.name, 0o644)
-    files["cwd"] = cwd.name
-    files["repository"] = os.path.join(REPO, "pyproject.toml")
+    before = os.getcwd()
+    os.chdir(root / "cwd")
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", TOKEN], env={"SECRET": TOKEN})
     yield {name: str(path) for name, path in files.items()} | {"victim": victim.pid}
     victim.kill()
     victim.wait()
-    os.remove(cwd.name)
+    os.chdir(before)
 
 
 @pytest.fixture(scope="module", params=MODES)

@@ -36,6 +36,7 @@ import random
 import resource
 import signal
 import socket
+import struct
 import sys
 import types
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from nanotorl.sandbox.landlock import Allowlist
 
 FILENAME = "<code>"
 STARTED = b"\x02"  # written on the channel once the run's descriptors have arrived, before its code runs
+RIGHTS_SPACE = socket.CMSG_SPACE(3 * 4)  # room for the run's three descriptors
 PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
@@ -207,10 +209,11 @@ def receive(channel: socket.socket, cfg: Confinement) -> str:
     """Wait for the run: its code memfd and the write ends of its stdout and stderr, from the pool by way of the
     server. Make them fds 1 and 2 (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
     the RUN seccomp program, say STARTED on the channel and close it, then read the code and return it."""
-    _, fds, _, _ = socket.recv_fds(channel, 16, 3)
-    if len(fds) != 3:  # the server is gone
+    # recvmsg, not socket.recv_fds: that imports the array module, in every child
+    _, ancillary, _, _ = channel.recvmsg(16, RIGHTS_SPACE)
+    if len(ancillary) != 1 or len(ancillary[0][2]) != 12:  # the server is gone
         os._exit(1)
-    code_fd, out_w, err_w = fds
+    code_fd, out_w, err_w = struct.unpack("3i", ancillary[0][2])
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.close(out_w)

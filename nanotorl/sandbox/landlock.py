@@ -84,6 +84,13 @@ class Allowlist:
         files = tuple(os.open(path, flags) for path in DEVICES if os.path.exists(path))
         return cls(version, (*roots, os.open(workdir, flags | os.O_DIRECTORY)), files)
 
+    def __post_init__(self):
+        """The syscalls' arguments, built once in the server: a child only fills in its own /proc/<pid>."""
+        self._attr = ctypes.create_string_buffer(struct.pack("<Q", handled(self.version)))
+        self._rules = [ctypes.create_string_buffer(struct.pack("<Qi", access, fd))
+                       for fds, access in ((self.trees, READ_TREE), (self.files, READ_FILE)) for fd in fds]
+        self._own = ctypes.create_string_buffer(12)
+
     @property
     def fds(self) -> tuple:
         return self.trees + self.files
@@ -96,14 +103,12 @@ class Allowlist:
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
         own = os.open(f"/proc/{os.getpid()}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        attr = ctypes.create_string_buffer(struct.pack("<Q", handled(self.version)))
-        ruleset = _syscall(CREATE_RULESET, attr, ctypes.c_size_t(8), ctypes.c_uint32(0))
+        struct.pack_into("<Qi", self._own, 0, READ_FILE | READ_DIR, own)
+        ruleset = _syscall(CREATE_RULESET, self._attr, 8, 0)
         try:
-            for fd, access in [(fd, READ_TREE) for fd in self.trees] + [(fd, READ_FILE) for fd in self.files] + [
-                    (own, READ_FILE | READ_DIR)]:
-                rule = ctypes.create_string_buffer(struct.pack("<Qi", access, fd))
-                _syscall(ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(RULE_PATH_BENEATH), rule, ctypes.c_uint32(0))
-            _syscall(RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
+            for rule in (*self._rules, self._own):
+                _syscall(ADD_RULE, ruleset, RULE_PATH_BENEATH, rule, 0)
+            _syscall(RESTRICT_SELF, ruleset, 0)
         finally:
             os.close(ruleset)
             os.close(own)

@@ -38,10 +38,8 @@ class Pending:
     end: dict | None = None                        # the server's report of the run's end
 
 
-def check_hello(hello: dict | None) -> dict:
+def check_hello(hello: dict) -> dict:
     """The server's first message: raise if it refused to start, warn loudly if it runs unconfined."""
-    if hello is None:
-        raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s; its stderr above says why")
     if "error" in hello:
         raise RuntimeError(hello["error"])
     info = hello["ready"]
@@ -70,8 +68,11 @@ class Link:
         self.poller = select.poll()  # not select.select: the trainer may hold more than 1024 descriptors
         self.poller.register(ours, select.POLLIN)
         try:
-            hello = protocol.receive(ours)[0] if self.poller.poll(START_TIMEOUT * 1000) else None
-            self.info = check_hello(hello)
+            got = protocol.receive(ours) if self.poller.poll(START_TIMEOUT * 1000) else None
+            if got is None:
+                raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s "
+                                   f"(exit code {self.proc.poll()}); its stderr above says why")
+            self.info = check_hello(got[0])
         except BaseException:
             self.stop()
             raise

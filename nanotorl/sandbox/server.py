@@ -8,25 +8,29 @@ own session, with a minimal environment and an empty working directory. Start-up
     fork -> the "zygote", pid 1 of the new pid namespace, mounts a fresh /proc: runs see no process
             outside the sandbox, and when the zygote dies the kernel kills every run with it.
             The outer process only waits (kill it and PR_SET_PDEATHSIG kills the zygote).
-    import the preload modules, run the warm-up code, find every random generator, share the import
-        directories by descriptor, gc.freeze(), huge pages, not dumpable (no run can read the server's
-        or another run's memory through /proc), a minimal os.environ, a pids cgroup where available
+    import the preload modules, run the warm-up code, find every random generator, share the
+        installation's import directories by descriptor and open the read allowlist (sandbox/landlock.py),
+        gc.freeze(), huge pages, not dumpable (no run can read the server's or another run's memory
+        through /proc), a minimal os.environ, a pids cgroup where available
     install the SERVER seccomp program (sandbox/policy.py); every run inherits it
-    probe: one real run checks that both seccomp programs and the run's identity hold; refuse to serve
-           if they do not, unless the pool was explicitly allowed to run unconfined
+    probe: one real run checks that both seccomp programs, the run's identity and (with Landlock) the
+           read allowlist hold; refuse to serve if they do not, unless the pool was explicitly allowed to
+           run unconfined
 
-Then one single-threaded event loop (epoll) over the control socket and the children. The server
-keeps ``workers`` spare children, forked and confined ahead of time and blocked reading their code
-from stdin, so a run starts with one write (fork and confinement stay off its latency). Each child
-holds a slot (its uid and pids cgroup) until it is reaped. A spare that dies is replaced at once (its
-pidfd is watched), one that was stopped is killed when it is picked; a child that dies before its code
-ran hands the code to another. Writes of code never block: what a full pipe does not take is written
-when it drains, and a child that never reads meets its deadline. A run is watched through its stdout
-pipe, its stderr pipe and its pidfd (readable when it exits; signals through it cannot hit a recycled
-pid). At most ``workers`` run at once; the rest wait in a queue. A run that passes its wall-time
-deadline or writes more than ``max_output`` bytes on a stream is SIGKILLed with its process group at
-once. EOF on the control socket (the pool closed, or its process died) kills every child and ends the
-server: no orphans, no zombies. Messages in both directions are framed by sandbox/protocol.py.
+Then one single-threaded event loop (epoll) over the control socket and the children's pidfds. The
+pool sends each run as descriptors only (sandbox/protocol.py): a memfd holding its code and the write
+ends of the two pipes the pool reads its output from. The server never reads the code or the output:
+they never enter the memory that later runs are forked from. It keeps ``workers`` spare children,
+forked and confined ahead of time and blocked on a channel (a socketpair) of their own, so a run
+starts with one message that passes its descriptors on (fork and confinement stay off its latency).
+Each child holds a slot (its uid and pids cgroup) until it is reaped. A spare that dies is replaced at
+once (its pidfd is watched), one that was stopped is killed when it is picked; a child that dies
+before it said STARTED on its channel hands the run to another. A run is watched through its pidfd
+(readable when it exits; signals through it cannot hit a recycled pid). At most ``workers`` run at
+once; the rest wait in a queue. A run that passes its wall-time deadline, or that the pool reports
+past ``max_output`` on a stream, is SIGKILLed with its process group at once. Reports go out through
+a non-blocking outbox: the server never blocks on a write. EOF on the control socket (the pool
+closed, or its process died) kills every child and ends the server: no orphans, no zombies.
 """
 import collections
 import gc
