@@ -102,7 +102,9 @@ class Allowlist:
             return
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        own = os.open(f"/proc/{os.getpid()}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # /proc/self, not /proc/<getpid()>: where /proc belongs to an outer pid namespace, only /proc/self
+        # names this process
+        own = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         struct.pack_into("<Qi", self._own, 0, READ_FILE | READ_DIR, own)
         ruleset = _syscall(CREATE_RULESET, self._attr, 8, 0)
         try:

@@ -59,7 +59,7 @@ class Link:
                                      env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      pass_fds=(theirs.fileno(),), start_new_session=True)
         theirs.close()
-        self.sock, self.outbox = ours, protocol.Outbox(ours)
+        self.sock, self.outbox, self.blocked = ours, protocol.Outbox(ours), False
         self.max_output, self.cpu_limit = cfg["max_output"], cfg["cpu_time"]
         self.pending: dict[int, Pending] = {}
         self.by_stream: dict[int, int] = {}  # read end -> run id
@@ -105,7 +105,9 @@ class Link:
     def flush(self) -> None:
         """Send what the socket takes now; wait for room (POLLOUT) for the rest."""
         done = self.outbox.flush()
-        self.poller.modify(self.sock, select.POLLIN | (0 if done else select.POLLOUT))
+        if done == self.blocked:  # only when that changes: this runs on every turn of the I/O loop
+            self.poller.modify(self.sock, select.POLLIN | (0 if done else select.POLLOUT))
+            self.blocked = not done
 
     def on_socket(self) -> bool:
         """Take every message the server has sent; False at EOF."""

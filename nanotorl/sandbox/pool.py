@@ -244,7 +244,7 @@ class SandboxPool:
 
     def _hand_over(self, server: Link) -> None:
         """Send queued runs while fewer than the window are outstanding (the server holds their descriptors)."""
-        while len(server.pending) < self._window:
+        while self._queue and len(server.pending) < self._window:  # (looked at without the lock: then it is sure)
             with self._lock:
                 if not self._queue or self._server is not server:
                     return
