@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 CREATE_RULESET, ADD_RULE, RESTRICT_SELF = 444, 445, 446  # the same numbers on x86_64 and aarch64
 CREATE_RULESET_VERSION, RULE_PATH_BENEATH = 1, 1
-EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+EXECUTE, READ_FILE, READ_DIR = 1 << 0, 1 << 2, 1 << 3  # (1 << 1 is WRITE_FILE: handled, never allowed)
 REFER, TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
 READ_TREE = EXECUTE | READ_FILE | READ_DIR
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")

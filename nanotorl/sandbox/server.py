@@ -42,7 +42,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanotorl.sandbox import child, isolation, landlock, protocol
 from nanotorl.sandbox.policy import RUN, SERVER, Filter
