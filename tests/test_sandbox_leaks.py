@@ -117,7 +117,8 @@ def test_a_run_reads_nothing_of_the_trainers(pool, trainer):
 
 
 def test_the_same_run_still_imports_numpy_and_sympy(pool):
-    res = pool.run("import numpy, sympy, fractions\nprint(int(numpy.arange(5).sum()), sympy.factor(sympy.Symbol('x')**2 - 1))")
+    res = pool.run("import numpy, sympy, fractions\n"
+                   "print(int(numpy.arange(5).sum()), sympy.factor(sympy.Symbol('x')**2 - 1))")
     assert (res.status, res.stdout) == ("ok", "10 (x - 1)*(x + 1)\n"), res
 
 
