@@ -14,10 +14,11 @@ seccomp program is installed last, and only then does the untrusted code start:
     identity: no supplementary groups, then gid and uid of its slot (an unprivileged uid no one else
         uses); every capability is gone with uid 0, and dropped again for good measure
     every pseudo-random generator the server holds (random's, numpy's, sympy's...) reseeded from os.urandom
-    Landlock: from now on it reads only the installation, its working directory and its own /proc/<pid>
-        (sandbox/landlock.py; nothing changes where the kernel has no Landlock)
     -- the child is now a spare: it waits on its channel until the server passes it a run's descriptors --
     the run's descriptors: the code memfd and the stdout and stderr pipes the pool reads (fds 1 and 2)
+    Landlock, with the ruleset the server built for this child: from now on it reads only the
+        installation, its working directory and its own /proc/<pid> (sandbox/landlock.py; nothing
+        changes where the kernel has no Landlock)
     the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py); it sets
         no_new_privs
     one byte STARTED on the channel, which it then closes (a child that dies before STARTED never ran
@@ -42,11 +43,11 @@ import types
 from dataclasses import dataclass
 
 from nanotorl.sandbox.isolation import RUN_UIDS
-from nanotorl.sandbox.landlock import Allowlist
+from nanotorl.sandbox.landlock import Allowlist, restrict_self
 
 FILENAME = "<code>"
 STARTED = b"\x02"  # written on the channel once the run's descriptors have arrived, before its code runs
-RIGHTS_SPACE = socket.CMSG_SPACE(3 * 4)  # room for the run's three descriptors
+RIGHTS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for the run's three descriptors and its Landlock ruleset
 PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
@@ -202,18 +203,22 @@ def confine(stdio: tuple[int, int, int], channel: int, server_pid: int, cfg: Con
         os.setresuid(uid, uid, uid)
     drop_capabilities()
     reseed(cfg.generators)
-    cfg.allowlist.restrict()
 
 
 def receive(channel: socket.socket, cfg: Confinement) -> str:
     """Wait for the run: its code memfd and the write ends of its stdout and stderr, from the pool by way of the
-    server. Make them fds 1 and 2 (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
+    server, and (with Landlock) this child's ruleset, with which it restricts itself. Make them fds 1 and 2 (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
     the RUN seccomp program, say STARTED on the channel and close it, then read the code and return it."""
     # recvmsg, not socket.recv_fds: that imports the array module, in every child
     _, ancillary, _, _ = channel.recvmsg(16, RIGHTS_SPACE)
-    if len(ancillary) != 1 or len(ancillary[0][2]) != 12:  # the server is gone
+    if not ancillary:  # the server is gone
         os._exit(1)
-    code_fd, out_w, err_w = struct.unpack("3i", ancillary[0][2])
+    fds = struct.unpack(f"{len(ancillary[0][2]) // 4}i", ancillary[0][2])
+    if len(fds) != 3 + bool(cfg.allowlist.version):
+        raise OSError(f"expected the run's 3 descriptors and a Landlock ruleset where there is Landlock, got {fds}")
+    if cfg.allowlist.version:
+        restrict_self(fds[3])
+    code_fd, out_w, err_w = fds[:3]
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.close(out_w)

@@ -10,10 +10,11 @@ route (a path, /proc/self/fd/N/.., openat on an inherited descriptor, /proc/<pid
 refuses every write, create, remove, rename and truncate (the seccomp policy refuses those already).
 
 The server opens each allowed path once (O_PATH, ``Allowlist.open``; runs inherit those descriptors,
-and import through the installation's ones, sandbox/isolation.py); each child, after fork, builds
-its own ruleset from those descriptors plus its own /proc/<pid> (which no earlier child could name)
-and restricts itself (``Allowlist.restrict``): a dozen system calls, off a run's latency because spares
-are confined ahead of time. Where the kernel has no Landlock, ``abi()`` is 0 and runs read what their
+and import through the installation's ones, sandbox/isolation.py). After each fork it builds that
+child's ruleset from those descriptors plus the child's own /proc/<pid> (which no earlier child could
+name; ``Allowlist.ruleset``), and passes it with the run's descriptors; the child restricts itself
+with it before its code runs (``restrict_self``: two system calls, and no Python work to speak of in
+the child, where every object touched is a copy-on-write fault). Where the kernel has no Landlock, ``abi()`` is 0 and runs read what their
 uid may read (docs/sandbox.md says what that means).
 """
 import ctypes
@@ -85,32 +86,42 @@ class Allowlist:
         return cls(version, (*roots, os.open(workdir, flags | os.O_DIRECTORY)), files)
 
     def __post_init__(self):
-        """The syscalls' arguments, built once in the server: a child only fills in its own /proc/<pid>."""
+        """The syscalls' arguments, built once."""
         self._attr = ctypes.create_string_buffer(struct.pack("<Q", handled(self.version)))
         self._rules = [ctypes.create_string_buffer(struct.pack("<Qi", access, fd))
                        for fds, access in ((self.trees, READ_TREE), (self.files, READ_FILE)) for fd in fds]
-        self._own = ctypes.create_string_buffer(12)
 
     @property
     def fds(self) -> tuple:
         return self.trees + self.files
 
-    def restrict(self) -> None:
-        """In a just-forked child: allow the allowlist and this process's own /proc/<pid>, refuse the rest of the
-        filesystem, for good. Sets no_new_privs (Landlock needs it from an unprivileged process)."""
+    def ruleset(self, pid: int | None) -> int:
+        """In the server, for the child ``pid``: a ruleset of the allowlist and that child's own /proc/<pid>
+        (None: the server's /proc shows another pid namespace, so the child gets no /proc at all). The child
+        restricts itself with it (``restrict_self``); -1 where there is no Landlock."""
         if not self.version:
-            return
-        if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-        # /proc/self, not /proc/<getpid()>: where /proc belongs to an outer pid namespace, only /proc/self
-        # names this process
-        own = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        struct.pack_into("<Qi", self._own, 0, READ_FILE | READ_DIR, own)
+            return -1
         ruleset = _syscall(CREATE_RULESET, self._attr, 8, 0)
         try:
-            for rule in (*self._rules, self._own):
+            for rule in self._rules:
                 _syscall(ADD_RULE, ruleset, RULE_PATH_BENEATH, rule, 0)
-            _syscall(RESTRICT_SELF, ruleset, 0)
-        finally:
+            if pid is not None:
+                own = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    rule = ctypes.create_string_buffer(struct.pack("<Qi", READ_FILE | READ_DIR, own))
+                    _syscall(ADD_RULE, ruleset, RULE_PATH_BENEATH, rule, 0)
+                finally:
+                    os.close(own)
+        except OSError:
             os.close(ruleset)
-            os.close(own)
+            raise
+        return ruleset
+
+
+def restrict_self(ruleset: int) -> None:
+    """In a child: refuse the filesystem but what ``ruleset`` allows, for good, and close it. Sets no_new_privs
+    (Landlock needs it from an unprivileged process)."""
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    _syscall(RESTRICT_SELF, ruleset, 0)
+    os.close(ruleset)

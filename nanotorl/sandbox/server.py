@@ -64,6 +64,7 @@ class Run:
     start: float = 0.0
     deadline: float = 0.0
     fds: tuple = ()                                # the pool's code memfd and output pipes, held until reported
+    ruleset: int = -1                              # its Landlock ruleset, until handed to it
     tries: int = 0                                 # children that died before they could run it
     status: int | None = None                      # wait status, once reaped
     wall_time: float = 0.0
@@ -89,6 +90,7 @@ class Zygote:
         self.probe: dict | None = None
         self.jail: child.Confinement | None = None
         self.null = -1  # /dev/null: a spare's stdin and stdout, and every run's stdin
+        self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
     def start_up(self) -> dict:
@@ -192,6 +194,10 @@ class Zygote:
         theirs.close()
         ours.setblocking(False)
         run = Run(pid, os.pidfd_open(pid), ours, slot)
+        try:  # the child's own /proc/<pid>, where our /proc shows our pid namespace
+            run.ruleset = self.jail.allowlist.ruleset(pid if self.own_proc else None)
+        except OSError:  # the child then refuses to run anything; it is replaced when it exits
+            pass
         self.epoll.register(run.pidfd, select.EPOLLIN)
         self.owner[run.pidfd] = run
         self.children.add(run)
@@ -219,9 +225,15 @@ class Zygote:
         run.deadline = run.start + self.cfg["wall_time"]
         self.running[run.pid] = run
         try:
-            socket.send_fds(run.chan, [b"run"], fds)
+            socket.send_fds(run.chan, [b"run"], fds + (run.ruleset,) * (run.ruleset >= 0))
         except OSError:  # the child just died: its exit hands the run to another child
             pass
+        self.close_ruleset(run)
+
+    def close_ruleset(self, run: Run) -> None:
+        if run.ruleset >= 0:
+            os.close(run.ruleset)
+            run.ruleset = -1
 
     def kill(self, run: Run, reason: str) -> None:
         """SIGKILL the run's process group and the run itself (not reaped yet, so its pid is still ours)."""
@@ -240,6 +252,7 @@ class Zygote:
         if run.pid in self.running:
             self.finish(run)
         run.chan.close()
+        self.close_ruleset(run)
 
     def reap(self, run: Run) -> None:
         """Collect the child's exit status and usage, release its pidfd and slot."""
