@@ -207,7 +207,8 @@ def confine(stdio: tuple[int, int, int], channel: int, server_pid: int, cfg: Con
 
 def receive(channel: socket.socket, cfg: Confinement) -> str:
     """Wait for the run: its code memfd and the write ends of its stdout and stderr, from the pool by way of the
-    server, and (with Landlock) this child's ruleset, with which it restricts itself. Make them fds 1 and 2 (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
+    server, and (with Landlock) this child's ruleset, with which it restricts itself. Make them fds 1 and 2
+    (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
     the RUN seccomp program, say STARTED on the channel and close it, then read the code and return it."""
     # recvmsg, not socket.recv_fds: that imports the array module, in every child
     _, ancillary, _, _ = channel.recvmsg(16, RIGHTS_SPACE)

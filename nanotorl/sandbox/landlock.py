@@ -14,8 +14,8 @@ and import through the installation's ones, sandbox/isolation.py). After each fo
 child's ruleset from those descriptors plus the child's own /proc/<pid> (which no earlier child could
 name; ``Allowlist.ruleset``), and passes it with the run's descriptors; the child restricts itself
 with it before its code runs (``restrict_self``: two system calls, and no Python work to speak of in
-the child, where every object touched is a copy-on-write fault). Where the kernel has no Landlock, ``abi()`` is 0 and runs read what their
-uid may read (docs/sandbox.md says what that means).
+the child, where every object touched is a copy-on-write fault). Where the kernel has no Landlock,
+``abi()`` is 0 and runs read what their uid may read (docs/sandbox.md says what that means).
 """
 import ctypes
 import os
