@@ -2,6 +2,7 @@
 pool still serves the next run), in both namespace modes; the seccomp compiler against an independent BPF
 interpreter and the table, the syscall numbers against libseccomp, the lifecycle, the protocol and the CLI.
 The attacks of issue 11 are in tests/test_sandbox_attacks.py, the corpus in tests/test_sandbox_corpus.py."""
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -625,16 +626,23 @@ def test_cli_runs_code_files_and_stdin(tmp_path):
 
 # -- protocol --------------------------------------------------------------------------------------------
 
-def test_protocol_frames_survive_any_split_and_reject_garbage():
-    msgs = [{"id": i, "code": "print('é')" * i} for i in range(5)]
-    stream = b"".join(protocol.encode(m) for m in msgs)
-    for cut in range(len(stream) + 1):  # bytes arrive in two arbitrary pieces
-        buf, got = bytearray(stream[:cut]), []
-        got += protocol.split_frames(buf)
-        buf += stream[cut:]
-        got += protocol.split_frames(buf)
-        assert got == msgs and buf == b""
-    for garbage in (protocol.HEADER.pack(3) + b"\xff\xff\xff", protocol.HEADER.pack(2**31) + b"x",
-                    protocol.encode([1, 2])):  # undecodable, absurd length, not a dict
-        with pytest.raises(protocol.ProtocolError):
-            protocol.split_frames(bytearray(garbage))
+def test_protocol_messages_carry_descriptors_and_garbage_is_rejected():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        r, w = os.pipe()
+        outbox = protocol.Outbox(ours)
+        outbox.put({"id": 7}, (w,))
+        outbox.put({"kill": 7})
+        assert outbox.flush() and outbox.waiting == collections.deque()
+        (msg, fds), (kill, none) = protocol.receive(theirs), protocol.receive(theirs)
+        assert (msg, len(fds), kill, none) == ({"id": 7}, 1, {"kill": 7}, [])
+        os.write(fds[0], b"through the descriptor")  # the one sent (the sender's copy was closed once sent)
+        os.close(fds[0])
+        assert os.read(r, 100) == b"through the descriptor" and os.read(r, 100) == b""
+        os.close(r)
+        for garbage in (b"\xff\xff\xff", protocol.encode([1, 2]), b"x" * (protocol.MAX_MESSAGE + 1)):
+            ours.send(garbage)  # undecodable, not a dict, too long
+            with pytest.raises(protocol.ProtocolError):
+                protocol.receive(theirs)
+        ours.shutdown(socket.SHUT_WR)
+        assert protocol.receive(theirs) is None  # EOF

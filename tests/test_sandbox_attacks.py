@@ -274,10 +274,11 @@ print(json.dumps(out))
 def test_runs_cannot_lock_host_files(pool, host):
     server = pool.server_pid
     code = ("import json\n" + LOCKS).replace("NUMBERS", repr(NR)).replace("VICTIM", str(host["victim"].pid))
-    res = pool.run(code.replace("PATH", repr(host["file"])))
+    stdlib_os = "[p + '/os.py' for p in __import__('sys').path if os.path.exists(p + '/os.py')][0]"
+    res = pool.run(code.replace("PATH", stdlib_os))  # a file a run may open (host files it may not read)
     assert res.status == "ok", res
     assert set(json.loads(res.stdout).values()) == {errno.EPERM}, res.stdout
-    fd = os.open(host["file"], os.O_RDWR)  # the host can lock it at once, both kinds
+    fd = os.open(os.__file__, os.O_RDWR)  # the host can lock it at once, both kinds
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

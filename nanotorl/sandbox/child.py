@@ -6,21 +6,27 @@ seccomp program is installed last, and only then does the untrusted code start:
     own process group      -> the server can SIGKILL the whole run on wall-time expiry
     parent-death signal    -> the run dies with the server, never lingers as an orphan
     signal mask            -> empty, as in a fresh ``python -c`` (the server blocks the signals that would stop it)
-    stdio = the pipe the code arrives on (EOF once read) + two capped pipes; every other fd closed
-        except the server's import directories (sandbox/isolation.py)
+    stdio = /dev/null, /dev/null, the server's stderr (for a failure to confine); every other fd closed
+        but its channel to the server and the allowlist's descriptors (the import directories, isolation.py)
     read-only empty working directory; its own pids cgroup if any
     setrlimit: CPU seconds, address space, file size 0, 64 descriptors, no core dumps, and (as its
         own uid) a cap on its tasks, threads included
     identity: no supplementary groups, then gid and uid of its slot (an unprivileged uid no one else
         uses); every capability is gone with uid 0, and dropped again for good measure
     every pseudo-random generator the server holds (random's, numpy's, sympy's...) reseeded from os.urandom
+    -- the child is now a spare: it waits on its channel until the server passes it a run's descriptors --
+    the run's descriptors: the code memfd and the stdout and stderr pipes the pool reads (fds 1 and 2)
+    Landlock, with the ruleset the server built for this child: from now on it reads only the
+        installation, its working directory and its own /proc/<pid> (sandbox/landlock.py; nothing
+        changes where the kernel has no Landlock)
     the RUN seccomp program, on top of the SERVER one inherited at fork (sandbox/policy.py); it sets
         no_new_privs
-    one byte READY on stdout
-    -- the child is now a spare: it waits here until the server writes its code to stdin --
-    one byte STARTED on stdout once the code is read (the server strips both bytes; a child that dies
-        before STARTED never ran its code, and the server gives the code to another child)
+    one byte STARTED on the channel, which it then closes (a child that dies before STARTED never ran
+        its code, and the server gives the run to another child); the code, read from the memfd
     exec(code) in a fresh __main__, then os._exit: no interpreter teardown, no atexit of the server
+
+The code and the output go from the pool to the child and back without passing through the server,
+so no later run, forked from the server, can find them in its memory.
 """
 import builtins
 import ctypes
@@ -30,14 +36,18 @@ import os
 import random
 import resource
 import signal
+import socket
+import struct
 import sys
 import types
 from dataclasses import dataclass
 
 from nanotorl.sandbox.isolation import RUN_UIDS
+from nanotorl.sandbox.landlock import Allowlist, restrict_self
 
 FILENAME = "<code>"
-READY, STARTED = b"\x06", b"\x02"  # written on stdout once confined, and once the code has arrived
+STARTED = b"\x02"  # written on the channel once the run's descriptors have arrived, before its code runs
+RIGHTS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for the run's three descriptors and its Landlock ruleset
 PR_SET_PDEATHSIG = 1
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
@@ -49,7 +59,8 @@ KEPT = SYNCHRONOUS | {signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM, signal.SIG
                       signal.SIGXFSZ, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 SERVER_BLOCKS = sorted(s for s in signal.valid_signals() if s not in KEPT)
 
-# The first run of every server checks its own confinement: one SERVER rule, one RUN rule, its identity.
+# The first run of every server checks its own confinement: one SERVER rule, one RUN rule, its identity, and
+# (READS, where the kernel has Landlock) the read allowlist.
 PROBE = """import os, socket
 for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 0))):
     try:
@@ -57,6 +68,12 @@ for name, call in (("socket", socket.socket), ("setpgid", lambda: os.setpgid(0, 
         raise SystemExit(f"{name}() was allowed: a seccomp filter is not active")
     except PermissionError:
         pass
+try:
+    os.listdir("/")
+    if READS:
+        raise SystemExit("listing / was allowed: the Landlock read allowlist is not active")
+except PermissionError:
+    pass
 ids = os.getresuid() + os.getresgid()
 if not (IDENTITY):
     raise SystemExit(f"the run has uids and gids {ids} and groups {os.getgroups()}, expected IDENTITY")
@@ -145,17 +162,20 @@ class Confinement:
     workdir: str
     limits: list                 # from resource_limits
     seccomp: object              # the RUN policy.Filter, or None when allowed to run unconfined
-    keep_fds: tuple = ()         # the import directories (sandbox/isolation.py), open in every run
+    allowlist: Allowlist         # what a run may read (sandbox/landlock.py); its descriptors stay open in every run
     cgroup: str | None = None    # a pids cgroup directory that holds one subdirectory per slot
     switch_uid: bool = False     # whether the server may give runs an identity of their own
     generators: tuple = ()
 
 
-def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid: int, slot: int) -> None:
-    """Confine this just-forked child; raise if any step fails (the caller then exits, never runs code).
+def confine(stdio: tuple[int, int, int], channel: int, server_pid: int, cfg: Confinement, uid: int,
+            slot: int) -> None:
+    """Confine this just-forked child but for the RUN seccomp program (``receive`` installs it); raise if any
+    step fails (the caller then exits, never runs code).
 
-    ``stdio``: descriptors for fds 0, 1, 2. ``uid``: the run's own uid (and gid), used when
-    ``cfg.switch_uid``; ``slot``: its pids cgroup, when ``cfg.cgroup``."""
+    ``stdio``: descriptors for fds 0, 1, 2 until the run's arrive. ``channel``: the socket they arrive on.
+    ``uid``: the run's own uid (and gid), used when ``cfg.switch_uid``; ``slot``: its pids cgroup, when
+    ``cfg.cgroup``."""
     os.setpgid(0, 0)
     _check(prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != server_pid:  # the server died between fork and prctl
@@ -165,7 +185,7 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
     _check(sigprocmask(signal.SIG_SETMASK, _NO_SIGNALS, None), "sigprocmask")
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
-    keep = sorted(fd for fd in cfg.keep_fds if fd > 2)
+    keep = sorted(fd for fd in (*cfg.allowlist.fds, channel) if fd > 2)
     for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
         os.closerange(lo, hi)
     os.chdir(cfg.workdir)
@@ -183,18 +203,36 @@ def confine(stdio: tuple[int, int, int], server_pid: int, cfg: Confinement, uid:
         os.setresuid(uid, uid, uid)
     drop_capabilities()
     reseed(cfg.generators)
+
+
+def receive(channel: socket.socket, cfg: Confinement) -> str:
+    """Wait for the run: its code memfd and the write ends of its stdout and stderr, from the pool by way of the
+    server, and (with Landlock) this child's ruleset, with which it restricts itself. Make them fds 1 and 2
+    (stdin stays /dev/null: input() meets EOF, as with no stdin at all), install
+    the RUN seccomp program, say STARTED on the channel and close it, then read the code and return it."""
+    # recvmsg, not socket.recv_fds: that imports the array module, in every child
+    _, ancillary, _, _ = channel.recvmsg(16, RIGHTS_SPACE)
+    if not ancillary:  # the server is gone
+        os._exit(1)
+    fds = struct.unpack(f"{len(ancillary[0][2]) // 4}i", ancillary[0][2])
+    if len(fds) != 3 + bool(cfg.allowlist.version):
+        raise OSError(f"expected the run's 3 descriptors and a Landlock ruleset where there is Landlock, got {fds}")
+    if cfg.allowlist.version:
+        restrict_self(fds[3])
+    code_fd, out_w, err_w = fds[:3]
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.close(out_w)
+    os.close(err_w)
     if cfg.seccomp is not None:
         cfg.seccomp.install(os.getpid())
-    os.write(1, READY)
-
-
-def read_code() -> str:
-    """The run's code: everything the server writes to stdin before closing it (so input() then
-    meets EOF, as with no stdin at all); then say STARTED."""
-    chunks = []
-    while chunk := os.read(0, 1 << 16):
-        chunks.append(chunk)
-    os.write(1, STARTED)
+    os.write(channel.fileno(), STARTED)
+    channel.close()
+    size, chunks, got = os.fstat(code_fd).st_size, [], 0
+    while got < size:  # pread, not read: a child before us that died reading it moved no offset
+        chunks.append(os.pread(code_fd, size - got, got))
+        got += len(chunks[-1]) or size
+    os.close(code_fd)
     return b"".join(chunks).decode("utf-8", "surrogatepass")
 
 

@@ -17,10 +17,12 @@ A pids cgroup (where a writable cgroup v1 or v2 pids controller is available): o
 slot with ``pids.max``, a second cap on a run's tasks that holds whatever its uid.
 
 Imports: an unprivileged uid may not be able to reach the Python installation (pyenv under /root is
-common). The server opens every directory on ``sys.path`` once (O_PATH) and points ``sys.path`` and
-every loaded package's ``__path__`` at ``/proc/self/fd/N``; the runs inherit those descriptors, so
-a run can import what the trainer can, reading those directories (and their parents' world-readable
-entries) by descriptor, without the right to search the directories above them.
+common). The server opens the installation's directories on ``sys.path`` once (O_PATH: the standard
+library and the site-packages of the preloaded modules, never the repository or other PYTHONPATH
+entries; sandbox/landlock.py picks them) and points ``sys.path`` and every loaded package's
+``__path__`` at ``/proc/self/fd/N``; the runs inherit those descriptors, so a run imports from the
+installation by descriptor, without the right to search the directories above it. Landlock, where the
+kernel has it, keeps the descriptors from reaching anything outside those directories.
 """
 import ctypes
 import os
@@ -83,14 +85,11 @@ def run_uid(slot: int) -> int:
     return RUN_UIDS[slot]
 
 
-def share_import_roots(exclude: str) -> tuple[int, ...]:
-    """Open the directories on sys.path (but ``exclude``, the runs' working directory) and point sys.path
-    and every loaded package's __path__ at them through /proc/self/fd; return the descriptors."""
-    roots = {}
-    for path in sys.path:
-        full = os.path.abspath(path or ".")
-        if full != os.path.abspath(exclude) and full not in roots and os.path.isdir(full):
-            roots[full] = os.open(full, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+def share_import_roots(paths: list[str]) -> tuple[int, ...]:
+    """Open the import directories ``paths`` (sandbox/landlock.py picks them) and point sys.path and every
+    loaded package's __path__ at them through /proc/self/fd; drop every other sys.path entry (the
+    repository, PYTHONPATH, the working directory). Return the descriptors."""
+    roots = {os.path.abspath(p): os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in paths}
     longest_first = sorted(roots, key=len, reverse=True)
 
     def by_fd(path: str) -> str:
@@ -100,7 +99,7 @@ def share_import_roots(exclude: str) -> tuple[int, ...]:
                 return f"/proc/self/fd/{roots[root]}{full[len(root):]}"
         return path
 
-    sys.path[:] = [by_fd(p) for p in sys.path]
+    sys.path[:] = [by_fd(p) for p in sys.path if by_fd(p) != p]
     for module in list(sys.modules.values()):
         path = getattr(module, "__path__", None)
         if isinstance(path, list):

@@ -142,11 +142,13 @@ POLICY = [
      "sched_getscheduler sched_get_priority_max sched_get_priority_min",      ALLOW,         ALLOW),
     ("prlimit64",                                                              GETRLIMIT,     ALLOW),
     ("prctl",                                                                  PRCTL,         ALLOW),
-    # the server only: fork runs, confine them (group, limits, identity), watch and end them, talk to the pool
+    # the server only: fork runs, confine them (group, limits, identity, Landlock), hand them their descriptors,
+    # watch and end them, talk to the pool
     ("setpgid setrlimit capset setgroups setresuid setresgid wait4 waitid pidfd_open pidfd_send_signal "
-     "sendto recvfrom",                                                        NEVER,         ALLOW),
+     "sendto recvfrom sendmsg recvmsg socketpair landlock_create_ruleset landlock_add_rule landlock_restrict_self",
+                                                                               NEVER,         ALLOW),
     # refused to both, like every call not in this table; named here because they are what an attack reaches for
-    ("fork vfork execve execveat socket socketpair ptrace process_vm_readv process_vm_writev pidfd_getfd tkill "
+    ("fork vfork execve execveat socket ptrace process_vm_readv process_vm_writev pidfd_getfd tkill "
      "setsid flock timer_create mq_open mq_notify memfd_create unshare setns mount seccomp bpf io_uring_setup "
      "userfaultfd perf_event_open",                                            NEVER,         NEVER),
 ]

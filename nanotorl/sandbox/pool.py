@@ -4,32 +4,33 @@
         res = pool.run("print(2**100)")          # blocking -> Result
         fut = pool.submit("import sympy; ...")    # non-blocking -> concurrent.futures.Future[Result]
 
-One server process (sandbox/server.py) per pool; one reader thread per server turns its messages
-into Results and resolves futures. The pool never raises for anything the code does: every outcome
-is a Result (sandbox/result.py), and ``Result.infra_error`` tells the sandbox's own failures from the
-code's. If the server dies, sends what is not the protocol, or makes no progress for ``watchdog``
-seconds while runs are outstanding (then we kill it), every outstanding run resolves as ``killed``
-with ``infra_error`` and a new server is started. ``close()`` (or leaving the ``with`` block, or
-interpreter exit) ends the server and every run; if the trainer dies outright, the server sees EOF on
-its socket and does the same. What a pool of a process that was killed leaves (its working directory, and in the
-mode without namespaces its pids cgroups) the next pool removes: sandbox/leftovers.py.
+One server process (sandbox/server.py) per pool; one I/O thread per server (sandbox/link.py) sends it
+queued runs (a window of ``2 * workers + 2`` at a time), reads their output and the server's reports,
+and resolves futures. ``submit`` only queues under a lock; no thread does I/O while holding it, and
+every socket and pipe is polled, so no write waits on a reader that waits on it. The pool never
+raises for anything the code does: every outcome is a Result (sandbox/result.py), and
+``Result.infra_error`` tells the sandbox's own failures from the code's. If the server dies, sends
+what is not the protocol, or makes no progress for ``watchdog`` seconds while runs are outstanding
+(then we kill it), every run sent to it resolves as ``killed`` with ``infra_error``, and a new server
+is started for the runs still queued. ``close()`` (or leaving the ``with`` block, or interpreter
+exit) ends the server and every run; if the trainer dies outright, the server sees EOF on its socket
+and does the same. What a pool of a process that was killed leaves (its working directory, and in
+the mode without namespaces its pids cgroups) the next pool removes: sandbox/leftovers.py.
 """
+import collections
 import concurrent.futures
 import itertools
-import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import warnings
 import weakref
 
 from nanotorl.sandbox import isolation, leftovers, protocol
-from nanotorl.sandbox.result import Result, infra_failure, to_result
+from nanotorl.sandbox.link import Link
+from nanotorl.sandbox.result import Result, infra_failure
 
 DEFAULT_PRELOAD = ("math", "fractions", "itertools", "numpy", "sympy")
 # Run once in the server after the preload imports: sympy imports submodules and fills its caches on
@@ -42,79 +43,29 @@ sympy.integrate(x**2 * sympy.sin(x), x), sympy.diff(sympy.exp(x) * x, x), sympy.
 sympy.Rational(1, 3) + sympy.sqrt(8), sympy.isprime(97), sympy.factorint(360), sympy.binomial(10, 3)
 sympy.summation(x, (x, 1, 10)), sympy.Matrix([[1, 2], [3, 4]]).det(), sympy.N(sympy.pi, 30)
 """
-START_TIMEOUT = 120.0  # seconds for a server to import its preload modules and answer
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds nanotorl/
 SERVER_MAIN = "from nanotorl.sandbox.server import main; main()"  # what `python -c` runs; a pool keeps the one it saw
 
 
-def check_hello(hello: dict) -> dict:
-    """The server's first message: raise if it refused to start, warn loudly if it runs unconfined."""
-    if "error" in hello:
-        raise RuntimeError(hello["error"])
-    info = hello["ready"]
-    if not info["seccomp"]:
-        warnings.warn(f"SandboxPool is running untrusted code WITHOUT seccomp ({info['problem']}): "
-                      "allow_unconfined=True was passed. Do not do this outside a throwaway machine.",
-                      RuntimeWarning, stacklevel=3)
-    return info
+def server_env() -> dict:
+    """The server's whole environment: nanotorl importable (PACKAGE_ROOT), one thread per math library."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1",
+            "PYTHONIOENCODING": "utf-8:backslashreplace",
+            "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
 
 
-class _Server:
-    """One server process, its control socket and the futures of the runs sent to it."""
-
-    def __init__(self, cfg: dict, workdir: str, main: str):
-        ours, theirs = socket.socketpair()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1",
-               "PYTHONIOENCODING": "utf-8:backslashreplace",
-               "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-c", main,
-                                      json.dumps(dict(cfg, fd=theirs.fileno()))],
-                                     env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     pass_fds=(theirs.fileno(),), start_new_session=True)
-        theirs.close()
-        self.sock = ours
-        self.pending: dict[int, concurrent.futures.Future] = {}
-        self.last_progress = time.monotonic()
-        self.reader: threading.Thread | None = None
-        try:
-            hello = self.recv() if self.readable(START_TIMEOUT) else None
-            if hello is None:
-                raise RuntimeError(f"sandbox server did not start within {START_TIMEOUT:.0f} s "
-                                   f"(exit code {self.proc.poll()}); its stderr above says why")
-            self.info = check_hello(hello)
-        except BaseException:
-            self.stop()
-            raise
-
-    def readable(self, timeout: float) -> bool:
-        poller = select.poll()  # not select.select: the trainer may hold more than 1024 descriptors
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-
-    def send(self, msg: dict) -> None:
-        self.sock.sendall(protocol.encode(msg))
-
-    def recv(self) -> dict | None:
-        """One whole message, or None at EOF."""
-        return protocol.read_frame(self.sock)
-
-    def stop(self, grace: float = 5.0) -> None:
-        """Close the socket (the server then kills its runs and exits), reap it; SIGKILL if it lingers."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+def _drain(fd: int) -> None:
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 4096):
             pass
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.sock.close()
+    except BlockingIOError:
+        pass
 
 
-def _clean_up(servers: dict, workdir: str) -> None:
+def _clean_up(servers: dict, workdir: str, fds: tuple) -> None:
     """Kill what is left (at interpreter exit, for a pool that was never closed), remove the workdir."""
     for proc, cgroup in list(servers.items()):
         proc.kill()
@@ -124,6 +75,8 @@ def _clean_up(servers: dict, workdir: str) -> None:
         os.rmdir(workdir)
     except OSError:
         pass
+    for fd in fds:
+        os.close(fd)
 
 
 class SandboxPool:
@@ -161,13 +114,17 @@ class SandboxPool:
         leftovers.remove_dead()  # what pools of crashed processes left (sandbox/leftovers.py)
         self._workdir = tempfile.mkdtemp(prefix=leftovers.owner_prefix())
         os.chmod(self._workdir, 0o755)  # runs (another uid) may list it: it stays empty, they cannot write
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _server, _queue and _closed; no thread does I/O while holding it
+        self._queue: collections.deque = collections.deque()  # (id, code, future) not yet sent to a server
+        self._window = 2 * int(workers) + 2  # runs sent to the server at once: workers running, as many ready
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # submit -> the I/O thread
         self._ids, self._starts = itertools.count(), itertools.count()
         self._closed = False
         self._procs: dict = {}  # live server processes -> their pids cgroup, for the exit-time finalizer
-        self._finalizer = weakref.finalize(self, _clean_up, self._procs, self._workdir)
+        self._finalizer = weakref.finalize(self, _clean_up, self._procs, self._workdir,
+                                          (self._wake_r, self._wake_w))
         try:
-            self._server: _Server | None = self._start()
+            self._server: Link | None = self._start()
         except BaseException:
             self._closed = True
             self._finalizer()
@@ -194,20 +151,17 @@ class SandboxPool:
         fut.set_running_or_notify_cancel()
         with self._lock:
             try:
-                server = self._ensure_server()
+                self._ensure_server()
             except (RuntimeError, OSError) as e:
                 if self._closed:
                     raise
                 fut.set_result(infra_failure(f"could not start a server: {e}"))
                 return fut
-            rid = next(self._ids)
-            if not server.pending:
-                server.last_progress = time.monotonic()
-            server.pending[rid] = fut
-            try:
-                server.send({"id": rid, "code": code})
-            except OSError:  # the server just died; its reader resolves this future as killed
-                pass
+            self._queue.append((next(self._ids), code, fut))
+        try:  # the server's I/O thread sends it
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # already woken
+            pass
         return fut
 
     def run(self, code: str) -> Result:
@@ -221,13 +175,16 @@ class SandboxPool:
                 return
             self._closed = True
             server, self._server = self._server, None
+            queued, self._queue = self._queue, collections.deque()
+        for _, _, fut in queued:
+            fut.set_result(infra_failure("the pool was closed before this run was sent to a server"))
         if server is not None:
             try:
-                server.sock.shutdown(socket.SHUT_RDWR)  # its reader sees EOF, fails what is left, reaps it
+                server.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF, fails what is left, reaps it
             except OSError:
                 pass
-            if threading.current_thread() is not server.reader:
-                server.reader.join()
+            if threading.current_thread() is not server.thread:
+                server.thread.join()
         self._finalizer()
 
     def __enter__(self) -> "SandboxPool":
@@ -237,7 +194,7 @@ class SandboxPool:
         self.close()
 
     # -- servers -------------------------------------------------------------------------------------
-    def _ensure_server(self) -> _Server:
+    def _ensure_server(self) -> Link:
         """The live server, starting one if the last one died (caller holds the lock)."""
         if self._closed:
             raise RuntimeError("SandboxPool is closed: create a new pool (or keep using it inside its with block)")
@@ -245,59 +202,71 @@ class SandboxPool:
             self._server = self._start()
         return self._server
 
-    def _start(self) -> _Server:
+    def _start(self) -> Link:
         name = f"{os.path.basename(self._workdir)}.{next(self._starts)}"  # a cgroup of its own per server
         cgroup = isolation.pids_cgroup_path(name)
         try:
-            server = _Server(dict(self.cfg, cgroup_name=name), self._workdir, self._server_main)
+            server = Link(dict(self.cfg, cgroup_name=name), self._workdir, self._server_main, server_env(),
+                          self._wake_r)
         except BaseException:
             isolation.remove_cgroup(cgroup, wait=5.0)
             raise
         self._procs[server.proc] = cgroup
-        server.reader = threading.Thread(target=self._read_loop, args=(server,), daemon=True,
-                                         name=f"sandbox-reader-{server.proc.pid}")
-        server.reader.start()
+        server.thread = threading.Thread(target=self._serve, args=(server,), daemon=True,
+                                         name=f"sandbox-io-{server.proc.pid}")
+        server.thread.start()
         return server
 
-    def _read_loop(self, server: _Server) -> None:
-        """Resolve futures from server messages until EOF; then fail what is left and restart."""
-        cpu_limit, why = self.cfg["cpu_time"], "the server died before this run finished"
-        while True:
-            if not server.readable(1.0):
+    def _serve(self, server: Link) -> None:
+        """The server's I/O thread: send queued runs, read results and output, until the server ends."""
+        why = "the server died before this run finished"
+        try:
+            while True:
+                self._hand_over(server)
+                server.flush()
+                for fd, events in server.poller.poll(1000):
+                    if fd == self._wake_r:
+                        _drain(fd)
+                    elif fd == server.sock.fileno():
+                        if events & ~select.POLLOUT and not server.on_socket():
+                            raise EOFError("the server closed its socket")
+                    elif fd in server.by_stream:  # (closed already when an earlier event ended its run)
+                        server.on_stream(fd)
                 if server.pending and time.monotonic() - server.last_progress > self.watchdog:
                     why = f"the server gave no result for {self.watchdog:g} s and was replaced"
                     server.proc.kill()  # stuck: no result for far longer than any run may take
-                continue
-            try:
-                msg = server.recv()
-                with self._lock:
-                    fut = msg and server.pending.pop(msg.get("id"), None)
-                if msg and fut is None:
-                    raise protocol.ProtocolError(f"a result for run {msg.get('id')!r}, which is not outstanding")
-                result = msg and to_result(msg, cpu_limit)
-            except OSError:  # the connection broke: the server died (or the watchdog killed it)
-                msg = None
-            except (protocol.ProtocolError, KeyError, TypeError, AttributeError) as e:
-                why = f"protocol error, the server was replaced ({e})"
-                server.proc.kill()
-                msg = None
-            if msg is None:
-                break
-            server.last_progress = time.monotonic()
-            fut.set_result(result)
+        except (EOFError, OSError):  # the server died (or the watchdog killed it)
+            pass
+        except (protocol.ProtocolError, KeyError, TypeError, AttributeError) as e:
+            why = f"protocol error, the server was replaced ({e})"
+            server.proc.kill()
+        self._retire(server, why)
+
+    def _hand_over(self, server: Link) -> None:
+        """Send queued runs while fewer than the window are outstanding (the server holds their descriptors)."""
+        while self._queue and len(server.pending) < self._window:  # (looked at without the lock: then it is sure)
+            with self._lock:
+                if not self._queue or self._server is not server:
+                    return
+                rid, code, fut = self._queue.popleft()
+            server.send(rid, code, fut)
+
+    def _retire(self, server: Link, why: str) -> None:
+        """After a server ended: fail its runs, reap it, and start the next one for what is still queued."""
         with self._lock:
-            lost, server.pending = server.pending, {}
             if self._server is server:
                 self._server = None
             if self._closed:
                 why = "the pool was closed before this run finished"
+        server.fail_all(why)
         server.stop()
         isolation.remove_cgroup(self._procs.pop(server.proc), wait=5.0)
-        for fut in lost.values():
-            fut.set_result(infra_failure(why))
-        with self._lock:  # restart now, so the next submit finds a warm server
+        with self._lock:  # restart now, so the queue goes on and the next submit finds a warm server
+            queued = collections.deque()
             if not self._closed and self._server is None:
                 try:
                     self._server = self._start()
-                except (RuntimeError, OSError):  # the next submit tries again and reports why
-                    pass
+                except (RuntimeError, OSError) as e:  # the next submit tries again and reports why
+                    queued, self._queue, why = self._queue, collections.deque(), f"could not start a server: {e}"
+        for _, _, fut in queued:
+            fut.set_result(infra_failure(why))

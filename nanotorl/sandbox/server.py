@@ -8,28 +8,31 @@ own session, with a minimal environment and an empty working directory. Start-up
     fork -> the "zygote", pid 1 of the new pid namespace, mounts a fresh /proc: runs see no process
             outside the sandbox, and when the zygote dies the kernel kills every run with it.
             The outer process only waits (kill it and PR_SET_PDEATHSIG kills the zygote).
-    import the preload modules, run the warm-up code, find every random generator, share the import
-        directories by descriptor, gc.freeze(), huge pages, not dumpable (no run can read the server's
-        or another run's memory through /proc), a minimal os.environ, a pids cgroup where available
+    import the preload modules, run the warm-up code, find every random generator, share the
+        installation's import directories by descriptor and open the read allowlist (sandbox/landlock.py),
+        gc.freeze(), huge pages, not dumpable (no run can read the server's or another run's memory
+        through /proc), a minimal os.environ, a pids cgroup where available
     install the SERVER seccomp program (sandbox/policy.py); every run inherits it
-    probe: one real run checks that both seccomp programs and the run's identity hold; refuse to serve
-           if they do not, unless the pool was explicitly allowed to run unconfined
+    probe: one real run checks that both seccomp programs, the run's identity and (with Landlock) the
+           read allowlist hold; refuse to serve if they do not, unless the pool was explicitly allowed to
+           run unconfined
 
-Then one single-threaded event loop (epoll) over the control socket and the children. The server
-keeps ``workers`` spare children, forked and confined ahead of time and blocked reading their code
-from stdin, so a run starts with one write (fork and confinement stay off its latency). Each child
-holds a slot (its uid and pids cgroup) until it is reaped. A spare that dies is replaced at once (its
-pidfd is watched), one that was stopped is killed when it is picked; a child that dies before its code
-ran hands the code to another. Writes of code never block: what a full pipe does not take is written
-when it drains, and a child that never reads meets its deadline. A run is watched through its stdout
-pipe, its stderr pipe and its pidfd (readable when it exits; signals through it cannot hit a recycled
-pid). At most ``workers`` run at once; the rest wait in a queue. A run that passes its wall-time
-deadline or writes more than ``max_output`` bytes on a stream is SIGKILLed with its process group at
-once. EOF on the control socket (the pool closed, or its process died) kills every child and ends the
-server: no orphans, no zombies. Messages in both directions are framed by sandbox/protocol.py.
+Then one single-threaded event loop (epoll) over the control socket and the children's pidfds. The
+pool sends each run as descriptors only (sandbox/protocol.py): a memfd holding its code and the write
+ends of the two pipes the pool reads its output from. The server never reads the code or the output:
+they never enter the memory that later runs are forked from. It keeps ``workers`` spare children,
+forked and confined ahead of time and blocked on a channel (a socketpair) of their own, so a run
+starts with one message that passes its descriptors on (fork and confinement stay off its latency).
+Each child holds a slot (its uid and pids cgroup) until it is reaped. A spare that dies is replaced at
+once (its pidfd is watched), one that was stopped is killed when it is picked; a child that dies
+before it said STARTED on its channel hands the run to another. A run is watched through its pidfd
+(readable when it exits; signals through it cannot hit a recycled pid). At most ``workers`` run at
+once; the rest wait in a queue. A run that passes its wall-time deadline, or that the pool reports
+past ``max_output`` on a stream, is SIGKILLed with its process group at once. Reports go out through
+a non-blocking outbox: the server never blocks on a write. EOF on the control socket (the pool
+closed, or its process died) kills every child and ends the server: no orphans, no zombies.
 """
 import collections
-import fcntl
 import gc
 import importlib
 import json
@@ -39,34 +42,30 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from nanotorl.sandbox import child, isolation, protocol
+from nanotorl.sandbox import child, isolation, landlock, protocol
 from nanotorl.sandbox.policy import RUN, SERVER, Filter
 
 PR_SET_DUMPABLE = 4
 PROBE_ID = -1
-MARKERS = child.READY + child.STARTED
+OWN_PACKAGES = ("nanotorl",)  # never readable by runs: where it is installed editable, that is the repository
 RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
 
 
 @dataclass(eq=False)
 class Run:
-    """One child: spawned (confined, waiting for its code on stdin), then dispatched (running)."""
+    """One child: spawned (confined, waiting for its run's descriptors), then dispatched (running)."""
     pid: int
     pidfd: int
-    code_w: int                                    # write end of the child's stdin (non-blocking)
-    pipes: dict                                    # read ends of stdout and stderr: fd -> "stdout" | "stderr"
+    chan: socket.socket                            # its channel: the run's descriptors go out, STARTED comes back
     slot: int
     id: int = 0
     start: float = 0.0
     deadline: float = 0.0
-    source: str = ""                               # the run's code
+    fds: tuple = ()                                # the pool's code memfd and output pipes, held until reported
+    ruleset: int = -1                              # its Landlock ruleset, until handed to it
     tries: int = 0                                 # children that died before they could run it
-    code: memoryview = memoryview(b"")             # what is still to be written to the child's stdin
-    output: dict = field(default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray()})
-    markers: int = 0                               # of READY + STARTED seen on stdout (2: the code ran)
-    truncated: set = field(default_factory=set)    # streams that passed the cap
     status: int | None = None                      # wait status, once reaped
     wall_time: float = 0.0
     cpu_time: float = 0.0
@@ -80,9 +79,9 @@ class Zygote:
         self.cfg, self.ctrl, self.namespaces = cfg, ctrl, namespaces
         self.epoll = select.epoll()
         self.epoll.register(ctrl.fileno(), select.EPOLLIN)
-        self.owner: dict[int, Run] = {}  # watched fd (pipe, pidfd, code pipe) -> its child
-        self.inbox = bytearray()
-        self.queue: collections.deque[tuple] = collections.deque()  # (id, code, tries) waiting for a child
+        self.owner: dict[int, Run] = {}  # pidfd -> its child
+        self.outbox = protocol.Outbox(ctrl)
+        self.queue: collections.deque[tuple] = collections.deque()  # (id, descriptors, tries) waiting for a child
         self.spare: collections.deque[Run] = collections.deque()  # confined children waiting for code
         self.spares_wanted = 0  # ``workers`` once start-up has settled how runs are confined
         self.running: dict[int, Run] = {}
@@ -90,6 +89,8 @@ class Zygote:
         self.free_slots = list(range(3 * cfg["workers"] + 2))  # spares, runs, and children killed but not yet reaped
         self.probe: dict | None = None
         self.jail: child.Confinement | None = None
+        self.null = -1  # /dev/null: a spare's stdin and stdout, and every run's stdin
+        self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
     def start_up(self) -> dict:
@@ -111,10 +112,12 @@ class Zygote:
         except Exception as e:
             return {"error": f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"}
         workdir = os.getcwd()
+        self.null = os.open(os.devnull, os.O_RDWR)
         switch_uid = os.geteuid() == 0
         cgroup, no_cgroup = isolation.make_pids_cgroup(self.cfg["cgroup_name"], len(self.free_slots),
                                                        isolation.TASKS)
-        self.jail = child.Confinement(workdir, [], None, isolation.share_import_roots(workdir), cgroup,
+        roots = isolation.share_import_roots(landlock.installation_roots(OWN_PACKAGES))
+        self.jail = child.Confinement(workdir, [], None, landlock.Allowlist.open(roots, workdir), cgroup,
                                       switch_uid, tuple(child.generators()))
         gc.freeze()  # children never touch the preloaded objects' GC headers: fewer copy-on-write faults
         isolation.use_huge_pages()
@@ -134,50 +137,53 @@ class Zygote:
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
                           "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine,
                           "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
-                          "import_roots": len(self.jail.keep_fds)}}
+                          "import_roots": len(roots), "landlock": self.jail.allowlist.version}}
 
     def install_and_probe(self) -> str | None:
         """Install the SERVER program, then run the probe; None if every rule it checks holds."""
+        same_ids = f"ids == {os.getresuid() + os.getresgid()!r}"  # a trainer that is not root: its own ids
+        probe = child.PROBE.replace("READS", str(bool(self.jail.allowlist.version)))
+        probe = probe.replace("IDENTITY", child.OWN_ID if self.jail.switch_uid else same_ids)
+        code = os.memfd_create("nanotorl-probe")  # before the filter, which refuses memfd_create
+        os.write(code, probe.encode())
+        (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
         try:
             Filter(SERVER).install(os.getpid())
             self.jail.seccomp = Filter(RUN)
-            same_ids = f"ids == {os.getresuid() + os.getresgid()!r}"  # a trainer that is not root: its own ids
-            self.submit(PROBE_ID, child.PROBE.replace("IDENTITY", child.OWN_ID if self.jail.switch_uid else same_ids))
+            self.queue.append((PROBE_ID, (code, out_w, err_w), 0))
             while self.probe is None:
                 self.step()
+            if self.probe["exit_code"] != 0:  # its stderr is the server's own probe's: it may pass through here
+                return "the probe run failed: " + os.read(err_r, 1 << 16).decode(errors="replace").strip()
         except (OSError, RuntimeError, ValueError) as e:
             return str(e)
-        if self.probe["exit_code"] != 0:
-            return "the probe run failed: " + self.probe["stderr"].decode(errors="replace").strip()
+        finally:
+            os.close(out_r)
+            os.close(err_r)
         return None
 
     # -- children ----------------------------------------------------------------------------------
-    def submit(self, rid: int, code: str) -> None:
-        self.queue.append((rid, code, 0))
-
     def spawn(self) -> Run:
-        """Fork a child that confines itself, then blocks reading its code from stdin until EOF.
+        """Fork a child that confines itself, then blocks on its channel until a run's descriptors arrive.
         Forking and confining ahead of time keeps both out of a run's latency."""
         if not self.free_slots:
             raise OSError("no free slot (every uid of this server is held by a child)")
-        fds: list[int] = []
-        slot = self.free_slots.pop()
+        slot, server, ours = self.free_slots.pop(), os.getpid(), None
         try:
-            fds = [*os.pipe(), *os.pipe(), *os.pipe()]
-            server = os.getpid()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
         except OSError:
-            for fd in fds:
-                os.close(fd)
+            if ours is not None:
+                ours.close()
+                theirs.close()
             self.free_slots.append(slot)
             raise
-        code_r, code_w, out_r, out_w, err_r, err_w = fds
         if pid == 0:  # the child: never returns into this loop
             status = 125
             try:
                 uid = isolation.run_uid(slot)
-                child.confine((code_r, out_w, err_w), server, self.jail, uid, slot)
-                status = child.execute(child.read_code())
+                child.confine((self.null, self.null, 2), theirs.fileno(), server, self.jail, uid, slot)
+                status = child.execute(child.receive(theirs, self.jail))
             except BaseException as e:  # confinement failed: say so, never run the code
                 try:
                     os.write(2, f"sandbox: could not confine the run: {e!r}\n".encode())
@@ -185,22 +191,17 @@ class Zygote:
                     pass
             finally:
                 os._exit(status)
-        for fd in (code_r, out_w, err_w):
-            os.close(fd)
-        fcntl.fcntl(code_w, fcntl.F_SETFL, os.O_NONBLOCK)
-        run = Run(pid, os.pidfd_open(pid), code_w, {out_r: "stdout", err_r: "stderr"}, slot)
-        self.watch(run, run.pidfd)
+        theirs.close()
+        ours.setblocking(False)
+        run = Run(pid, os.pidfd_open(pid), ours, slot)
+        try:  # the child's own /proc/<pid>, where our /proc shows our pid namespace
+            run.ruleset = self.jail.allowlist.ruleset(pid if self.own_proc else None)
+        except OSError:  # the child then refuses to run anything; it is replaced when it exits
+            pass
+        self.epoll.register(run.pidfd, select.EPOLLIN)
+        self.owner[run.pidfd] = run
         self.children.add(run)
         return run
-
-    def watch(self, run: Run, fd: int, events: int = select.EPOLLIN) -> None:
-        self.epoll.register(fd, events)
-        self.owner[fd] = run
-
-    def unwatch(self, fd: int) -> None:
-        self.epoll.unregister(fd)
-        del self.owner[fd]
-        os.close(fd)
 
     def healthy_spare(self) -> Run | None:
         """A spare that is neither dead nor stopped; the others are killed (and reaped when they exit)."""
@@ -212,42 +213,27 @@ class Zygote:
             signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)
         return None
 
-    def dispatch(self, rid: int, code: str, tries: int) -> None:
-        """Hand ``code`` to a spare child (or a new one) and start its clock."""
+    def dispatch(self, rid: int, fds: tuple, tries: int) -> None:
+        """Hand a run's descriptors to a spare child (or a new one) and start its clock."""
         try:
             run = self.healthy_spare() or self.spawn()
         except OSError as e:  # out of processes, memory or descriptors: this run fails, the server goes on
-            self.deliver({"id": rid, "stdout": b"", "stderr": f"sandbox: could not start the run: {e}\n".encode(),
-                          "stdout_truncated": False, "stderr_truncated": False, "exit_code": None, "signal": None,
-                          "wall_time": 0.0, "cpu_time": 0.0, "reason": "not_started"})
+            self.report({"id": rid, "exit_code": None, "signal": None, "wall_time": 0.0, "cpu_time": 0.0,
+                         "reason": "not_started", "why": f"could not start the run: {e}"}, fds)
             return
-        run.id, run.source, run.tries, run.start = rid, code, tries, time.monotonic()
+        run.id, run.fds, run.tries, run.start = rid, fds, tries, time.monotonic()
         run.deadline = run.start + self.cfg["wall_time"]
-        run.code = memoryview(code.encode("utf-8", "surrogatepass"))
-        for fd in run.pipes:
-            self.watch(run, fd)
         self.running[run.pid] = run
-        self.write_code(run)
-        if run.code_w >= 0:  # the pipe is full: go on when the child has read some
-            self.watch(run, run.code_w, select.EPOLLOUT)
-
-    def write_code(self, run: Run) -> None:
-        """Write what the pipe takes now, never blocking; close it once all is written (the child sees EOF)."""
         try:
-            while run.code:
-                run.code = run.code[os.write(run.code_w, run.code):]
-        except BlockingIOError:
-            return
-        except BrokenPipeError:  # the child died before reading its code; its exit status will tell why
+            socket.send_fds(run.chan, [b"run"], fds + (run.ruleset,) * (run.ruleset >= 0))
+        except OSError:  # the child just died: its exit hands the run to another child
             pass
-        self.close_code_pipe(run)
+        self.close_ruleset(run)
 
-    def close_code_pipe(self, run: Run) -> None:
-        if run.code_w in self.owner:
-            self.unwatch(run.code_w)
-        elif run.code_w >= 0:
-            os.close(run.code_w)
-        run.code_w = -1
+    def close_ruleset(self, run: Run) -> None:
+        if run.ruleset >= 0:
+            os.close(run.ruleset)
+            run.ruleset = -1
 
     def kill(self, run: Run, reason: str) -> None:
         """SIGKILL the run's process group and the run itself (not reaped yet, so its pid is still ours)."""
@@ -258,80 +244,78 @@ class Zygote:
             pass
         signal.pidfd_send_signal(run.pidfd, signal.SIGKILL)  # the run itself (safe even as a zombie)
 
-    def on_event(self, run: Run, fd: int) -> None:
-        if fd == run.code_w:
-            self.write_code(run)
-        elif fd != run.pidfd:
-            self.read_pipe(run, fd)
-        elif run.pid in self.running:
-            self.reap(run)
-            while run.pipes:  # nobody holds their write ends now, so this cannot block
-                self.read_pipe(run, next(iter(run.pipes)))
+    def on_exit(self, run: Run) -> None:
+        """A child ended: report its run, or forget it if it was a spare (step() forks another)."""
+        if run in self.spare:  # died, or killed for being stopped
+            self.spare.remove(run)
+        self.reap(run)
+        if run.pid in self.running:
             self.finish(run)
-        else:  # a spare died (or was killed for being stopped): forget it; step() forks another
-            if run in self.spare:
-                self.spare.remove(run)
-            self.reap(run)
-            for pipe in run.pipes:
-                os.close(pipe)
+        run.chan.close()
+        self.close_ruleset(run)
 
     def reap(self, run: Run) -> None:
-        """Collect the child's exit status and usage, release its pidfd, code pipe and slot."""
+        """Collect the child's exit status and usage, release its pidfd and slot."""
         _, run.status, usage = os.wait4(run.pid, 0)
         run.wall_time = time.monotonic() - run.start
         run.cpu_time = usage.ru_utime + usage.ru_stime
-        self.unwatch(run.pidfd)
-        self.close_code_pipe(run)
+        self.epoll.unregister(run.pidfd)
+        del self.owner[run.pidfd]
+        os.close(run.pidfd)
         self.children.discard(run)
         self.free_slots.append(run.slot)
 
-    def read_pipe(self, run: Run, fd: int) -> None:
-        data = os.read(fd, 1 << 16)
-        if not data:
-            self.unwatch(fd)
-            del run.pipes[fd]
-            return
-        name = run.pipes[fd]
-        while name == "stdout" and run.markers < 2 and data[:1] == MARKERS[run.markers:run.markers + 1]:
-            run.markers, data = run.markers + 1, data[1:]  # the child's READY and STARTED bytes are not output
-        room = self.cfg["max_output"] - len(run.output[name])
-        run.output[name] += data[:room]
-        if len(data) > room:  # over the cap: stop reading and end the run now
-            run.truncated.add(name)
-            self.kill(run, "output_limit")
-            for open_fd in list(run.pipes):
-                self.unwatch(open_fd)
-                del run.pipes[open_fd]
-
     def finish(self, run: Run) -> None:
         del self.running[run.pid]
-        started = run.markers == 2
+        try:
+            started = run.chan.recv(1) == child.STARTED  # said before the code ran; still here after it died
+        except OSError:
+            started = False
         if not started and run.reason in (None, "timeout") and run.tries < RETRIES:
-            self.queue.appendleft((run.id, run.source, run.tries + 1))  # it died (or hung) before the code ran
+            self.queue.appendleft((run.id, run.fds, run.tries + 1))  # it died (or hung) before the code ran
             return
         st = run.status
-        reason = run.reason if started or run.reason == "output_limit" else "not_started"
-        msg = {"id": run.id, "stdout": bytes(run.output["stdout"]), "stderr": bytes(run.output["stderr"]),
-               "stdout_truncated": "stdout" in run.truncated, "stderr_truncated": "stderr" in run.truncated,
-               "exit_code": os.WEXITSTATUS(st) if os.WIFEXITED(st) else None,
-               "signal": os.WTERMSIG(st) if os.WIFSIGNALED(st) else None,
-               "wall_time": run.wall_time, "cpu_time": run.cpu_time, "reason": reason}
-        self.deliver(msg)
+        self.report({"id": run.id, "exit_code": os.WEXITSTATUS(st) if os.WIFEXITED(st) else None,
+                     "signal": os.WTERMSIG(st) if os.WIFSIGNALED(st) else None,
+                     "wall_time": run.wall_time, "cpu_time": run.cpu_time,
+                     "reason": run.reason if started or run.reason == "output_limit" else "not_started"}, run.fds)
 
-    def deliver(self, msg: dict) -> None:
+    def report(self, msg: dict, fds: tuple) -> None:
+        """Close our copies of the run's descriptors (the pool then sees its pipes end) and say how it ended."""
+        for fd in fds:
+            os.close(fd)
         if msg["id"] == PROBE_ID:
             self.probe = msg
         else:
-            self.ctrl.sendall(protocol.encode(msg))
+            self.outbox.put(msg)
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what the socket takes now; wait for room (EPOLLOUT) for the rest, never blocking."""
+        done = self.outbox.flush()
+        self.epoll.modify(self.ctrl.fileno(), select.EPOLLIN | (0 if done else select.EPOLLOUT))
 
     # -- the loop ----------------------------------------------------------------------------------
     def on_control(self) -> None:
-        data = self.ctrl.recv(1 << 20)
-        if not data:
-            raise EOFError("the pool closed the control socket")
-        self.inbox += data
-        for msg in protocol.split_frames(self.inbox):
-            self.submit(msg["id"], msg["code"])
+        """Queue the runs the pool sent; kill the runs it asks us to (they wrote more than max_output)."""
+        while True:
+            try:
+                got = protocol.receive(self.ctrl)
+            except BlockingIOError:
+                return
+            if got is None:
+                raise EOFError("the pool closed the control socket")
+            msg, fds = got
+            if "id" in msg and len(fds) == 3:
+                self.queue.append((msg["id"], tuple(fds), 0))
+                continue
+            for fd in fds:
+                os.close(fd)
+            if "kill" not in msg:
+                raise protocol.ProtocolError(f"expected a run or a kill request, found {sorted(msg)}")
+            for run in self.running.values():
+                if run.id == msg["kill"] and run.reason is None:
+                    self.kill(run, "output_limit")
 
     def step(self) -> None:
         """Start queued runs, keep ``workers`` spare children, wait for events or the nearest deadline,
@@ -345,10 +329,12 @@ class Zygote:
                 break
         deadlines = [r.deadline for r in self.running.values() if r.reason is None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        for fd, _ in self.epoll.poll(-1 if timeout is None else timeout):
+        for fd, events in self.epoll.poll(-1 if timeout is None else timeout):
             if fd in self.owner:
-                self.on_event(self.owner[fd], fd)
-            elif fd == self.ctrl.fileno():
+                self.on_exit(self.owner[fd])
+            elif events & select.EPOLLOUT:
+                self.flush()
+            if fd == self.ctrl.fileno() and events & ~select.EPOLLOUT:
                 self.on_control()
         now = time.monotonic()
         for run in self.running.values():
@@ -364,7 +350,7 @@ class Zygote:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    ctrl = socket.socket(fileno=cfg["fd"])
+    ctrl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=cfg["fd"])
     child.block_stopping_signals()
     namespaces = isolation.enter_namespaces()
     if "pid" in namespaces:
@@ -382,6 +368,7 @@ def main() -> None:
     try:
         hello = zygote.start_up()
         zygote.ctrl.sendall(protocol.encode(hello))
+        zygote.ctrl.setblocking(False)
         if "error" in hello:
             return
         while True:

@@ -46,6 +46,8 @@ NUMBERS = {
     "setpgid": (109, 154), "setrlimit": (160, 164), "capset": (126, 91), "setgroups": (116, 159),
     "setresuid": (117, 147), "setresgid": (119, 149), "wait4": (61, 260), "waitid": (247, 95),
     "pidfd_open": (434, 434), "pidfd_send_signal": (424, 424), "sendto": (44, 206), "recvfrom": (45, 207),
+    "sendmsg": (46, 211), "recvmsg": (47, 212),
+    "landlock_create_ruleset": (444, 444), "landlock_add_rule": (445, 445), "landlock_restrict_self": (446, 446),
     "fork": (57, None), "vfork": (58, None), "execve": (59, 221), "execveat": (322, 281), "socket": (41, 198),
     "socketpair": (53, 199), "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
     "pidfd_getfd": (438, 438), "tkill": (200, 130), "setsid": (112, 157), "flock": (73, 32),
