@@ -145,8 +145,8 @@ def check_tool_health(sums: dict, failures: dict, step: int, cfg: TrainConfig) -
     kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
     raise cli.Stop(f"step {step}: the sandbox itself failed on {int(failed)} of {int(calls)} tool calls "
                    f"({failed / calls:.1%}, above --tool-failure-limit {limit:g}): {what}. Training stopped before "
-                   f"this step's update; {kept}. Check the sandbox (python -m nanotorl.sandbox 'print(1)'), then run the same "
-                   f"command again to resume")
+                   f"this step's update; {kept}. Check the sandbox (python -m nanotorl.sandbox 'print(1)'), then run "
+                   f"the same command again to resume")
 
 
 def eval_sums(greedy, sampled, k: int) -> dict:

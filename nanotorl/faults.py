@@ -119,8 +119,8 @@ def lock_out_dir(out_dir, rank: int):
 
 
 def kept_log_lines(file: Path, start: int, log=print) -> list[str]:
-    """The lines of ``file`` (metrics.jsonl) of steps up to ``start`` (none when 0); a torn last line is dropped (with one line
-    to ``log``), a torn line elsewhere raises a ValueError naming the file and the line."""
+    """The lines of ``file`` (metrics.jsonl) of steps up to ``start`` (none when 0); a torn last line is dropped (with
+    one line to ``log``), a torn line elsewhere raises a ValueError naming the file and the line."""
     lines = file.read_bytes().decode("utf-8", errors="replace").splitlines()
     keep = []
     for n, line in enumerate(lines, 1):

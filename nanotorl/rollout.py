@@ -13,8 +13,8 @@ it holds neither a final answer (a closed ``\boxed{...}``) nor a complete ```pyt
 :func:`nanotorl.fences.tool_call` finds, i.e. that would make a call): the model ended, or was cut off, with
 nothing to show for its last turn. A block written after the call budget is spent is not run and
 stays in the response as policy text (with trigger 'fence', and in ToRL's own mode ``--compat torl``; else with
-trigger 'output' the model's ```output then ends the response): it still counts as a complete code block, as in SimpleTIR, so such a final
-turn is not void. ``Sample.void_turn`` marks a response with a void turn and ``Sample.truncated`` one cut by the
+trigger 'output' the model's ```output then ends the response): it still counts as a complete code block, as in
+SimpleTIR, so such a final turn is not void. ``Sample.void_turn`` marks a response with a void turn and ``Sample.truncated`` one cut by the
 token budget without a final answer; ``--filter-void-turns`` and ``--mask-truncated`` give them zero loss weight
 (:func:`nanotorl.grpo.trained`).
 """

@@ -22,8 +22,8 @@ import time
 import pytest
 
 from nanotorl.sandbox import SandboxPool, protocol
-from nanotorl.sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When, combine,
-                            compile_policy)
+from nanotorl.sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When,
+                                     combine, compile_policy)
 SANDBOX_MODES = ["namespaces", "no-namespaces"]  # see sandbox_pool in tests/conftest.py
 
 ARCH = platform.machine()

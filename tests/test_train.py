@@ -312,7 +312,8 @@ DYING_SANDBOX = """
 import functools, runpy, sys
 from nanotorl import sandbox
 sandbox.pool.SERVER_MAIN = ("import os, nanotorl.sandbox.server\\n"
-                            "nanotorl.sandbox.server.Zygote.on_control = lambda *_: os._exit(137)\\n" + sandbox.pool.SERVER_MAIN)
+                            "nanotorl.sandbox.server.Zygote.on_control = lambda *_: os._exit(137)\\n"
+                            + sandbox.pool.SERVER_MAIN)
 sandbox.SandboxPool = functools.partial(sandbox.pool.SandboxPool, preload=())
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path("train.py", run_name="__main__")

@@ -1,4 +1,5 @@
-"""Try code by hand: ``python -m nanotorl.sandbox 'print(2**100)'``, a file with ``python -m nanotorl.sandbox -f file.py``, or
+"""Try code by hand: ``python -m nanotorl.sandbox 'print(2**100)'``, a file with
+``python -m nanotorl.sandbox -f file.py``, or
 code on stdin with ``python -m nanotorl.sandbox -``.
 
 CODE is always taken literally, even when it happens to name a file: only ``-f`` reads one (outside
@@ -15,7 +16,8 @@ from nanotorl.sandbox.pool import DEFAULT_PRELOAD, SandboxPool
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanotorl.sandbox", description="Run Python code in the nanotorl sandbox.")
+    p = argparse.ArgumentParser(prog="python -m nanotorl.sandbox",
+                                description="Run Python code in the nanotorl sandbox.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("code", nargs="?", help="code to run, taken literally; - reads it from stdin")
     source.add_argument("-f", "--file", help="read the code to run from this file")
