@@ -7,9 +7,12 @@ reads one tensor at a time into a model built on the meta device: peak memory is
 :func:`save_model` writes the same format, so a trained checkpoint opens in ``transformers`` and vLLM unchanged.
 
 A training checkpoint (:func:`save_checkpoint`) is such a directory, ``<out_dir>/checkpoints/step_N``, plus
-``trainer.pt`` (optimizer, step, world size, the run's config) and one ``rng_rank<R>.pt`` per rank. It is written
-as ``step_N.tmp`` and renamed once complete, so :func:`latest_checkpoint` never picks a torn one; :func:`resume`
-reads it back.
+``optimizer/``, the optimizer's state as a torch.distributed.checkpoint (DCP) directory that every rank writes its own
+shards into, ``trainer.json`` (step, world size, the run's config) and one ``rng_rank<R>.pt`` per rank. The weights
+are streamed one tensor at a time; nothing else is gathered. It is written as ``step_N.tmp`` and renamed once
+complete, so :func:`latest_checkpoint` never picks a torn one; :func:`resume` reads it back on any number of
+processes (DCP reshards). A checkpoint of the older layout (the whole optimizer in ``trainer.pt``) still resumes, on
+the number of processes that wrote it.
 """
 import json
 import os
@@ -20,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from nanotorl import dist
 from nanotorl.cli import read_json
@@ -29,6 +31,8 @@ from nanotorl.model import Qwen2, Qwen2Config
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "special_tokens_map.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+TRAINER, OLD_TRAINER = "trainer.json", "trainer.pt"  # step, world, config (the old one: and the optimizer)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports wrote; we recompute them
 
 
@@ -217,17 +221,45 @@ def _atomic_write(file: Path, write) -> None:
     os.replace(tmp, file)
 
 
+def _write_safetensors(file: Path, tensors: dict, rank: int) -> None:
+    """One safetensors file, streamed: the header from the tensors' (global) shapes, then each tensor's bytes as
+    :func:`nanotorl.dist.full_tensor` gathers it, so only one whole tensor exists at a time. Every rank calls it
+    (the gathers are collective); rank 0 writes ``<file>.tmp`` and renames it."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                                      offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    tmp = file.with_name(file.name + ".tmp")
+    out = open(tmp, "wb") if rank == 0 else None
+    try:
+        if out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            whole = dist.full_tensor(t)
+            if out:
+                out.write(whole.contiguous().reshape(-1).view(torch.uint8).numpy())
+    finally:
+        if out:
+            out.close()
+    if rank == 0:
+        os.replace(tmp, file)
+
+
 def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None,
-                    shard_bytes: int = 4 << 30, eos_ids: list[int] | None = None) -> None:
+                    shard_bytes: int = 4 << 30, eos_ids: list[int] | None = None, rank: int = 0) -> None:
     """Write our ``state_dict`` (model names) as a Hugging Face checkpoint in ``path``.
 
     Tensors are grouped into shards of at most ``shard_bytes`` (one ``model.safetensors`` when it all fits).
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file behind.
     ``eos_ids`` (the tokenizer's) become config.json's ``eos_token_id``: one id, or the list when there are several.
+    A sharded model's ``state_dict`` (DTensors) is streamed tensor by tensor: every rank calls this, rank 0 writes.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {hf_name(n): t.detach().to("cpu").contiguous() for n, t in state_dict.items()}
+    tensors = {hf_name(n): t.detach() for n, t in state_dict.items()}
     dtype = next(iter(tensors.values())).dtype
     shards, size = [{}], 0
     for key, t in tensors.items():
@@ -237,16 +269,18 @@ def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None
             size = 0
         shards[-1][key] = t
         size += nbytes
-    for stale in ("model.safetensors", "model.safetensors.index.json"):
-        (path / stale).unlink(missing_ok=True)
-    if len(shards) == 1:
-        _atomic_write(path / "model.safetensors", lambda f: save_file(shards[0], f, metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
-            weight_map.update(dict.fromkeys(shard, name))
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in ("model.safetensors", "model.safetensors.index.json"):
+            (path / stale).unlink(missing_ok=True)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_safetensors(path / name, shard, rank)
+    if rank != 0:
+        return
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _atomic_write(path / "model.safetensors.index.json", lambda f: f.write_text(json.dumps(index, indent=2)))
@@ -272,25 +306,29 @@ def latest_checkpoint(out_dir) -> Path | None:
     """The newest complete checkpoint (directories are renamed into place only once fully written)."""
     root = Path(out_dir) / "checkpoints"
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "trainer.pt").is_file())
+                  and ((p / TRAINER).is_file() or (p / OLD_TRAINER).is_file()))
     return done[-1] if done else None
 
 
 def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dict, keep: int, rank: int,
                     world: int) -> None:
-    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp`` then renamed; only the
-    newest ``keep`` checkpoints stay. Every rank calls it (the full states are gathered on rank 0)."""
+    """HF weights + tokenizer, the optimizer's DCP shards, step and per-rank RNG, written to ``step_N.tmp`` then
+    renamed; only the newest ``keep`` checkpoints stay. Every rank calls it and writes its own share: nothing
+    is gathered but one weight tensor at a time."""
     root = Path(out_dir) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
-    weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_state_dict(weights, model.cfg, tmp, tokenizer_dir=tokenizer.path, eos_ids=tokenizer.eos_ids)
-        torch.save({"optimizer": opt_state, "step": step, "world": world, "config": config}, tmp / "trainer.pt")
+        tmp.mkdir(parents=True)
     dist.barrier()
+    save_state_dict(model.state_dict(), model.cfg, tmp, tokenizer_dir=tokenizer.path, eos_ids=tokenizer.eos_ids,
+                    rank=rank)
+    dist.save_optimizer(model, optimizer, tmp / "optimizer")
     torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
+        trainer = {"step": step, "world": world, "config": config}
+        _atomic_write(tmp / TRAINER, lambda f: f.write_text(json.dumps(trainer, indent=2)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
@@ -299,17 +337,38 @@ def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dic
 
 
 def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
-    """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step."""
+    """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step.
+    Any number of processes resumes a checkpoint; one of the older layout (``trainer.pt``) needs the same number."""
+    if not (ckpt / TRAINER).is_file():
+        return _resume_trainer_pt(model, optimizer, ckpt, rank, world)
+    step = read_json(ckpt / TRAINER)["step"]
     try:
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        dist.load_optimizer(model, optimizer, ckpt / "optimizer")
+    except Exception as e:  # DCP raises what its reader raised, on every rank
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{ckpt / 'optimizer'}: cannot read the optimizer state ({type(e).__name__}: {why}); move "
+                         f"{ckpt} away to resume from the checkpoint before it") from None
+    _load_rng(ckpt, rank)
+    return step
+
+
+def _load_rng(ckpt: Path, rank: int) -> None:
+    """This rank's RNG state, when the run that wrote ``ckpt`` had this rank."""
+    rng = ckpt / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng)["torch"])
+
+
+def _resume_trainer_pt(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
+    """Resume a checkpoint of the layout before 2026-12-06: the whole optimizer in ``trainer.pt``, read on rank 0."""
+    try:
+        state = torch.load(ckpt / OLD_TRAINER, weights_only=False)
     except Exception as e:  # torch.load raises what the unpickler or the zip reader raised
-        raise ValueError(f"{ckpt / 'trainer.pt'}: cannot read the training state ({type(e).__name__}: {e}); move "
+        raise ValueError(f"{ckpt / OLD_TRAINER}: cannot read the training state ({type(e).__name__}: {e}); move "
                          f"{ckpt} away to resume from the checkpoint before it") from None
     if state["world"] != world:
         raise ValueError(f"{ckpt} was written by {state['world']} process(es), this run has {world}: resume with "
                          f"--nproc_per_node={state['world']}, or start a new --out-dir from its weights (--model {ckpt})")
     dist.load_optimizer_state(model, optimizer, state["optimizer"] if rank == 0 else {})
-    rng = ckpt / f"rng_rank{rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng)["torch"])
+    _load_rng(ckpt, rank)
     return state["step"]
