@@ -30,6 +30,7 @@ from nanotorl.data import arithmetic_problems, drop_duplicates, load_problems, r
 from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import LossStats, filler_micro_batch, grpo_batch, loss_normalizer, policy_loss
+from nanotorl.memory import PhasePeaks
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
@@ -195,7 +196,8 @@ class Log:
         with self.file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
-                "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
+                "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s", "memory_generate_gb",
+                "memory_train_gb", "memory_save_gb")
         line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)
         if self.bar is not None and record["step"] > 0:
             self.bar.update(record["step"] - self.bar.n)
@@ -290,24 +292,30 @@ def main(argv=None):
                         trigger=ro.trigger, cuda_graph=ro.cuda_graph, compat=ro.compat)
         if start == 0 and heldout and cfg.log.eval_every:
             log({"step": 0} | evaluate(model, gen, heldout, cfg, rank, world, device))
+        peaks = PhasePeaks(device)  # peak memory per phase (RSS on CPU, allocated on CUDA), all ranks' maximum
         for step in range(start, cfg.steps):
             t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
+            peaks.start()
             samples = rollout_step(model, gen, fits, step, cfg, rank, world)             # rollout -> rewards
             t1 = time.perf_counter()
+            peaks.end("generate")
             sums = dist.all_sum(rollout_stats(samples) | {"tool_wait_s": gen.stats["tool_wait_s"] - wait0}, device)
             failures = dist.all_counts(tool_failures(samples))
             check_tool_health(sums, failures, step + 1, cfg)                            # stop if the sandbox fails
             record = {"step": step + 1} | train_step(model, optimizer, samples, cfg, device, world)  # -> AdamW
             t2 = time.perf_counter()
+            peaks.end("train")
             record |= finish_stats(sums, failures) | {
                 "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
                 "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}
             if cfg.log.eval_every and heldout and ((step + 1) % cfg.log.eval_every == 0 or step + 1 == cfg.steps):
                 record |= evaluate(model, gen, heldout, cfg, rank, world, device)
-            log(record)
+            log(record | {k: dist.all_max(v, device) for k, v in peaks.take().items()})  # save: the previous one
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
+                peaks.start()
                 save_checkpoint(model, optimizer, tok, cfg.log.out_dir, step + 1, asdict(cfg),
                                 cfg.log.keep_checkpoints, rank, world)
+                peaks.end("save")
     if rank == 0:
         from nanotorl.plot import plot_metrics
         png = plot_metrics(Path(cfg.log.out_dir) / "metrics.jsonl", Path(cfg.log.out_dir) / "curves.png")
