@@ -43,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 from nanotorl import cli, dist
-from nanotorl.checkpoint import DTYPES, latest_checkpoint, load_config, load_model
+from nanotorl.checkpoint import DTYPES, load_config, load_model
+from nanotorl.training_checkpoint import latest_checkpoint
 from nanotorl.config import TrainConfig
 from nanotorl.decode_step import CUDA_GRAPH, use_cuda_graph
 from nanotorl.data import (Problem, arithmetic_problems, drop_duplicates, find_duplicates, fit_positions,

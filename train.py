@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from nanotorl import cli, dist, faults
 from nanotorl.attention import attention_path
-from nanotorl.checkpoint import latest_checkpoint, load_config, load_model, resume, save_checkpoint
+from nanotorl.checkpoint import load_config, load_model
+from nanotorl.training_checkpoint import latest_checkpoint, resume, save_checkpoint
 from nanotorl.config import TrainConfig, parse_args
 from nanotorl.data import arithmetic_problems, drop_duplicates, fit_positions, load_problems, repeats_line
 from nanotorl.decode_step import use_cuda_graph
@@ -36,7 +37,7 @@ from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import (LossStats, filler_micro_batch, group_advantages, grpo_batch, loss_normalizer, policy_loss,
                            trained)
-from nanotorl.memory import run_plan
+from nanotorl.memory import PhasePeaks, run_plan
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
@@ -325,20 +326,23 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
             log({"step": 0} | metrics)
             kept.write(held)
         divergence, saved = faults.Divergence(cfg.optim.max_skipped_steps, rank), start
+        peaks = PhasePeaks(device)  # peak memory per phase (RSS on CPU, allocated on CUDA), all ranks' maximum
 
         def save(n: int):
+            peaks.start()
             save_checkpoint(model, optimizer, tok, out, n, asdict(cfg), cfg.log.keep_checkpoints, rank, world)
+            peaks.end("save")
 
         for step in range(start, cfg.steps):
             done = None if signals.requested(device) else one_step(model, optimizer, gen, fits, heldout, step, cfg,
-                                                                    signals, rank, world, device)
+                                                                    signals, peaks, rank, world, device)
             if done is None:  # a signal: save the last step completed (unless saved), then stop every rank
                 if step > saved:
                     save(step)
                 raise faults.stopped(signals.requested(device), step, cfg.steps, latest_checkpoint(out), argv, rank,
                                      world)
             record, records = done
-            log(record | divergence.count(record))
+            log(record | divergence.count(record) | {k: dist.all_max(v, device) for k, v in peaks.take().items()})
             kept.write(records)
             divergence.check(step + 1, record, latest_checkpoint(out))
             if (step + 1) % cfg.log.save_every == 0 or step + 1 == cfg.steps:
@@ -347,11 +351,13 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
 
 
 def one_step(model, optimizer, gen, fits, heldout, step: int, cfg: TrainConfig, signals: faults.Preemption,
-             rank: int, world: int, device) -> tuple[dict, list[dict]] | None:
+             peaks: PhasePeaks, rank: int, world: int, device) -> tuple[dict, list[dict]] | None:
     """Step ``step`` + 1: rollout, rewards, update, statistics (and validation when due); its record and the
     responses it keeps (nanotorl.samples), or None when a signal came during the rollout (then no update is made)."""
     t0, wait0 = time.perf_counter(), gen.stats["tool_wait_s"]
+    peaks.start()
     samples = rollout_step(model, gen, fits, step, cfg, rank, world)                   # rollout -> rewards
+    peaks.end("generate")
     if signals.requested(device):                                                       # safe point
         return None
     t1 = time.perf_counter()
@@ -360,6 +366,7 @@ def one_step(model, optimizer, gen, fits, heldout, step: int, cfg: TrainConfig, 
     check_tool_health(sums, failures, step + 1, cfg)                                  # stop if the sandbox fails
     record = {"step": step + 1} | train_step(model, optimizer, samples, cfg, device, world)  # -> AdamW
     t2 = time.perf_counter()
+    peaks.end("train")
     record |= finish_stats(sums, failures) | {
         "time_generate_s": t1 - t0, "time_sandbox_wait_s": sums["tool_wait_s"] / world,
         "time_train_s": t2 - t1, "tokens_per_s": sums["response_tokens"] / (t2 - t0)}

@@ -6,12 +6,9 @@ against the model before reading any weight (so a bad checkpoint fails whole, wi
 reads one tensor at a time into a model built on the meta device: peak memory is the model plus one tensor.
 :func:`save_model` writes the same format, so a trained checkpoint opens in ``transformers`` and vLLM unchanged.
 
-A training checkpoint (:func:`save_checkpoint`) is such a directory, ``<out_dir>/checkpoints/step_N``, plus
-``trainer.pt`` (optimizer, step, world size, the run's config) and one ``rng_rank<R>.pt`` per rank. It is written
-as ``step_N.tmp``, flushed to the disk (every file, then the directory) and renamed once complete, so
-:func:`latest_checkpoint` never picks a torn one, even after a power loss; :func:`resume` reads it back.
+Every file is written under a temporary name, flushed to the disk and renamed (:func:`atomic_write`). A training
+checkpoint is such a directory and more: nanotorl/training_checkpoint.py.
 """
-import errno
 import json
 import os
 import shutil
@@ -21,15 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from nanotorl import dist, faults
-from nanotorl.cli import Stop, read_json
+from nanotorl import dist
+from nanotorl.cli import read_json
 from nanotorl.model import Qwen2, Qwen2Config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "special_tokens_map.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old exports wrote; we recompute them
 
 
@@ -60,9 +57,6 @@ def hf_name(name: str) -> str:
 def load_config(path) -> Qwen2Config:
     """Read ``config.json`` of a Qwen2/Qwen2.5 or Qwen3 dense checkpoint; refuse anything else, naming it."""
     file = Path(path) / "config.json"
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory; expected a Hugging Face Qwen2/Qwen3 directory "
-                                f"(config.json, *.safetensors, tokenizer.json): check --model")
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
                                 f"(Hugging Face Qwen2/Qwen3 format)")
@@ -144,19 +138,14 @@ def _listing(names, limit=10) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_model(path, dtype: torch.dtype | None = None, device="cpu", vocab: int | None = None) -> Qwen2:
+def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
     """Build a :class:`Qwen2` from a Hugging Face checkpoint directory.
 
-    ``dtype`` defaults to the checkpoint's own. ``vocab``: the tokenizer's size; ids past it get no logit
-    (:attr:`Qwen2.vocab`), and a tokenizer with more ids than the embedding has rows is refused. Raises
-    ``FileNotFoundError`` for missing files and ``ValueError`` naming the offending tensors for missing, unexpected
-    or wrongly shaped weights.
+    ``dtype`` defaults to the checkpoint's own. Raises ``FileNotFoundError`` for missing files and ``ValueError``
+    naming the offending tensors for missing, unexpected or wrongly shaped weights.
     """
     path = Path(path)
     cfg = load_config(path)
-    if vocab is not None and vocab > cfg.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {vocab} ids but the model's embedding has {cfg.vocab_size} rows "
-                         f"(config.json vocab_size); use the tokenizer that belongs to this checkpoint")
     dtype = dtype or checkpoint_dtype(path) or torch.float32
     with torch.device("meta"):
         model = Qwen2(cfg)
@@ -190,7 +179,6 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu", vocab: int 
                     except SafetensorError as e:
                         raise ValueError(f"{file}: tensor {key} cannot be read ({e}); the file is damaged") from None
                     model.get_submodule(module)._parameters[attr] = nn.Parameter(tensor)
-    model.vocab = vocab or cfg.vocab_size
     return model
 
 
@@ -221,14 +209,14 @@ def config_to_hf(cfg: Qwen2Config, dtype: torch.dtype) -> dict:
     return raw
 
 
-def _atomic_write(file: Path, write) -> None:
+def atomic_write(file: Path, write) -> None:
     tmp = file.with_name(file.name + ".tmp")
     write(tmp)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, file)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush ``path`` (a file, or a directory: its entries) to the disk, so a power loss cannot undo it."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -237,17 +225,52 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _write_safetensors(file: Path, tensors: dict, rank: int) -> None:
+    """One safetensors file, streamed: the header from the tensors' (global) shapes, then each tensor's bytes as
+    :func:`nanotorl.dist.full_tensor` gathers it, so only one whole tensor exists at a time. Every rank calls it
+    (the gathers are collective, and go on when rank 0's write fails, so no rank waits forever); rank 0 writes
+    ``<file>.tmp``, flushes it to the disk and renames it, or raises what failed once every tensor went by."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                                      offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    tmp = file.with_name(file.name + ".tmp")
+    out, failed = (open(tmp, "wb") if rank == 0 else None), None
+    for t in [None, *tensors.values()]:
+        whole = None if t is None else dist.full_tensor(t)
+        if out is not None and failed is None:
+            try:
+                out.write(len(raw).to_bytes(8, "little") + raw if t is None else
+                          whole.contiguous().reshape(-1).view(torch.uint8).numpy())
+            except OSError as e:
+                failed = e
+    if out is not None:
+        try:
+            out.close()
+        except OSError as e:
+            failed = failed or e
+    if failed:
+        raise failed
+    if rank == 0:
+        fsync(tmp)
+        os.replace(tmp, file)
+
+
 def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None,
-                    shard_bytes: int = 4 << 30, eos_ids: list[int] | None = None) -> None:
+                    shard_bytes: int = 4 << 30, eos_ids: list[int] | None = None, rank: int = 0) -> None:
     """Write our ``state_dict`` (model names) as a Hugging Face checkpoint in ``path``.
 
     Tensors are grouped into shards of at most ``shard_bytes`` (one ``model.safetensors`` when it all fits).
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file behind.
     ``eos_ids`` (the tokenizer's) become config.json's ``eos_token_id``: one id, or the list when there are several.
+    A sharded model's ``state_dict`` (DTensors) is streamed tensor by tensor: every rank calls this, rank 0 writes.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {hf_name(n): t.detach().to("cpu").contiguous() for n, t in state_dict.items()}
+    tensors = {hf_name(n): t.detach() for n, t in state_dict.items()}
     dtype = next(iter(tensors.values())).dtype
     shards, size = [{}], 0
     for key, t in tensors.items():
@@ -257,23 +280,25 @@ def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None
             size = 0
         shards[-1][key] = t
         size += nbytes
-    for stale in ("model.safetensors", "model.safetensors.index.json"):
-        (path / stale).unlink(missing_ok=True)
-    if len(shards) == 1:
-        _atomic_write(path / "model.safetensors", lambda f: save_file(shards[0], f, metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
-            weight_map.update(dict.fromkeys(shard, name))
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in ("model.safetensors", "model.safetensors.index.json"):
+            (path / stale).unlink(missing_ok=True)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_safetensors(path / name, shard, rank)
+    if rank != 0:
+        return
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(path / "model.safetensors.index.json", lambda f: f.write_text(json.dumps(index, indent=2)))
+        atomic_write(path / "model.safetensors.index.json", lambda f: f.write_text(json.dumps(index, indent=2)))
     raw = config_to_hf(cfg, dtype)
     if eos_ids:
         raw["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
-    _atomic_write(path / "config.json", lambda f: f.write_text(json.dumps(raw, indent=2)))
+    atomic_write(path / "config.json", lambda f: f.write_text(json.dumps(raw, indent=2)))
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != path.resolve():
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
@@ -283,103 +308,3 @@ def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None
 def save_model(model: Qwen2, path, tokenizer_dir=None, **kwargs) -> None:
     """Save a (non-sharded) model; see :func:`save_state_dict`."""
     save_state_dict(model.state_dict(), model.cfg, path, tokenizer_dir=tokenizer_dir, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------ training checkpoints
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The newest complete checkpoint (directories are renamed into place only once fully written)."""
-    root = Path(out_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / "trainer.pt").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dict, keep: int, rank: int,
-                    world: int) -> None:
-    """HF weights + tokenizer + optimizer + step + per-rank RNG, written to ``step_N.tmp``, flushed to the disk and
-    renamed; only the newest ``keep`` checkpoints stay. Every rank calls it (the full states are gathered on rank 0).
-    A state with a non-finite value is not written, nor is a checkpoint the disk has no room for: every rank stops
-    (:class:`nanotorl.cli.Stop`, its line on rank 0) and the previous checkpoint stays as it was."""
-    root = Path(out_dir) / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
-    if bad := faults.nonfinite_state(model, optimizer):
-        raise Stop(_nonfinite_line(bad, final) if rank == 0 else "")
-    weights, opt_state = dist.full_state_dict(model), dist.optimizer_state(model, optimizer)
-    rngs = dist.all_objects(torch.get_rng_state())
-    problem = ""
-    if rank == 0:
-        trainer = {"optimizer": opt_state, "step": step, "world": world, "config": config}
-        problem = _write_checkpoint(tmp, weights, trainer, rngs, model.cfg, tokenizer)
-        if not problem:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync(root)
-            for old in sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    problem = dist.broadcast_object(problem)
-    if problem:
-        raise Stop(problem if rank == 0 else "")
-
-
-def _nonfinite_line(bad: dict[str, int], final: Path) -> str:
-    """Why checkpoint ``final`` is not written: ``bad`` tensors hold NaN or infinite values (so many)."""
-    where = ", ".join(f"{name} ({n})" for name, n in list(bad.items())[:3])
-    ckpt = latest_checkpoint(final.parent.parent)
-    kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written"
-    return (f"{final.name}: {sum(bad.values())} non-finite values in {len(bad)} tensors (e.g. {where}), so it was not "
-            f"written; {kept}. Start a new --out-dir from it (--model) with a lower --lr or --grad-clip")
-
-
-def _write_checkpoint(tmp: Path, weights: dict, trainer: dict, rngs: list, cfg, tokenizer) -> str:
-    """Write the checkpoint files into ``tmp`` and flush them to the disk; "" when done, else (the disk is full,
-    ``tmp`` removed) the line that says so."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_state_dict(weights, cfg, tmp, tokenizer_dir=tokenizer.path, eos_ids=tokenizer.eos_ids)
-        torch.save(trainer, tmp / "trainer.pt")
-        for rank, rng in enumerate(rngs):
-            torch.save({"torch": rng}, tmp / f"rng_rank{rank}.pt")
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        return ""
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        need = sum(_nbytes(t) for t in (weights, trainer["optimizer"]))
-        free = shutil.disk_usage(tmp.parent).free
-        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= need:
-            raise
-    ckpt = latest_checkpoint(tmp.parent.parent)
-    kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
-    return (f"{tmp.parent}: no room for checkpoint {tmp.name.removesuffix('.tmp')} (it needs about {need / 2**20:,.1f} "
-            f"MiB, {free / 2**20:,.1f} MiB are free); {kept}. Free some space, then run the same command to resume")
-
-
-def _nbytes(state) -> int:
-    """The bytes of every tensor in ``state`` (nested dicts and lists)."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(_nbytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_nbytes(v) for v in state)
-    return 0
-
-
-def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
-    """Load optimizer, RNG and step from ``ckpt`` (the weights were loaded from it already); return the step."""
-    try:
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
-    except Exception as e:  # torch.load raises what the unpickler or the zip reader raised
-        raise ValueError(f"{ckpt / 'trainer.pt'}: cannot read the training state ({type(e).__name__}: {e}); move "
-                         f"{ckpt} away to resume from the checkpoint before it") from None
-    if state["world"] != world:
-        raise ValueError(f"{ckpt} was written by {state['world']} process(es), this run has {world}: resume with "
-                         f"--nproc_per_node={state['world']}, or start a new --out-dir from its weights (--model {ckpt})")
-    dist.load_optimizer_state(model, optimizer, state["optimizer"] if rank == 0 else {})
-    rng = ckpt / f"rng_rank{rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng)["torch"])
-    return state["step"]

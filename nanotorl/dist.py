@@ -7,8 +7,10 @@
 * :func:`gathered` unshards every block for generation, so the same model that trains also generates (no second
   copy of the weights) and each rank can run as many decode steps as its own sequences need; inside it,
   :func:`hooks_bypassed` calls the model without FSDP2's forward hooks (for a CUDA-graph capture).
-* :func:`full_state_dict` / :func:`optimizer_state` gather full states on rank 0 for checkpoints, and
-  :func:`load_optimizer_state` spreads one back.
+* Checkpoints: :func:`full_tensor` gathers one tensor at a time (the weights are streamed to a Hugging Face
+  directory); :func:`save_optimizer` writes the optimizer's state through torch.distributed.checkpoint (DCP),
+  every rank its own shards, and :func:`load_optimizer` reads it back on any number of ranks (DCP reshards);
+  :func:`full_state_dict` and :func:`load_optimizer_state` serve tests and checkpoints of the older layout.
 * :func:`shard_of` is a rank's share of a list (problems, samples); :func:`all_sum` and :func:`all_max` add up
   what the ranks measured.
 """
@@ -128,13 +130,33 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def optimizer_state(model, optimizer) -> dict:
-    """The optimizer's full state on rank 0 (empty elsewhere)."""
-    if not distributed():
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of ``t`` on CPU: gathered over the ranks when it is a DTensor (then every rank calls it)."""
+    if not hasattr(t, "full_tensor"):
+        return t.detach().cpu()
+    if t.device.type != t.device_mesh.device_type:  # a CPU-offloaded shard: NCCL gathers from the GPU
+        from torch.distributed.tensor import DTensor
+        t = DTensor.from_local(t.to_local().to(t.device_mesh.device_type), t.device_mesh, t.placements,
+                               shape=t.shape, stride=t.stride())
+    return t.full_tensor().cpu()
+
+
+def save_optimizer(model, optimizer, path) -> None:
+    """The optimizer's state as a DCP checkpoint in directory ``path``: each rank writes its own shards (one
+    ``__<rank>_0.distcp`` file each) and rank 0 the ``.metadata`` that says where every piece of every tensor is."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+
+
+def load_optimizer(model, optimizer, path) -> None:
+    """Read :func:`save_optimizer`'s checkpoint into ``optimizer``, whatever the number of ranks that wrote it:
+    each rank reads just the pieces of its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to fill (state made if empty)
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:

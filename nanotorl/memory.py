@@ -1,4 +1,5 @@
-"""The per-rank memory plan of a training run, from the arithmetic (train.py prints it at start-up).
+"""Memory per rank: the plan of a training run from the arithmetic (train.py prints it at start-up), and the
+peaks each phase of a step actually took (:class:`PhasePeaks`, logged per step).
 
 One step has two phases, and each rank holds, in bytes (P_i the elements of parameter i, dim 0 d0_i, W ranks;
 FSDP2 shards dim 0, padded to a multiple of W):
@@ -20,9 +21,17 @@ The KV cache is freed before ``train_step`` unless ``--keep-kv-cache``: then the
 counted: CUDA's context and the caching allocator's fragmentation (measure those on the GPU), one block's gathered
 weights during training, the log-prob's per-token vectors (partials, lse, coefficients: a few hundred bytes a
 token) and the slot table.
+
+Measured (:class:`PhasePeaks`): on CUDA the peak is ``torch.cuda.max_memory_allocated`` (what the caching
+allocator handed out), reset at the start of each phase. On CPU it is the process's peak resident set size:
+Linux's ``VmHWM``, which writing ``5`` to ``/proc/self/clear_refs`` resets to the current RSS; where that file
+cannot be written the peak is the process's since it started (``VmHWM`` never reset), an upper bound.
 """
 import math
+import re
+import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -96,3 +105,48 @@ def run_plan(cfg, model_cfg: Qwen2Config, world: int, cuda: bool, cache_len: int
     return memory_plan(model_cfg, world, cfg.rollout.gen_slots, cache_len, cfg.optim.micro_batch_tokens,
                        torch.float32 if cuda else dtype, dtype, cfg.optim.activation_checkpointing,
                        cfg.rollout.keep_kv_cache)
+
+
+# ------------------------------------------------------------------------------------------ measured peaks
+STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak: the next :func:`peak_bytes` counts from now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:  # not Linux, or a kernel that refuses it: the peak stays the process's own
+        pass
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory since the last :func:`reset_peak`: allocated bytes on CUDA, resident bytes on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):  # no /proc: the peak RSS getrusage keeps (kilobytes on Linux)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PhasePeaks:
+    """The peak of each phase of a step: :meth:`start` begins a phase, :meth:`end` names the one that just ended
+    and records its peak as ``memory_<phase>_gb`` (1e9 bytes), then begins the next."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.gb = device, {}
+
+    def start(self) -> None:
+        reset_peak(self.device)
+
+    def end(self, phase: str) -> None:
+        self.gb[f"memory_{phase}_gb"] = peak_bytes(self.device) / 1e9
+        reset_peak(self.device)
+
+    def take(self) -> dict:
+        """The peaks recorded since the last call, and forget them."""
+        out, self.gb = self.gb, {}
+        return out

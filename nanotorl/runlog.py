@@ -38,7 +38,8 @@ class Log:
         except OSError as e:  # a full disk: name the file (the torn line this may leave is dropped on restart)
             raise OSError(e.errno, e.strerror, str(self.file)) from None
         keys = ("reward", "accuracy", "tool_fraction", "calls_ok_fraction", "response_length", "eval_accuracy",
-                "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s")
+                "eval_tool_fraction", "entropy", "logprob_gap_max", "tokens_per_s", "memory_generate_gb",
+                "memory_train_gb", "memory_save_gb")
         line = " ".join(f"{k}={record[k]:.3g}" for k in keys if record.get(k) is not None)
         if record.get("skipped"):
             line += f" | update skipped: loss {record['loss']:.3g}, grad norm {record['grad_norm']:.3g}"

@@ -176,3 +176,64 @@ def test_saved_checkpoint_keeps_the_tokenizers_end_ids_and_chat_template(ckpt, t
     save_model(load_model(ckpt), tmp_path / "out", tokenizer_dir=src, eos_ids=tok.eos_ids)
     again = Tokenizer(tmp_path / "out", "chat")
     assert again.eos_ids == tok.eos_ids == [0, 5] and again.prompt("1+1") == tok.prompt("1+1")
+
+
+# ------------------------------------------------------------------------------ training checkpoints (torchrun)
+
+
+def torchrun(nproc, *args):
+    from test_train import torchrun as run
+    r = run(nproc, "tests/dist_ckpt.py", *map(str, args))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_a_checkpoint_saved_on_two_processes_resumes_on_one_and_on_two(tmp_path):
+    """Weights and AdamW state (moments and step count) after the resume equal those that were saved, whatever the
+    number of processes that read them back: each rank wrote its own shards, each reader takes what it needs."""
+    torchrun(2, "save", tmp_path)
+    saved = torch.load(tmp_path / "saved.pt")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert (ckpt / "optimizer" / ".metadata").is_file() and not (ckpt / "trainer.pt").exists()
+    assert sorted(p.name for p in (ckpt / "optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for world in (1, 2):
+        torchrun(world, "resume", tmp_path)
+        resumed = torch.load(tmp_path / f"resumed{world}.pt")
+        assert resumed["step"] == 2
+        assert saved["weights"].keys() == resumed["weights"].keys()
+        for k, v in saved["weights"].items():
+            assert torch.equal(resumed["weights"][k], v), (world, k)
+        a, b = saved["optimizer"]["state"], resumed["optimizer"]["state"]
+        assert a.keys() == b.keys() and len(a) == len(saved["weights"])
+        for name in a:
+            assert a[name].keys() == b[name].keys() == {"step", "exp_avg", "exp_avg_sq"}
+            for key in a[name]:
+                assert torch.equal(b[name][key], a[name][key]), (world, name, key)
+        assert resumed["optimizer"]["param_groups"] == saved["optimizer"]["param_groups"]
+
+
+def test_no_rank_holds_more_than_its_own_optimizer_shard_while_saving(tmp_path):
+    """Peak RSS added by save_checkpoint on each of 2 ranks, 13.5M parameters: below the rank's own share of the
+    AdamW state (gathering the whole optimizer, or all the weights, on one rank adds twice that)."""
+    torchrun(2, "memory", tmp_path)
+    for rank in (0, 1):
+        m = json.loads((tmp_path / f"memory{rank}.json").read_text())
+        assert m["optimizer_shard"] > 50e6
+        assert m["added"] < m["optimizer_shard"], (rank, m)
+
+
+def test_a_checkpoint_of_the_older_layout_still_resumes(ckpt, tmp_path):
+    """trainer.pt (the whole optimizer, written by one process) is read back as before."""
+    from nanotorl.training_checkpoint import latest_checkpoint, resume
+    model = load_model(ckpt)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 97, (1, 5))
+    model.token_logprobs(ids, ids).sum().backward()
+    optimizer.step()
+    old = tmp_path / "checkpoints" / "step_000003"
+    save_model(model, old)
+    torch.save({"optimizer": optimizer.state_dict(), "step": 3, "world": 1, "config": {}}, old / "trainer.pt")
+    again = load_model(latest_checkpoint(tmp_path))
+    fresh = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    assert resume(again, fresh, old, rank=0, world=1) == 3
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(optimizer.state[p]["exp_avg_sq"], fresh.state[q]["exp_avg_sq"]) and p.grad is not None

@@ -18,11 +18,13 @@ import torch
 import train
 from conftest import REPO
 from nanotorl import faults
-from nanotorl.checkpoint import latest_checkpoint, load_model, save_checkpoint
+from nanotorl.checkpoint import load_model
+from nanotorl.training_checkpoint import latest_checkpoint, resume, save_checkpoint
 from nanotorl.cli import Stop, one_line
 from nanotorl.config import LogConfig, OptimConfig, TrainConfig
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.grpo import GRPOConfig
+from nanotorl.memory import PhasePeaks
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.tokenizer import Tokenizer
 from test_train import ENV, metrics, torchrun
@@ -148,8 +150,8 @@ def test_a_signal_during_the_rollout_stops_the_step_before_its_update(monkeypatc
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen, cpu = SimpleNamespace(stats={"tool_wait_s": 0.0}, tokenizer=None), torch.device("cpu")
     with faults.Preemption() as signals:
-        record = train.one_step(model, torch.optim.SGD(model.parameters(), lr=1.0), gen, [], [], 0, cfg, signals, 0,
-                                1, cpu)
+        record = train.one_step(model, torch.optim.SGD(model.parameters(), lr=1.0), gen, [], [], 0, cfg, signals,
+                                PhasePeaks(cpu), 0, 1, cpu)
         assert signals.requested(cpu) == (signal.SIGTERM if signalled else None)
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert (record is None, moved == []) == (signalled, signalled), (record, moved)
@@ -346,5 +348,8 @@ def test_repeated_non_finite_steps_stop_the_run_before_anything_non_finite_is_sa
     assert stopped_line(err).startswith(f"error: step {first + 2}: the loss or the gradient norm was not finite on 3 "
                                         f"steps in a row (loss nan, grad norm nan; --max-skipped-steps 3)")
     for ckpt in (out / "checkpoints").iterdir():
-        assert all(torch.isfinite(t).all() for t in load_model(ckpt).state_dict().values()), ckpt
-        assert not faults.nonfinite(torch.load(ckpt / "trainer.pt", weights_only=False)["optimizer"]), ckpt
+        model = load_model(ckpt)
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values()), ckpt
+        optimizer = torch.optim.AdamW(model.parameters())
+        resume(model, optimizer, ckpt, 0, 1)  # the optimizer's DCP shards, read back
+        assert optimizer.state and not faults.nonfinite(optimizer.state_dict()["state"]), ckpt

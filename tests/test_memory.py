@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import interpreted
-from nanotorl.memory import memory_plan, sharded_elements
+from nanotorl.memory import PhasePeaks, memory_plan, peak_bytes, sharded_elements
 from nanotorl.model import KVCache, Qwen2, Qwen2Config
 
 
@@ -154,3 +154,28 @@ def test_rollout_step_frees_the_kv_cache_before_train_step_unless_kept(keep, mon
     problems = [Problem(str(i), f"{i} + 1", str(i + 1)) for i in range(4)]
     assert len(train.rollout_step(Qwen2(tiny()), gen, problems, 0, cfg, 0, 1)) == 2 * cfg.grpo.group_size
     assert gen.released == (0 if keep else 1)
+
+
+# ------------------------------------------------------------------ measured peaks (PhasePeaks)
+
+BIG = 400 << 20  # bytes: far above the noise of a Python process's own allocations
+
+
+def allocate_and_free(nbytes: int) -> None:
+    block = torch.ones(nbytes // 4)  # written: the pages are resident
+    assert block.sum() > 0
+
+
+def test_each_phase_counts_its_own_peak_and_a_new_phase_starts_from_the_current_memory():
+    cpu = torch.device("cpu")
+    peaks = PhasePeaks(cpu)
+    peaks.start()
+    base = peak_bytes(cpu)
+    allocate_and_free(BIG)
+    peaks.end("big")
+    allocate_and_free(BIG // 8)
+    peaks.end("small")
+    gb = peaks.take()
+    assert gb["memory_big_gb"] * 1e9 >= base + BIG * 0.95
+    assert gb["memory_small_gb"] * 1e9 < base + BIG / 2  # the big phase's peak was forgotten
+    assert peaks.take() == {}

@@ -198,7 +198,7 @@ def run_demo(out, *extra, wait_for=None):
 
 
 def metrics(out):
-    drop = ("time_", "tokens_per_s")
+    drop = ("time_", "tokens_per_s", "memory_")
     return [{k: v for k, v in json.loads(line).items() if not k.startswith(drop)}
             for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -226,6 +226,11 @@ def test_demo_runs_end_to_end(uninterrupted):
                 "entropy", "clip_fraction", "grad_norm", "logprob_gap_mean", "logprob_gap_max"):
         assert key in rows[1], key
     assert rows[1]["logprob_gap_max"] < 1e-3  # generator and trainer run the same model code
+    raw = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    model_bytes = sum(t.nbytes for t in load_model(uninterrupted / "checkpoints" / "step_000004").state_dict().values())
+    for row in raw[1:]:  # peak RSS per phase: above the weights + Adam's state, below what the machine has
+        for phase in ("generate", "train") + (("save",) if row["step"] > 1 else ()):
+            assert 3 * model_bytes / 1e9 < row[f"memory_{phase}_gb"] < 64, (row["step"], phase)
     assert {"eval_accuracy", "eval_pass@1", "eval_pass@2"} <= rows[2].keys()
     assert (uninterrupted / "curves.png").stat().st_size > 10_000
     ckpts = sorted((uninterrupted / "checkpoints").iterdir())
