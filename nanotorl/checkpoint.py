@@ -57,6 +57,9 @@ def hf_name(name: str) -> str:
 def load_config(path) -> Qwen2Config:
     """Read ``config.json`` of a Qwen2/Qwen2.5 or Qwen3 dense checkpoint; refuse anything else, naming it."""
     file = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory; expected a Hugging Face Qwen2/Qwen3 directory "
+                                f"(config.json, *.safetensors, tokenizer.json): check --model")
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
                                 f"(Hugging Face Qwen2/Qwen3 format)")
@@ -138,14 +141,19 @@ def _listing(names, limit=10) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
+def load_model(path, dtype: torch.dtype | None = None, device="cpu", vocab: int | None = None) -> Qwen2:
     """Build a :class:`Qwen2` from a Hugging Face checkpoint directory.
 
-    ``dtype`` defaults to the checkpoint's own. Raises ``FileNotFoundError`` for missing files and ``ValueError``
-    naming the offending tensors for missing, unexpected or wrongly shaped weights.
+    ``dtype`` defaults to the checkpoint's own. ``vocab``: the tokenizer's size; ids past it get no logit
+    (:attr:`Qwen2.vocab`), and a tokenizer with more ids than the embedding has rows is refused. Raises
+    ``FileNotFoundError`` for missing files and ``ValueError`` naming the offending tensors for missing, unexpected
+    or wrongly shaped weights.
     """
     path = Path(path)
     cfg = load_config(path)
+    if vocab is not None and vocab > cfg.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {vocab} ids but the model's embedding has {cfg.vocab_size} rows "
+                         f"(config.json vocab_size); use the tokenizer that belongs to this checkpoint")
     dtype = dtype or checkpoint_dtype(path) or torch.float32
     with torch.device("meta"):
         model = Qwen2(cfg)
@@ -179,6 +187,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Qwen2:
                     except SafetensorError as e:
                         raise ValueError(f"{file}: tensor {key} cannot be read ({e}); the file is damaged") from None
                     model.get_submodule(module)._parameters[attr] = nn.Parameter(tensor)
+    model.vocab = vocab or cfg.vocab_size
     return model
 
 
