@@ -311,7 +311,7 @@ def save_state_dict(state_dict: dict, cfg: Qwen2Config, path, tokenizer_dir=None
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != path.resolve():
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
-                shutil.copyfile(Path(tokenizer_dir) / name, path / name)
+                atomic_write(path / name, lambda f, n=name: shutil.copyfile(Path(tokenizer_dir) / n, f))
 
 
 def save_model(model: Qwen2, path, tokenizer_dir=None, **kwargs) -> None:

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nanotorl import dist, faults
 from nanotorl.checkpoint import atomic_write, fsync, save_state_dict
@@ -88,14 +89,21 @@ def _disk_full(write, tmp: Path, need: int) -> str:
     try:
         write()
         return ""
-    except Exception as e:  # torch.save reports a full disk as a RuntimeError, DCP as a CheckpointException
+    except (Exception, CheckpointException) as e:  # torch.save says a full disk as a RuntimeError, DCP as its own
         free = shutil.disk_usage(tmp.parent).free
-        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= need:
+        if not _no_room(e) and free >= need:
             raise
     ckpt = latest_checkpoint(tmp.parent.parent)
     kept = f"the last checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
     return (f"{tmp.parent}: no room for checkpoint {tmp.name.removesuffix('.tmp')} (it needs about {need / 2**20:,.1f} "
             f"MiB, {free / 2**20:,.1f} MiB are free); {kept}. Free some space, then run the same command to resume")
+
+
+def _no_room(e: BaseException) -> bool:
+    """Whether ``e`` says the disk is full: itself, what it was raised from, or (DCP's CheckpointException) what
+    failed on any rank."""
+    causes = [e, e.__cause__, e.__context__, *(exc for exc, _ in getattr(e, "failures", {}).values())]
+    return any(getattr(c, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for c in causes if c is not None)
 
 
 def _agreed(problem: str) -> str:
@@ -120,7 +128,7 @@ def resume(model, optimizer, ckpt: Path, rank: int, world: int) -> int:
     step = read_json(ckpt / TRAINER)["step"]
     try:
         dist.load_optimizer(model, optimizer, ckpt / "optimizer")
-    except Exception as e:  # DCP raises what its reader raised, on every rank
+    except (Exception, CheckpointException) as e:  # DCP raises what its reader raised, on every rank
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{ckpt / 'optimizer'}: cannot read the optimizer state ({type(e).__name__}: {why}); move "
                          f"{ckpt} away to resume from the checkpoint before it") from None
