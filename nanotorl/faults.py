@@ -1,5 +1,5 @@
 """What a cluster does to a training run, and how train.py survives it: a signal, a second writer, a torn log, a
-diverging step. (A full disk while saving is :mod:`nanotorl.checkpoint`'s.)
+diverging step. (A full disk while saving is :mod:`nanotorl.training_checkpoint`'s.)
 
 * :class:`Preemption`: SIGTERM (a scheduler) or SIGINT (Ctrl-C) only sets a flag; at each safe point (before a
   step's rollout, and between its rollout and its update) every rank learns through one all-reduce whether any

@@ -71,26 +71,26 @@ def format_observation(stdout: str, error_line: str | None, status: str) -> str:
     if not text:
         text = {"ok": SILENT_MESSAGE, "timeout": TIMEOUT_MESSAGE}.get(
             status, f"(the code ended with status {status} and printed nothing)")
-    if len(text) >= 256:
-        text = text[:128] + "..." + text[-128:]
-    return text
+    return shortened(text)
+
+
+def shortened(text: str) -> str:
+    """ToRL's rule for a long observation: 256 characters or more become the first 128 + "..." + the last 128."""
+    return text[:128] + "..." + text[-128:] if len(text) >= 256 else text
 
 
 def torl_observation(stdout: str, stderr: str, exit_code: int | None) -> tuple[str, bool]:
     """(the text ToRL shows for one run, whether ToRL counts it as passed): ToRL's ``postproc`` and
     ``postproc_observation`` (verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py) on our sandbox's result.
     Exit code 0 or any stdout: the stdout, passed; else the stderr. Text holding "Error" keeps only its last
-    line; an empty text becomes :data:`TORL_EMPTY`; 256 characters or more are cut as in :func:`format_observation`."""
+    line; an empty text becomes :data:`TORL_EMPTY`; then :func:`shortened`."""
     passed = exit_code == 0 or bool(stdout)
     text = stdout if passed else stderr.strip()
     if "Error" in text:
         text = text.strip().split("\n")[-1]
     if not text.strip():
         text = TORL_EMPTY
-    text = text.strip()
-    if len(text) >= 256:
-        text = text[:128] + "..." + text[-128:]
-    return text, passed
+    return shortened(text.strip()), passed
 
 
 def observation_fence(observation: str) -> str:
