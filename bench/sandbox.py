@@ -1,7 +1,7 @@
 """Sandbox throughput and latency: SandboxPool vs `python -c` per run vs Qwen-Agent's PythonExecutor.
 
-    python bench/sandbox.py                      # trivial and sympy code at 1, 2, 4, 8 workers
-    python bench/sandbox.py --qwen-path DIR      # also Qwen-Agent, installed with
+    python -m bench.sandbox                      # trivial and sympy code at 1, 2, 4, 8 workers
+    python -m bench.sandbox --qwen-path DIR      # also Qwen-Agent, installed with
                                                  #   pip install --target DIR "qwen-agent[python_executor]"
 
 Closed loop: ``w`` caller threads each run code back to back, so runs/s is what ``w`` concurrent
@@ -20,12 +20,9 @@ import sys
 import threading
 import time
 
-if not __package__:  # run as `python bench/sandbox.py`: put the repo root first, or this file shadows the package
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from bench.common import save_result  # noqa: E402
-from nanotorl.metrics import print_table  # noqa: E402
-from nanotorl.sandbox import SandboxPool  # noqa: E402
+from bench.common import save_result
+from nanotorl.metrics import print_table
+from nanotorl.sandbox import SandboxPool
 
 CODES = {"trivial": "print(1 + 1)",
          "sympy": "import sympy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**6 - 1))"}
