@@ -37,7 +37,7 @@ from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import (LossStats, filler_micro_batch, group_advantages, grpo_batch, loss_normalizer, policy_loss,
                            trained)
-from nanotorl.memory import PhasePeaks, run_plan
+from nanotorl.memory import PhasePeaks, adamw, run_plan
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
@@ -235,8 +235,7 @@ def load_policy(cfg: TrainConfig, model_dir: Path, ckpt: Path | None, tok: Token
     model = load_model(model_dir, dtype=torch.float32 if cuda else dtype, device=device, vocab=tok.vocab_size)
     model.activation_checkpointing = cfg.optim.activation_checkpointing
     model = dist.shard(model, param_dtype=dtype if cuda else None, cpu_offload=cfg.optim.cpu_offload)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=(0.9, 0.999))
+    optimizer = adamw(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay)
     start = resume(model, optimizer, ckpt, rank, world) if ckpt else 0
     if rank == 0:
         tqdm.write(f"{'resuming ' + str(ckpt) if ckpt else 'starting from ' + str(model_dir)} | {world} process(es) "
@@ -308,13 +307,16 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
     tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars),
                     cfg.rollout.compat)
     fits, heldout = fitting_problems(cfg, tok, positions, rank)  # data errors before the weights are read
+    # the KV cache holds the longest prompt there is, not --max-prompt-tokens: each position costs
+    # 2 x layers x slots x Hkv x d x 4 bytes (1.8 MB at Qwen3-0.6B with 8 slots)
+    longest = max(len(tok.prompt_ids(p.problem)) for p in fits + heldout)
     model, optimizer, start = load_policy(cfg, model_dir, ckpt, tok, rank, world, device)
     if rank == 0:
         tqdm.write(f"prompt of the first problem ({cfg.inputs.prompt_template}):\n{tok.prompt(fits[0].problem)}")
     ro, out, kept = cfg.rollout, cfg.log.out_dir, SampleLog(cfg.log.out_dir, rank, start)
     with Log(cfg, rank, start) as log, SandboxPool(workers=ro.sandbox_workers, wall_time=ro.sandbox_timeout,
                                                    cpu_time=ro.sandbox_timeout) as box:
-        gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=ro.max_prompt_tokens + ro.max_new_tokens,
+        gen = Generator(model, tok, box, slots=ro.gen_slots, max_len=longest + ro.max_new_tokens,
                         trigger=ro.trigger, cuda_graph=use_cuda_graph(ro.cuda_graph, device), compat=ro.compat)
         if rank == 0:
             tqdm.write(run_plan(cfg, model.cfg, world, device.type == "cuda", gen.max_len + gen.prefill_chunk).table())

@@ -19,7 +19,7 @@ from bench.common import save_result
 from bench.memory import SHAPES
 from nanotorl import dist
 from nanotorl.training_checkpoint import save_checkpoint
-from nanotorl.memory import peak_bytes, reset_peak
+from nanotorl.memory import adamw, peak_bytes, reset_peak
 from nanotorl.model import Qwen2
 
 
@@ -31,7 +31,7 @@ def main():
     rank, world, device = dist.setup()
     torch.manual_seed(0)
     model = dist.shard(Qwen2(SHAPES[args.shape]).init_weights().to(device))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = adamw(model.parameters(), lr=1e-6)
     ids = torch.randint(0, 1000, (1, 8), device=device)
     model.token_logprobs(ids, ids).sum().backward()
     optimizer.step()

@@ -36,6 +36,7 @@ from nanotorl.config import PRESETS
 from nanotorl.data import arithmetic_problems
 from nanotorl.demo import demo_config, save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
+from nanotorl.memory import adamw
 from nanotorl.metrics import print_table
 from nanotorl.model import Qwen2
 from nanotorl.rollout import Sample, sample_seed
@@ -75,8 +76,7 @@ def time_ours(path, tok, problems, cfg, steps: int, warmup: int) -> dict:
     """train.py's step, reward excepted: generate every group, score, then one optimizer step with ``train_step``."""
     device = torch.device("cpu")
     model = load_model(path, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=(0.9, 0.999))
+    optimizer = adamw(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay)
     prompt_len = len(tok.prompt_ids(problems[0].problem))
     ro = cfg.rollout
     gen = Generator(model, tok, None, slots=ro.gen_slots, max_len=prompt_len + ro.max_new_tokens, stop_ids=[])

@@ -7,7 +7,7 @@ FSDP2 shards dim 0, padded to a multiple of W):
   both     weights    sum_i ceil(d0_i / W) * P_i / d0_i * m   the sharded master weights (m: 4 bytes, fp32 on GPU)
            optimizer  2x weights                              AdamW's m and v, sharded like the weights
   rollout  gathered   sum_i P_i * b                           every weight unsharded for generation (b: bf16, 2)
-           KV cache   2 * L * slots * Hkv * S * d * b         S = max_prompt + max_new + prefill_chunk positions
+           KV cache   2 * L * slots * Hkv * S * d * b         S = longest prompt + max_new + prefill_chunk positions
   train    gradients  = weights                               sharded, as the master weights
            log-prob   N * D * (4 + b) + V * D * b + 4 * min(V, V_slice) * D
                       the fused log-prob's backward: fp32 dh and dh, the head's dW and its fp32 slice
@@ -105,6 +105,17 @@ def run_plan(cfg, model_cfg: Qwen2Config, world: int, cuda: bool, cache_len: int
     return memory_plan(model_cfg, world, cfg.rollout.gen_slots, cache_len, cfg.optim.micro_batch_tokens,
                        torch.float32 if cuda else dtype, dtype, cfg.optim.activation_checkpointing,
                        cfg.rollout.keep_kv_cache)
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """The trainer's AdamW, fused: one kernel updates weight, m and v in place, so the step allocates nothing.
+
+    PyTorch's other two AdamW paths allocate during the step: the per-tensor loop (its CPU default) makes two
+    temporaries the size of the largest parameter (sqrt(v), then its division: 1.09 GB for a 151,936 x 896
+    embedding), and the foreach path (its CUDA default) one the size of all of them (sqrt(v) of every parameter).
+    The fused update is the same arithmetic (rounding apart), on CPU and CUDA, and on FSDP2's sharded
+    parameters."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
 
 
 # ------------------------------------------------------------------------------------------ measured peaks

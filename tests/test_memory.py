@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import interpreted
-from nanotorl.memory import PhasePeaks, memory_plan, peak_bytes, sharded_elements
+from nanotorl.memory import PhasePeaks, adamw, memory_plan, peak_bytes, sharded_elements
 from nanotorl.model import KVCache, Qwen2, Qwen2Config
 
 
@@ -65,6 +65,32 @@ class Allocations(TorchDispatchMode):
                     self.seen.add(ptr)
                     self.bytes += t.untyped_storage().nbytes()
         return out
+
+
+def step_allocations(make_optimizer) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of new tensors the third step of ``make_optimizer(params)`` allocates (its state already built by two
+    steps), and the weights after it, on a fixed model and fixed gradients."""
+    torch.manual_seed(0)
+    params = list(Qwen2(tiny()).init_weights().parameters())
+    opt = make_optimizer(params)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        with Allocations() as seen:
+            opt.step()
+    return seen.bytes, params
+
+
+def test_the_trainers_adamw_step_allocates_nothing_and_updates_as_the_reference():
+    fused, weights = step_allocations(lambda ps: adamw(ps, lr=1e-2, weight_decay=0.1))
+    for foreach in (False, True):  # PyTorch's CPU default (a loop over tensors) and its CUDA default (foreach)
+        unfused, reference = step_allocations(
+            lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=foreach))
+        largest = max(p.nbytes for p in reference)
+        assert unfused >= 2 * largest  # sqrt(v), then its division: the size of a parameter each
+        for w, ref in zip(weights, reference, strict=True):
+            torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)
+    assert fused < 64  # scalars at most
 
 
 def test_log_prob_backward_buffers_as_allocated(triton_interpreter):
