@@ -98,10 +98,13 @@ def _rows(B: int, V: int, generator) -> tuple:
     return logits, temperature, top_k, top_p, min_p, seeds, offsets
 
 
-@pytest.mark.parametrize("B,V", [(9, 105), (7, 2048), (6, 2049), (11, 5003), (64, 300),
-                                 (8, QWEN_TOKENS), (8, QWEN_ROWS)])
-def test_reference_draws_equal_the_definition_row_by_row(B, V):
-    """With the Qwen2.5 vocabulary the full-vocabulary passes run in chunks of a few rows (``_CHUNK``)."""
+@pytest.mark.parametrize("B,V,chunk", [(9, 105, None), (9, 105, 1), (7, 2048, None), (6, 2049, 1), (11, 5003, None),
+                                       (11, 5003, 1), (64, 300, None), (8, QWEN_TOKENS, None), (8, QWEN_ROWS, None)])
+def test_reference_draws_equal_the_definition_row_by_row(B, V, chunk, monkeypatch):
+    """The full-vocabulary passes run in chunks of a few rows at the Qwen2.5 vocabulary, and of one row where
+    ``chunk`` sets ``_CHUNK`` to 1; in one chunk the draw reads the scan's blocks, in several it re-reads the logits."""
+    if chunk is not None:
+        monkeypatch.setattr(S, "_CHUNK", chunk)
     g = torch.Generator().manual_seed(V + B)
     args = _rows(B, V, g)
     tokens, logprobs = S.sample_ref(*args)

@@ -111,32 +111,35 @@ def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     rows = max(1, _CHUNK // (nb * W))                                  # rows per chunk of the scan
     per_row = (logits, t, greedy, top_k, top_p, min_p)
     parts = [_scan(*(x[r:r + rows] for x in per_row), filtered, any_greedy, nb, W) for r in range(0, B, rows)]
-    lse_c, tau, bmax = (None if x[0] is None else x[0] if len(x) == 1 else torch.cat(x) for x in zip(*parts))
+    lse_c, tau, bmax = (None if x[0] is None else x[0] if len(x) == 1 else torch.cat(x)
+                        for x in zip(*(part[:3] for part in parts)))
     key = row_key(seeds, offsets)
     c = _block_ref(lse_c, bmax, key, greedy)                         # chosen block: [B]
-    cand = _block_survivors(logits, t, tau, c, W)                    # [B, W]
+    cand = _block_survivors(logits, t, tau, c, W, parts[0][3] if len(parts) == 1 else None)   # [B, W]
     words = first_word(nb * W, STREAM_TOKEN, logits.device).view(nb, W)
     score = cand + gumbel(key, words[0] if nb == 1 else words[c])
     pick = (torch.where(greedy[:, None], cand, score) if any_greedy else score).argmax(-1)
     tokens = pick if nb == 1 else c * W + pick
-    logprobs = cand.gather(1, pick[:, None])[:, 0] - torch.logsumexp(lse_c, -1)
-    return tokens, logprobs
+    log_z = lse_c[:, 0] if nb == 1 else torch.logsumexp(lse_c, -1)  # log Z_S (of one block: that block's, exactly)
+    return tokens, cand.gather(1, pick[:, None])[:, 0] - log_z
 
 
 def _scan(logits, t, greedy, top_k, top_p, min_p, filtered: bool, block_max: bool, nb: int, W: int):
     """The full-vocabulary passes over R rows: s = l / T padded to whole blocks with -inf, the threshold tau [R]
     (-inf keeps all, and on greedy rows; None if no row filters), the survivors' block log-masses log Z_c [R, nb],
-    and the block maxima [R, nb] (greedy rows draw from the block of their largest logit) if ``block_max``."""
+    the block maxima [R, nb] (greedy rows draw from the block of their largest logit) if ``block_max``, and the
+    survivors' s in blocks [R, nb, W]."""
     R, V = logits.shape
     sp = torch.empty(R, nb * W, device=logits.device)
-    sp[:, V:] = -math.inf
+    if nb * W > V:
+        sp[:, V:] = -math.inf
     s = torch.div(logits.float(), t[:, None], out=sp[:, :V])
     tau = None
     if filtered:
         tau = _thresholds_ref(s, top_k, top_p.float(), min_p).masked_fill_(greedy, -math.inf)
         s.masked_fill_(s < tau[:, None], -math.inf)                  # only survivors stay finite
     blocks = sp.view(R, nb, W)
-    return torch.logsumexp(blocks, -1), tau, blocks.amax(-1) if block_max else None
+    return torch.logsumexp(blocks, -1), tau, blocks.amax(-1) if block_max else None, blocks
 
 
 def _block_ref(lse_c, bmax, key, greedy) -> torch.Tensor:
@@ -149,9 +152,12 @@ def _block_ref(lse_c, bmax, key, greedy) -> torch.Tensor:
     return (score if bmax is None else torch.where(greedy[:, None], bmax, score)).argmax(-1)
 
 
-def _block_survivors(logits, t, tau, c, W) -> torch.Tensor:
-    """s = l / T in block c of each row ([B] chosen blocks), -inf past the vocabulary and below tau: [B, W]."""
+def _block_survivors(logits, t, tau, c, W, blocks) -> torch.Tensor:
+    """s = l / T in block c of each row ([B] chosen blocks), -inf past the vocabulary and below tau: [B, W]. Read
+    from the scan's ``blocks`` [B, nb, W] where it kept every row (one chunk), else recomputed from the logits."""
     B, V = logits.shape
+    if blocks is not None:
+        return blocks[:, 0] if blocks.shape[1] == 1 else blocks[torch.arange(B, device=c.device), c]
     if V == W:
         s = logits.float() / t[:, None]
     else:
