@@ -25,8 +25,9 @@ _MIX = (0x7FEB352D, 0x846CA68B)   # lowbias32 multipliers
 # ----------------------------------------------------------------------------------------- PyTorch
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """mix(x) in place for int64 x in [0, 2^32): ten tensor ops. A product x c < 2^64 wraps modulo 2^64 in int64,
-    which keeps its low 32 bits, (x c) mod 2^32, exact; the mask drops the rest."""
+    """mix(x) in place for int64 x in [0, 2^32): ten tensor ops. PyTorch's int64 product wraps modulo 2^64 (two's
+    complement, on CPU and CUDA), which keeps the low 32 bits of x c < 2^64, (x c) mod 2^32, exact; the mask
+    drops the rest (tests/test_sampling_draws.py checks the bits against Python integers)."""
     x ^= x >> 16
     x.mul_(_MIX[0]).bitwise_and_(_M32)
     x ^= x >> 15
