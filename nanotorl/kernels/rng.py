@@ -6,10 +6,10 @@ is C. Wellons' lowbias32 mixer, absorbing one 32-bit word at a time:
 
     h = 0;  for each word w:  h = mix(h ^ w),    mix(x) = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
                                                           x *= 0x846CA68B; x ^= x >> 16   (mod 2^32)
-    u = (2 (h >> 9) + 1) 2^-24                   in (0, 1), 23 random bits, exact in float32
+    u = (2 (h >> 9) + 1) 2^-24 = ((h >> 8) | 1) 2^-24      in (0, 1), 23 random bits, exact in float32
 
-Nothing is stateful, so a row draws the same noise whatever batch it is in, and the PyTorch functions (int64
-arithmetic kept below 2^63) and the Triton ones (uint32 arithmetic) give the same bits.
+Nothing is stateful, so a row draws the same noise whatever batch it is in, and the PyTorch functions (32-bit
+words in int64 lanes) and the Triton ones (uint32 arithmetic) give the same bits.
 """
 import functools
 
@@ -24,45 +24,41 @@ _MIX = (0x7FEB352D, 0x846CA68B)   # lowbias32 multipliers
 
 # ----------------------------------------------------------------------------------------- PyTorch
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), without overflowing int64."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MIX[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MIX[1])
-    return x ^ (x >> 16)
-
-
-def _hash32(*words: torch.Tensor) -> torch.Tensor:
-    """Absorb 32-bit words into a hash: h = mix(h ^ word) for each word, from h = 0."""
-    h = torch.zeros_like(words[0])
-    for w in words:
-        h = _mix32(h ^ w)
-    return h
+    """mix(x) in place for int64 x in [0, 2^32): ten tensor ops. PyTorch's int64 product wraps modulo 2^64 (two's
+    complement, on CPU and CUDA), which keeps the low 32 bits of x c < 2^64, (x c) mod 2^32, exact; the mask
+    drops the rest (tests/test_sampling_draws.py checks the bits against Python integers)."""
+    x ^= x >> 16
+    x.mul_(_MIX[0]).bitwise_and_(_M32)
+    x ^= x >> 15
+    x.mul_(_MIX[1]).bitwise_and_(_M32)
+    x ^= x >> 16
+    return x
 
 
 def row_key(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """One 32-bit key per row from its 64-bit seed and offset: [B] int64 in [0, 2^32)."""
-    return _hash32(seeds & _M32, (seeds >> 32) & _M32, offsets & _M32, (offsets >> 32) & _M32)
+    """One 32-bit key per row from its 64-bit seed and offset: [B] int64 in [0, 2^32). The hash absorbs the low
+    and high words of the seed, then of the offset (the first absorb, 0 ^ w = w, is the word itself)."""
+    h = _mix32(seeds & _M32)
+    for w in ((seeds >> 32) & _M32, offsets & _M32, (offsets >> 32) & _M32):
+        h ^= w
+        h = _mix32(h)
+    return h
 
 
 @functools.lru_cache(maxsize=16)
-def _first_word(n: int, stream: int, device: torch.device) -> torch.Tensor:
+def first_word(n: int, stream: int, device: torch.device) -> torch.Tensor:
     """mix(2 i + stream) for every index i < n: the hash of an index after its first word, the same in every row,
-    so it is made once per size, stream and device: [n] int64."""
+    so it is made once per size, stream and device: [n] int64. Callers index it and never write to it."""
     return _mix32(torch.arange(n, device=device) * 2 + stream)
 
 
-def gumbel(key: torch.Tensor, index: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """Gumbel noise for ``index`` ([B, m] int64, each below ``n``) in the rows keyed by ``key`` ([B]): [B, m]
-    float32. The hash absorbs 2 index + stream (its first round read from :func:`_first_word`), then the key."""
-    h = _mix32(_first_word(n, stream, key.device)[index] ^ key[:, None])
-    u = ((h >> 9) * 2 + 1).float() * 2.0 ** -24   # in (0, 1), exact in float32
-    return -torch.log(-torch.log(u))
+def gumbel(key: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise of the indices whose :func:`first_word` is ``words`` ([B, m], or [m] shared by every row) in the
+    rows keyed by ``key`` ([B]): [B, m] float32. The hash absorbs the key after the index's first word."""
+    h = _mix32(words ^ key[:, None])
+    u = ((h >> 8) | 1).float().mul_(2.0 ** -24)   # in (0, 1), exact in float32
+    return u.log_().neg_().log_().neg_()
 
 
 # ------------------------------------------------------------------------------------------- Triton

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from nanotorl import kernels
-from nanotorl.kernels.rng import STREAM_BLOCK, STREAM_TOKEN, gumbel, gumbel_tl, row_key, row_key_tl
+from nanotorl.kernels.rng import STREAM_BLOCK, STREAM_TOKEN, first_word, gumbel, gumbel_tl, row_key, row_key_tl
 
 RNG_BLOCK = 2048   # tokens per block of the two-level Gumbel-max; part of what a (seed, offset) means
 FLOOR = 80.0       # the search ignores scaled logits below max - FLOOR
@@ -50,6 +50,7 @@ NPIV = 16          # pivots per search pass
 SEARCH_CAP = 16384  # the search moves to a per-row scratch copy once its bracket holds this few tokens
 _SEARCH_BLOCK = 128   # logits per search iteration: at 256, the fp32 threshold search spills registers (triton 3.6)
 _BLOCKS_PER_PROGRAM = 4   # the block kernel reads 4 x 2048 logits per program (16-32 KiB in flight)
+_CHUNK = 1 << 19   # logits per row chunk of the reference's full-vocabulary passes (2 MiB in float32)
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -91,45 +92,78 @@ def _thresholds_ref(s: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
 def sample_ref(logits, temperature, top_k, top_p, min_p, seeds, offsets):
     """PyTorch reference: the definition above, vectorised over rows.
 
-    Returns tokens [B] int64 and logprobs [B] float32.
+    The passes over the whole vocabulary (scaling, thresholds, block masses) run ``_CHUNK`` logits at a time, so
+    their temporaries stay in cache; the draw then reads only the chosen block of each row, and hashes only the
+    noise it needs. Returns tokens [B] int64 and logprobs [B] float32.
     """
     _check(logits, temperature, top_k, top_p, min_p, seeds, offsets)
     B, V = logits.shape
-    dev = logits.device
     greedy = temperature <= 0
     if bool(greedy.all()):  # greedy evaluation: no filters, no noise
         lp = torch.log_softmax(logits.float(), -1)
         tokens = logits.argmax(-1)
         return tokens, lp.gather(1, tokens[:, None])[:, 0]
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    any_greedy = bool(greedy.any())
+    t = torch.where(greedy, 1.0, temperature).float()
     W = min(V, RNG_BLOCK)                                             # block width (one short block if V is small)
     nb = triton.cdiv(V, W)
-    sp = torch.full((B, nb * W), -math.inf, device=dev)              # s padded to whole blocks
-    s = sp[:, :V]
-    torch.div(logits.float(), t[:, None], out=s)
-    if bool((((top_k > 0) & (top_k < V)) | (top_p < 1) | (min_p > 0)).any()):  # some row filters
-        tau = _thresholds_ref(s, top_k, top_p.float(), min_p)
-        s.masked_fill_((s < tau[:, None]) & ~greedy[:, None], -math.inf)  # only survivors stay finite
-    blocks = sp.view(B, nb, W)
-    lse_c = torch.logsumexp(blocks, -1)                               # log Z_c: [B, nb]
+    filtered = bool((((top_k > 0) & (top_k < V)) | (top_p < 1) | (min_p > 0)).any())   # some row filters
+    rows = max(1, _CHUNK // (nb * W))                                  # rows per chunk of the scan
+    per_row = (logits, t, greedy, top_k, top_p, min_p)
+    parts = [_scan(*(x[r:r + rows] for x in per_row), filtered, any_greedy, nb, W) for r in range(0, B, rows)]
+    lse_c, tau, bmax = (None if x[0] is None else x[0] if len(x) == 1 else torch.cat(x)
+                        for x in zip(*(part[:3] for part in parts)))
     key = row_key(seeds, offsets)
-    c = _block_ref(blocks, lse_c, key, greedy)                        # chosen block: [B]
-    cand = blocks[:, 0] if nb == 1 else blocks[torch.arange(B, device=dev), c]   # [B, W]
-    tidx = c[:, None] * W + torch.arange(W, device=dev)
-    pick = torch.where(greedy[:, None], cand, cand + gumbel(key, tidx, STREAM_TOKEN, nb * W)).argmax(-1)
-    tokens = c * W + pick
-    logprobs = cand.gather(1, pick[:, None])[:, 0] - torch.logsumexp(lse_c, -1)
-    return tokens, logprobs
+    c = _block_ref(lse_c, bmax, key, greedy)                         # chosen block: [B]
+    cand = _block_survivors(logits, t, tau, c, W, parts[0][3] if len(parts) == 1 else None)   # [B, W]
+    words = first_word(nb * W, STREAM_TOKEN, logits.device).view(nb, W)
+    score = cand + gumbel(key, words[0] if nb == 1 else words[c])
+    pick = (torch.where(greedy[:, None], cand, score) if any_greedy else score).argmax(-1)
+    tokens = pick if nb == 1 else c * W + pick
+    log_z = lse_c[:, 0] if nb == 1 else torch.logsumexp(lse_c, -1)  # log Z_S (of one block: that block's, exactly)
+    return tokens, cand.gather(1, pick[:, None])[:, 0] - log_z
 
 
-def _block_ref(blocks, lse_c, key, greedy) -> torch.Tensor:
-    """The first level of the draw: block c [B] by Gumbel-max over the block log-masses (greedy rows: the block
-    of the largest logit); with one block there is nothing to draw."""
-    B, nb, _ = blocks.shape
+def _scan(logits, t, greedy, top_k, top_p, min_p, filtered: bool, block_max: bool, nb: int, W: int):
+    """The full-vocabulary passes over R rows: s = l / T padded to whole blocks with -inf, the threshold tau [R]
+    (-inf keeps all, and on greedy rows; None if no row filters), the survivors' block log-masses log Z_c [R, nb],
+    the block maxima [R, nb] (greedy rows draw from the block of their largest logit) if ``block_max``, and the
+    survivors' s in blocks [R, nb, W]."""
+    R, V = logits.shape
+    sp = torch.empty(R, nb * W, device=logits.device)
+    if nb * W > V:
+        sp[:, V:] = -math.inf
+    s = torch.div(logits.float(), t[:, None], out=sp[:, :V])
+    tau = None
+    if filtered:
+        tau = _thresholds_ref(s, top_k, top_p.float(), min_p).masked_fill_(greedy, -math.inf)
+        s.masked_fill_(s < tau[:, None], -math.inf)                  # only survivors stay finite
+    blocks = sp.view(R, nb, W)
+    return torch.logsumexp(blocks, -1), tau, blocks.amax(-1) if block_max else None, blocks
+
+
+def _block_ref(lse_c, bmax, key, greedy) -> torch.Tensor:
+    """The first level of the draw: block c [B] by Gumbel-max over the block log-masses (greedy rows, where
+    ``bmax`` is given: the block of the largest logit); with one block there is nothing to draw."""
+    B, nb = lse_c.shape
     if nb == 1:
-        return torch.zeros(B, dtype=torch.int64, device=blocks.device)
-    bidx = torch.arange(nb, device=blocks.device).expand(B, nb)
-    return torch.where(greedy[:, None], blocks.amax(-1), lse_c + gumbel(key, bidx, STREAM_BLOCK, nb)).argmax(-1)
+        return torch.zeros(B, dtype=torch.int64, device=lse_c.device)
+    score = lse_c + gumbel(key, first_word(nb, STREAM_BLOCK, lse_c.device))
+    return (score if bmax is None else torch.where(greedy[:, None], bmax, score)).argmax(-1)
+
+
+def _block_survivors(logits, t, tau, c, W, blocks) -> torch.Tensor:
+    """s = l / T in block c of each row ([B] chosen blocks), -inf past the vocabulary and below tau: [B, W]. Read
+    from the scan's ``blocks`` [B, nb, W] where it kept every row (one chunk), else recomputed from the logits."""
+    B, V = logits.shape
+    if blocks is not None:
+        return blocks[:, 0] if blocks.shape[1] == 1 else blocks[torch.arange(B, device=c.device), c]
+    if V == W:
+        s = logits.float() / t[:, None]
+    else:
+        idx = c[:, None] * W + torch.arange(W, device=logits.device)   # [B, W]
+        s = logits.gather(1, idx.clamp(max=V - 1)).float().div_(t[:, None]).masked_fill_(idx >= V, -math.inf)
+    return s if tau is None else s.masked_fill_(s < tau[:, None], -math.inf)
 
 
 def _check(logits, temperature, top_k, top_p, min_p, seeds, offsets):
