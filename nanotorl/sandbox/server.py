@@ -90,6 +90,7 @@ class Zygote:
         self.probe: dict | None = None
         self.jail: child.Confinement | None = None
         self.null = -1  # /dev/null: a spare's stdin and stdout, and every run's stdin
+        self.fork = os.fork  # child.fork once start-up has found this process single-threaded
         self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -111,6 +112,8 @@ class Zygote:
             exec(compile(self.cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
         except Exception as e:
             return {"error": f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"}
+        if child.single_threaded():  # a preload module that started a thread keeps os.fork's repairs
+            self.fork = child.fork
         workdir = os.getcwd()
         self.null = os.open(os.devnull, os.O_RDWR)
         switch_uid = os.geteuid() == 0
@@ -137,7 +140,8 @@ class Zygote:
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
                           "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine,
                           "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
-                          "import_roots": len(roots), "landlock": self.jail.allowlist.version}}
+                          "import_roots": len(roots), "landlock": self.jail.allowlist.version,
+                          "raw_fork": self.fork is child.fork}}
 
     def install_and_probe(self) -> str | None:
         """Install the SERVER program, then run the probe; None if every rule it checks holds."""
@@ -171,7 +175,7 @@ class Zygote:
         slot, server, ours = self.free_slots.pop(), os.getpid(), None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
+            pid = self.fork()
         except OSError:
             if ours is not None:
                 ours.close()
