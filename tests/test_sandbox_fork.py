@@ -72,3 +72,12 @@ def test_server_forks_runs_with_raw_fork(sandbox_pool_factory, mode):
     assert pool.info["raw_fork"] is True
     pids = {pool.run("import os\nprint(os.getpid())").stdout for _ in range(4)}
     assert len(pids) == 4, pids  # a fresh process per run
+
+
+def test_a_preload_module_with_an_at_fork_hook_keeps_os_fork(sandbox_pool_factory):
+    """A preloaded module that registers an after_in_child hook: the server keeps os.fork, so the hook runs in
+    every run (independent check: the hook's mark is seen by the run's code)."""
+    warmup = "import os, sys\nos.register_at_fork(after_in_child=lambda: setattr(sys, 'forked_mark', 42))"
+    pool = sandbox_pool_factory("namespaces", workers=1, preload=("math",), warmup=warmup)
+    assert pool.info["raw_fork"] is False
+    assert pool.run("import sys\nprint(getattr(sys, 'forked_mark', None))").stdout == "42\n"

@@ -29,6 +29,7 @@ The code and the output go from the pool to the child and back without passing t
 so no later run, forked from the server, can find them in its memory.
 """
 import builtins
+import contextlib
 import ctypes
 import gc
 import math
@@ -118,12 +119,31 @@ def fork() -> int:
     per run, each one a copy-on-write fault. A process with one thread, which holds no lock but the GIL
     (held across this call, so the child holds it too), has nothing for them to repair; glibc's own fork
     handlers (malloc's locks) still run, and ``confine`` reseeds every random generator, which random's hook
-    would have done. Only for a server that has one thread (``single_threaded``)."""
+    would have done. Only for a server that has one thread (``single_threaded``) and whose preload modules and
+    warm-up registered no hook of their own (``noting_at_fork_hooks``): the hooks it skips are then those of
+    the standard library modules the server itself imports."""
     pid = _fork()
     if pid < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"fork failed: {os.strerror(e)}")
     return pid
+
+
+@contextlib.contextmanager
+def noting_at_fork_hooks(hooks: list):
+    """Within: append to ``hooks`` every ``os.register_at_fork`` call's hooks (and register them). The server
+    notes the preload modules' own: ``fork`` would not run them, so where there are any it keeps ``os.fork``."""
+    register = os.register_at_fork
+
+    def note(**kwargs):
+        hooks.append(kwargs)
+        register(**kwargs)
+
+    os.register_at_fork = note
+    try:
+        yield
+    finally:
+        os.register_at_fork = register
 
 
 def single_threaded() -> bool:

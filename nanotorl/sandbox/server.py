@@ -102,17 +102,12 @@ class Zygote:
                 raise OSError("no waitid(P_PIDFD)")
         except (AttributeError, OSError) as e:
             return {"error": f"sandbox: needs pidfds (Linux 5.4+), found kernel {os.uname().release} ({e!r})"}
-        for name in self.cfg["preload"]:
-            try:
-                importlib.import_module(name)
-            except Exception as e:
-                return {"error": f"preload: could not import {name!r} ({type(e).__name__}: {e}); "
-                                 "install it or remove it from SandboxPool(preload=...)"}
-        try:
-            exec(compile(self.cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
-        except Exception as e:
-            return {"error": f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"}
-        if child.single_threaded():  # a preload module that started a thread keeps os.fork's repairs
+        hooks: list[dict] = []
+        with child.noting_at_fork_hooks(hooks):
+            problem = self.preload()
+        if problem:
+            return {"error": problem}
+        if child.single_threaded() and not hooks:  # else os.fork: its repairs, and the hooks, are needed
             self.fork = child.fork
         workdir = os.getcwd()
         self.null = os.open(os.devnull, os.O_RDWR)
@@ -142,6 +137,20 @@ class Zygote:
                           "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
                           "import_roots": len(roots), "landlock": self.jail.allowlist.version,
                           "raw_fork": self.fork is child.fork}}
+
+    def preload(self) -> str | None:
+        """Import the preload modules and run the warm-up code; what went wrong, if anything."""
+        for name in self.cfg["preload"]:
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                return (f"preload: could not import {name!r} ({type(e).__name__}: {e}); "
+                        "install it or remove it from SandboxPool(preload=...)")
+        try:
+            exec(compile(self.cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
+        except Exception as e:
+            return f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"
+        return None
 
     def install_and_probe(self) -> str | None:
         """Install the SERVER program, then run the probe; None if every rule it checks holds."""
