@@ -90,7 +90,7 @@ class Zygote:
         self.probe: dict | None = None
         self.jail: child.Confinement | None = None
         self.null = -1  # /dev/null: a spare's stdin and stdout, and every run's stdin
-        self.fork = os.fork  # child.fork once start-up has found this process single-threaded
+        self.fork = os.fork  # child.fork where start-up finds one thread and no at-fork hook of the preloads
         self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
