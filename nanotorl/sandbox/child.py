@@ -29,6 +29,7 @@ The code and the output go from the pool to the child and back without passing t
 so no later run, forked from the server, can find them in its memory.
 """
 import builtins
+import contextlib
 import ctypes
 import gc
 import math
@@ -84,6 +85,7 @@ ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.U
 
 _libc = ctypes.CDLL(None, use_errno=True)
 prctl, capset, sigprocmask = _libc.prctl, _libc.capset, _libc.sigprocmask  # resolved once, in the server
+_fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: called with the GIL held, so the child holds it too
 prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 _CAP_HEADER = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)  # {version, pid 0 = self}
 _CAP_DATA = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
@@ -106,6 +108,47 @@ def block_stopping_signals() -> None:
 def drop_capabilities() -> None:
     """capset(effective = permitted = inheritable = 0)."""
     _check(capset(_CAP_HEADER, _CAP_DATA), "capset")
+
+
+def fork() -> int:
+    """fork(2) from the single-threaded server, without CPython's at-fork work (``os.fork``'s): 0 in the child,
+    the child's pid in the parent.
+
+    ``os.fork`` re-initialises the runtime's locks and threads and runs every ``os.register_at_fork`` hook
+    (threading's, logging's, random's) in the child, and more hooks in the parent: ~100 more pages written
+    per run, each one a copy-on-write fault. A process with one thread, which holds no lock but the GIL
+    (held across this call, so the child holds it too), has nothing for them to repair; glibc's own fork
+    handlers (malloc's locks) still run, and ``confine`` reseeds every random generator, which random's hook
+    would have done. Only for a server that has one thread (``single_threaded``) and whose preload modules and
+    warm-up registered no hook of their own (``noting_at_fork_hooks``): the hooks it skips are then those of
+    the standard library modules the server itself imports."""
+    pid = _fork()
+    if pid < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fork failed: {os.strerror(e)}")
+    return pid
+
+
+@contextlib.contextmanager
+def noting_at_fork_hooks(hooks: list):
+    """Within: append to ``hooks`` every ``os.register_at_fork`` call's hooks (and register them). The server
+    notes the preload modules' own: ``fork`` would not run them, so where there are any it keeps ``os.fork``."""
+    register = os.register_at_fork
+
+    def note(**kwargs):
+        hooks.append(kwargs)
+        register(**kwargs)
+
+    os.register_at_fork = note
+    try:
+        yield
+    finally:
+        os.register_at_fork = register
+
+
+def single_threaded() -> bool:
+    """Whether this process has exactly one thread (then ``fork`` is safe)."""
+    return len(os.listdir("/proc/self/task")) == 1
 
 
 def vm_bytes() -> int:

@@ -90,6 +90,7 @@ class Zygote:
         self.probe: dict | None = None
         self.jail: child.Confinement | None = None
         self.null = -1  # /dev/null: a spare's stdin and stdout, and every run's stdin
+        self.fork = os.fork  # child.fork where start-up finds one thread and no at-fork hook of the preloads
         self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -101,16 +102,13 @@ class Zygote:
                 raise OSError("no waitid(P_PIDFD)")
         except (AttributeError, OSError) as e:
             return {"error": f"sandbox: needs pidfds (Linux 5.4+), found kernel {os.uname().release} ({e!r})"}
-        for name in self.cfg["preload"]:
-            try:
-                importlib.import_module(name)
-            except Exception as e:
-                return {"error": f"preload: could not import {name!r} ({type(e).__name__}: {e}); "
-                                 "install it or remove it from SandboxPool(preload=...)"}
-        try:
-            exec(compile(self.cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
-        except Exception as e:
-            return {"error": f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"}
+        hooks: list[dict] = []
+        with child.noting_at_fork_hooks(hooks):
+            problem = self.preload()
+        if problem:
+            return {"error": problem}
+        if child.single_threaded() and not hooks:  # else os.fork: its repairs, and the hooks, are needed
+            self.fork = child.fork
         workdir = os.getcwd()
         self.null = os.open(os.devnull, os.O_RDWR)
         switch_uid = os.geteuid() == 0
@@ -137,7 +135,22 @@ class Zygote:
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
                           "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine,
                           "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
-                          "import_roots": len(roots), "landlock": self.jail.allowlist.version}}
+                          "import_roots": len(roots), "landlock": self.jail.allowlist.version,
+                          "raw_fork": self.fork is child.fork}}
+
+    def preload(self) -> str | None:
+        """Import the preload modules and run the warm-up code; what went wrong, if anything."""
+        for name in self.cfg["preload"]:
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                return (f"preload: could not import {name!r} ({type(e).__name__}: {e}); "
+                        "install it or remove it from SandboxPool(preload=...)")
+        try:
+            exec(compile(self.cfg["warmup"], "<warmup>", "exec"), {"__name__": "__warmup__"})
+        except Exception as e:
+            return f"warmup: the code failed ({type(e).__name__}: {e}); fix SandboxPool(warmup=...)"
+        return None
 
     def install_and_probe(self) -> str | None:
         """Install the SERVER program, then run the probe; None if every rule it checks holds."""
@@ -171,7 +184,7 @@ class Zygote:
         slot, server, ours = self.free_slots.pop(), os.getpid(), None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
+            pid = self.fork()
         except OSError:
             if ours is not None:
                 ours.close()
