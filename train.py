@@ -37,7 +37,7 @@ from nanotorl.demo import BASE_DIR, build_base_model
 from nanotorl.generate import Generator, SamplingParams
 from nanotorl.grpo import (LossStats, filler_micro_batch, group_advantages, grpo_batch, loss_normalizer, policy_loss,
                            trained)
-from nanotorl.memory import PhasePeaks, adamw, run_plan
+from nanotorl.memory import PhasePeaks, adamw, return_freed_tensors, run_plan
 from nanotorl.metrics import pass_at_k, source_mean
 from nanotorl.prompt import parse_template_vars
 from nanotorl.rollout import Sample, finish_stats, groups, most_common, rollout, rollout_stats, tool_failures
@@ -302,6 +302,7 @@ def train(cfg: TrainConfig, signals: faults.Preemption, argv: list[str], rank: i
     """The run from the newest checkpoint to ``cfg.steps``; a signal (``signals``) stops every rank at the next safe
     point with a checkpoint of the last step completed (:class:`nanotorl.cli.Stop`)."""
     torch.manual_seed(cfg.seed + rank)
+    return_freed_tensors()  # host memory freed in one phase is not kept resident through the next
     model_dir, ckpt = policy_dir(cfg, rank)
     positions = load_config(model_dir).max_position_embeddings
     tok = Tokenizer(model_dir, cfg.inputs.prompt_template, parse_template_vars(cfg.inputs.template_vars),

@@ -27,7 +27,9 @@ allocator handed out), reset at the start of each phase. On CPU it is the proces
 Linux's ``VmHWM``, which writing ``5`` to ``/proc/self/clear_refs`` resets to the current RSS; where that file
 cannot be written the peak is the process's since it started (``VmHWM`` never reset), an upper bound.
 """
+import ctypes
 import math
+import platform
 import re
 import resource
 from dataclasses import dataclass
@@ -116,6 +118,25 @@ def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> t
     The fused update is the same arithmetic (rounding apart), on CPU and CUDA, and on FSDP2's sharded
     parameters."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
+
+
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024  # glibc's mallopt parameter, and its starting value
+
+
+def return_freed_tensors() -> bool:
+    """Make every freed host tensor of 128 KiB or more go back to the kernel at once; False where the C library
+    is not glibc (nothing changed).
+
+    glibc serves an allocation from its own mmap when it is at least a threshold (128 KiB at start), so freeing
+    it returns the pages; but the first such block freed raises the threshold to its size (up to 32 MiB), after
+    which blocks below it come from the heap and stay resident when freed, wherever a live block lies above
+    them. A training process frees 2-32 MiB tensors all the time (gradients, activations), so its resident set
+    grew by what earlier phases had freed (README, "Checkpoints and memory"). Setting the threshold fixes it at
+    128 KiB (glibc then stops adjusting it), as in a fresh process: the resident set follows the live tensors,
+    for a page fault per new page."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 # ------------------------------------------------------------------------------------------ measured peaks

@@ -3,6 +3,11 @@ their AdamW state and gradients, the gathered 16-bit weights, the KV cache, the 
 and the activations a forward saves for its backward, per layer."""
 from unittest import mock
 
+import platform
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -205,3 +210,31 @@ def test_each_phase_counts_its_own_peak_and_a_new_phase_starts_from_the_current_
     assert gb["memory_big_gb"] * 1e9 >= base + BIG * 0.95
     assert gb["memory_small_gb"] * 1e9 < base + BIG / 2  # the big phase's peak was forgotten
     assert peaks.take() == {}
+
+
+FRAGMENTS = textwrap.dedent("""
+    import re, sys, torch
+    from nanotorl.memory import return_freed_tensors
+    if sys.argv[1] == "fixed":
+        assert return_freed_tensors()
+    def rss():
+        return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    big = torch.empty(5 * 2**20)
+    del big  # 20 MiB freed: glibc's threshold for pages of their own rises to 20 MiB
+    freed, kept = [], []
+    for _ in range(40):  # 12 MiB tensors, each below a live one: 480 MiB to free
+        freed.append(torch.ones(3 * 2**20)); kept.append(torch.ones(3 * 2**20))
+    before = rss()
+    del freed
+    print(before - rss())
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator thresholds; this C library is not glibc")
+@pytest.mark.parametrize("mode", ["default", "fixed"])
+def test_freed_tensors_leave_the_resident_set_once_the_threshold_is_fixed(mode):
+    """The training process's setting (train.py calls return_freed_tensors) against glibc's default: 40 freed
+    tensors of 12 MiB, each with a live one above it, leave the resident set only with the threshold fixed."""
+    out = subprocess.run([sys.executable, "-c", FRAGMENTS, mode], capture_output=True, text=True, check=True)
+    released = int(out.stdout) / (480 * 2**20)
+    assert released > 0.95 if mode == "fixed" else released < 0.05, out.stdout
