@@ -78,7 +78,7 @@ def sdpa(q, k, v, mask=None):
 
 def sdpa_heads(q, k, v, mask=None):
     """SDPA in the heads-first layout, never on CUDA's math kernel. q: [B, Hq, T, d], k/v: [B, Hkv, S, d], mask:
-    [B, 1, T, S] bool or None (plain causal) -> [B, Hq, T, d].
+    [B, 1, T, S] bool, or additive in q's dtype (0 or -inf), or None (plain causal) -> [B, Hq, T, d].
 
     On CUDA, flash attention takes grouped-query heads but no mask, and the memory-efficient kernel a mask but no
     grouped-query heads; a masked call with Hq > Hkv would fall to the math kernel, which expands K/V itself and

@@ -105,7 +105,8 @@ class KVCache(nn.Module):
 
         A one-token step on the Triton path leaves everything to the decode kernel (it reads each slot's
         length from ``positions``): no host sync, so the step can be captured in a CUDA graph; the caller keeps
-        positions inside the cache (the generator does)."""
+        positions inside the cache (the generator does). Rows of several tokens (prefill chunks, slots resuming
+        after a tool call) read their slots where they lie, a run of evenly spaced slots at a time (:func:`runs`)."""
         heads = torch.arange(self.k.shape[2], device=slots.device)
         flat = (slots[:, None, None] * len(heads) + heads) * self.max_len + positions[:, :, None]  # [B, T, Hkv]
         flat = flat.flatten()  # where the new keys and values go
@@ -113,22 +114,54 @@ class KVCache(nn.Module):
             return CacheWindow(self, slots, positions, flat, None, 0, None)
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} does not fit a cache of length {self.max_len}")
-        S, lo, B = int(positions.max()) + 1, int(slots[0]), len(slots)
-        consecutive = torch.equal(slots, torch.arange(lo, lo + B, device=slots.device))
+        S = int(positions.max()) + 1
         mask = torch.arange(S, device=positions.device) <= positions[:, None, :, None]  # [B, 1, T, S]
-        if positions.shape[1] == 1:  # one token per row: an additive bias per (row, KV head), [B * Hkv, 1, S]
-            bias = torch.zeros(B, self.k.shape[2], 1, S, device=positions.device, dtype=self.k.dtype)
-            mask = bias.masked_fill_(~mask, -math.inf).flatten(0, 1)
-        return CacheWindow(self, slots, positions, flat, slice(lo, lo + B) if consecutive else slots, S, mask)
+        bias = torch.zeros(mask.shape, device=positions.device, dtype=self.k.dtype).masked_fill_(~mask, -math.inf)
+        if positions.shape[1] > 1:  # SDPA takes the additive bias as it is (a boolean mask it converts every call)
+            return CacheWindow(self, slots, positions, flat, None, S, None, runs(slots, positions, bias))
+        lo, B = int(slots[0]), len(slots)
+        consecutive = torch.equal(slots, torch.arange(lo, lo + B, device=slots.device))
+        bias = bias.expand(B, self.k.shape[2], 1, S).flatten(0, 1)  # [B * Hkv, 1, S]
+        return CacheWindow(self, slots, positions, flat, slice(lo, lo + B) if consecutive else slots, S, bias)
+
+
+@dataclass
+class Run:
+    """Rows ``rows`` of a cached forward whose slots step evenly through the cache (``slots``, a slice with a step):
+    attention reads their keys and values ``k[slots, :, :S]`` as one strided view of the cache, never a copy, with
+    ``mask [b, 1, T, S]``, an additive bias (S: one past the run's last position, so a short prefix is not read to
+    the group's longest)."""
+    rows: slice
+    slots: slice
+    mask: torch.Tensor
+
+
+def runs(slots, positions, mask) -> list[Run]:
+    """The rows of ``slots [B]`` at ``positions [B, T]`` cut into runs, rows in their order, each with its part of
+    ``mask [B, 1, T, S_max]``: a run's slots go up by one step (any two slots do). The samples of one prompt sit
+    in consecutive slots and resume together after a tool call; the prompts that a group prefills sit one group
+    apart: one run each."""
+    index, ends = slots.tolist(), (positions.amax(1) + 1).tolist()
+    starts, steps = [0], [1]  # each run's first row and its step
+    for b in range(1, len(index)):
+        gap, first = index[b] - index[b - 1], b - starts[-1] == 1
+        if first and gap > 0:  # a run's second row sets its step
+            steps[-1] = gap
+        elif first or gap != steps[-1]:
+            starts.append(b)
+            steps.append(1)
+    return [Run(slice(a, b), slice(index[a], index[b - 1] + 1, step), mask[a:b, ..., :max(ends[a:b])])
+            for a, b, step in zip(starts, starts[1:] + [len(index)], steps)]
 
 
 @dataclass
 class CacheWindow:
     """One cached forward: rows ``slots [B]`` of the cache get new tokens at ``positions [B, T]``, which ``flat``
-    [B * T * Hkv] indexes in the cache flattened over (slot, head, position) (:meth:`KVCache.write`); ``rows``
-    selects those cache rows (a slice when they are consecutive, so reading them is a view, not a copy), and
-    ``mask [B, 1, T, S]`` lets each new token see its slot's positions 0..p (with one token per row, a bias
-    [B * Hkv, 1, S] instead: 0 there, -inf past p). ``rows`` is None when the decode kernel reads the cache itself."""
+    [B * T * Hkv] indexes in the cache flattened over (slot, head, position) (:meth:`KVCache.write`).
+    With one token per row, ``rows`` selects those cache rows (a slice when they are consecutive, so reading them
+    is a view, not a copy; None when the decode kernel reads the cache itself) and ``mask`` [B * Hkv, 1, S] is
+    an additive bias: 0 on the slot's positions 0..p, -inf past p. With several, ``runs`` (:class:`Run`) say
+    where each row's prefix lies, and hold the bias [b, 1, T, S] of their rows; S = max position + 1."""
     cache: KVCache
     slots: torch.Tensor
     positions: torch.Tensor
@@ -136,6 +169,7 @@ class CacheWindow:
     rows: slice | torch.Tensor | None
     S: int
     mask: torch.Tensor | None
+    runs: list[Run] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -206,21 +240,24 @@ class Attention(nn.Module):
         q [B * T, Hq, d] attend to its slot's prefix; returns [B * T, Hq, d]."""
         w.cache.write(self.layer, w.flat, k, v)
         k_cache, v_cache = w.cache.k[self.layer], w.cache.v[self.layer]  # [slots, Hkv, S_max, d]
+        B, T = w.positions.shape
+        Hq, d = q.shape[1:]
+        if w.runs is not None:  # each run attends to its prefix where it lies in the cache: a view, no copy
+            q = q.view(B, T, Hq, d).transpose(1, 2)  # [B, Hq, T, d]
+            out = [sdpa_heads(q[r.rows], *(c[r.slots, :, :r.mask.shape[-1]].to(q.dtype) for c in (k_cache, v_cache)),
+                              r.mask) for r in w.runs]  # [b, Hq, T, d] each
+            return (out[0] if len(out) == 1 else torch.cat(out)).transpose(1, 2).reshape(B * T, Hq, d)
         if w.rows is None:  # decode on GPU: the Triton flash-decoding kernel, which reads [slots, S_max, Hkv, d]
             out = decode_attention(q.to(k_cache.dtype), k_cache.transpose(1, 2), v_cache.transpose(1, 2), w.slots,
                                    w.positions[:, 0] + 1)
             return out.to(q.dtype)
-        B, T = w.positions.shape
-        Hq, d = q.shape[1:]
+        # one token per row: its G = Hq / Hkv query heads are G query rows of their KV head, and softmax(q k^T /
+        # sqrt(d) + bias) v of each (row, KV head) is one small product: [B * Hkv] of them in one batched matmul
+        # (on CPU about twice as fast as SDPA's kernel, which works head by head)
         keys, values = (c[w.rows, :, :w.S].to(q.dtype) for c in (k_cache, v_cache))  # [B, Hkv, S, d]
-        if T == 1:  # one token per row: its G = Hq / Hkv query heads are G query rows of their KV head, and
-            # softmax(q k^T / sqrt(d) + bias) v of each (row, KV head) is one small product: [B * Hkv] of them in
-            # one batched matmul (on CPU about twice as fast as SDPA's kernel, which works head by head)
-            scores = torch.baddbmm(w.mask, q.view(B * self.n_kv, Hq // self.n_kv, d), keys.flatten(0, 1).mT,
-                                   alpha=d ** -0.5)  # [B * Hkv, G, S]
-            return torch.bmm(scores.float().softmax(-1).to(values.dtype), values.flatten(0, 1)).view(B, Hq, d)
-        out = sdpa_heads(q.view(B, T, Hq, d).transpose(1, 2), keys, values, w.mask)  # [B, Hq, T, d]
-        return out.transpose(1, 2).reshape(B * T, Hq, d)
+        scores = torch.baddbmm(w.mask, q.view(B * self.n_kv, Hq // self.n_kv, d), keys.flatten(0, 1).mT,
+                               alpha=d ** -0.5)  # [B * Hkv, G, S]
+        return torch.bmm(scores.float().softmax(-1).to(values.dtype), values.flatten(0, 1)).view(B, Hq, d)
 
 
 class MLP(nn.Module):

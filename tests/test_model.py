@@ -180,6 +180,33 @@ def test_groups_of_rows_in_one_cached_forward_equal_separate_forwards(pair):
     torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=0)
 
 
+def test_resumed_rows_read_their_prefix_in_place_on_a_junk_filled_cache(pair):
+    """The generator's step after tool calls: slots resume (a chunk of tokens after prefixes of different lengths,
+    in slots that are consecutive, evenly spaced, or neither, and a new prompt among them) while others decode,
+    in one forward over a cache whose every position no slot wrote holds large junk. Each row's hidden states are
+    those of its own sequence's full forward: no row reads past its prefix or another slot's memory."""
+    _, model, _ = pair
+    g = torch.Generator().manual_seed(6)
+    resume, decode, T = {2: 7, 5: 3, 8: 11, 3: 0, 0: 6, 1: 5}, {7: 9, 4: 4}, 4  # slot: prefix length (in order)
+    seqs = {s: torch.randint(0, 97, (n + T,), generator=g) for s, n in (resume | decode).items()}
+    cache = KVCache(model.cfg, slots=10, max_len=24)
+    written = torch.zeros(10, 24, dtype=torch.bool)  # [slots, max_len]
+    with torch.no_grad():
+        for s, n in (resume | decode).items():
+            if n:
+                model(seqs[s][None, :n], positions=torch.arange(n)[None], cache=cache, slots=torch.tensor([s]))
+                written[s, :n] = True
+        for c in (cache.k, cache.v):  # [layers, slots, Hkv, max_len, d]
+            c.copy_(torch.where(written[None, :, None, :, None], c, 1e3 * torch.randn(c.shape, generator=g)))
+        groups = [(resume, T), (decode, 1)]
+        h = model([torch.stack([seqs[s][n:n + t] for s, n in rows.items()]) for rows, t in groups],
+                  positions=[torch.tensor(list(rows.values()))[:, None] + torch.arange(t) for rows, t in groups],
+                  cache=cache, slots=[torch.tensor(list(rows)) for rows, _ in groups])
+        for out, (rows, t) in zip(h, groups):
+            for row, (s, n) in zip(out, rows.items()):
+                torch.testing.assert_close(row, model(seqs[s][None, :n + t])[0, n:], atol=1e-5, rtol=0)
+
+
 def test_activation_checkpointing_gives_same_gradients(pair):
     _, model, _ = pair
     ids = torch.randint(0, 97, (2, 8))
