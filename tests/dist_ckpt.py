@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
+import dist_exit
 from nanotorl import dist
 from nanotorl.checkpoint import load_model
 from nanotorl.training_checkpoint import latest_checkpoint, resume, save_checkpoint
@@ -79,4 +80,4 @@ def main(mode: str, out: Path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    dist_exit.run(main, sys.argv[1], Path(sys.argv[2]))

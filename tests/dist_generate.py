@@ -22,6 +22,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState  # noqa: E
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from host_sync import no_host_sync  # noqa: E402
+import dist_exit
 from nanotorl import dist  # noqa: E402
 from nanotorl.decode_step import DecodeStep  # noqa: E402
 from nanotorl.demo import save_demo_tokenizer  # noqa: E402
@@ -104,4 +105,4 @@ def main(out, tok_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    dist_exit.run(main, sys.argv[1], sys.argv[2])

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+import dist_exit
 import train
 from nanotorl import dist
 from nanotorl.config import OptimConfig, TrainConfig
@@ -55,4 +56,4 @@ def main(out, mode: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    dist_exit.run(main, sys.argv[1], sys.argv[2])
