@@ -58,14 +58,20 @@ def summary(impl: str, calls: int, seconds: float, draws, completions, prefilled
             "prefill": prefilled, "tool": stats["tool_fraction"], "acc": stats["accuracy"]}
 
 
-def compare(args, model, hf, tok, box, calls: int, may_fire: torch.Tensor) -> list[dict]:
-    """Both sides on one workload (C = ``calls``): a row each, ours with the speedup over HF."""
+def workload(args, model, tok, box, calls: int) -> tuple[list, list, Generator]:
+    """One workload (C = ``calls``): the draws, their requests and our generator for them."""
     problems = arithmetic_problems(args.problems, seed=args.seed, split="heldout")
     draws = groups(problems, args.samples, SamplingParams(temperature=args.temperature))
     batch = requests(tok, draws, max_new_tokens=args.max_new_tokens, max_tool_calls=calls, seed=args.seed)
     width = max(len(r.prompt_ids) for r in batch)
     gen = Generator(model, tok, box, slots=min(args.slots, len(batch)), max_len=width + args.max_new_tokens,
                     trigger=args.trigger)
+    return draws, batch, gen
+
+
+def compare(args, model, hf, tok, box, calls: int, may_fire: torch.Tensor) -> list[dict]:
+    """Both sides on one workload (C = ``calls``): a row each, ours with the speedup over HF."""
+    draws, batch, gen = workload(args, model, tok, box, calls)
     ours_s, completions = timed(lambda: gen.generate(batch), args.runs)
     ours = summary("ours", calls, ours_s, draws, completions, sum(c.prefill_tokens for c in completions), tok)
     gen.close()
@@ -77,20 +83,25 @@ def compare(args, model, hf, tok, box, calls: int, may_fire: torch.Tensor) -> li
     return [ours, base]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the workload (:func:`workload`), shared with :mod:`bench.rollout_profile`."""
     parser.add_argument("--model", default=str(BASE_DIR), help="Hugging Face Qwen2 directory (default: the demo base)")
     parser.add_argument("--problems", type=int, default=16, help="N held-out arithmetic problems")
     parser.add_argument("--samples", type=int, default=8, help="G samples per problem")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--calls", default="0,1,2", help="comma-separated C (tool calls per response)")
     parser.add_argument("--trigger", default="fence", choices=["fence", "output"])
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--slots", type=int, default=128, help="our generator's slots (the demo's gen_slots)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per side (median), after one warm-up")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs (median), after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sandbox-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    workload_args(parser)
+    parser.add_argument("--calls", default="0,1,2", help="comma-separated C (tool calls per response)")
     parser.add_argument("--engine-batches", default="64,256", help="batches of the engine-cost table ('' to skip)")
     args = parser.parse_args()
     if args.threads:

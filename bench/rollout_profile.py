@@ -18,12 +18,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import save_result
+from bench.rollout import workload, workload_args
 from nanotorl.checkpoint import load_model
-from nanotorl.data import arithmetic_problems
-from nanotorl.demo import BASE_DIR
-from nanotorl.generate import Generator, SamplingParams
+from nanotorl.generate import Generator
 from nanotorl.metrics import print_table
-from nanotorl.rollout import groups, requests
 from nanotorl.sandbox import SandboxPool
 from nanotorl.tokenizer import Tokenizer
 
@@ -76,25 +74,15 @@ def op_families(prof) -> tuple[dict, list]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(BASE_DIR))
-    parser.add_argument("--problems", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    workload_args(parser)
     parser.add_argument("--calls", type=int, default=1, help="C: tool calls per response")
-    parser.add_argument("--slots", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tok = Tokenizer(args.model)
     model = load_model(args.model, dtype=torch.float32, vocab=tok.vocab_size).eval()
-    draws = groups(arithmetic_problems(args.problems, seed=args.seed, split="heldout"), args.samples,
-                   SamplingParams(temperature=1.0))
-    batch = requests(tok, draws, max_new_tokens=args.max_new_tokens, max_tool_calls=args.calls, seed=args.seed)
-    with SandboxPool(workers=2) as box:
-        gen = Generator(model, tok, box, slots=min(args.slots, len(batch)),
-                        max_len=max(len(r.prompt_ids) for r in batch) + args.max_new_tokens)
+    with SandboxPool(workers=args.sandbox_workers) as box:
+        _, batch, gen = workload(args, model, tok, box, args.calls)
         gen.generate(batch)  # warm-up
         totals, walls = timed_phases(gen), []
         for _ in range(args.runs):

@@ -21,8 +21,8 @@ from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+import dist_exit  # noqa: E402
 from host_sync import no_host_sync  # noqa: E402
-import dist_exit
 from nanotorl import dist  # noqa: E402
 from nanotorl.decode_step import DecodeStep  # noqa: E402
 from nanotorl.demo import save_demo_tokenizer  # noqa: E402

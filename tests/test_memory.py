@@ -1,12 +1,11 @@
 """The memory plan's arithmetic (nanotorl/memory.py) against the tensors actually allocated on CPU: the weights,
 their AdamW state and gradients, the gathered 16-bit weights, the KV cache, the fused log-prob's backward buffers
 and the activations a forward saves for its backward, per layer."""
-from unittest import mock
-
 import platform
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
