@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanotorl.kernels.sampling import sample
-from nanotorl.batch import DecodeRows, prefill_group, twins
+from nanotorl.batch import DecodeRows, prefill_groups, twins
 from nanotorl.decode_step import DecodeStep
 from nanotorl.dist import hooks_bypassed
 from nanotorl.fences import Scanner, line_ends
@@ -143,7 +143,7 @@ class Generator:
         if r.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as no_grad, and no view or version tracking: each op of a forward costs less
     def generate(self, requests: list[Request], progress=None) -> list[Completion]:
         """Run every request to completion; results come back in request order. ``progress(n)`` is called with
         the number of newly finished requests (e.g. a tqdm bar's ``update``)."""
@@ -253,7 +253,7 @@ class Generator:
         slots whose tokens are then all cached (prefilled ones first), their indices [R] and last hidden states
         [R, D]. A slot whose prompt is another's is not fed: :meth:`_copy_twins`."""
         prefill, pairs = twins(prefill, self.prefill_chunk)
-        groups = ([prefill_group(self.table, prefill, self.prefill_chunk)] if prefill else []) + \
+        groups = prefill_groups(self.table, prefill, self.prefill_chunk) + \
                  ([rows.group(self.table)] if rows is not None else [])
         if not groups:
             return [], None, None
