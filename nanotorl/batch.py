@@ -1,8 +1,8 @@
 """What one forward of the generator feeds: its groups of rows, built from the slot table.
 
-A forward holds up to two groups of rows that share every layer but attention (:meth:`nanotorl.model.Qwen2.forward`):
-the prefill chunks, one right-padded row per prefilling slot, and the decoding tokens, one row per slot of the
-decoding span. The span runs from the first to the last decoding slot, so attention reads their cache rows as a
+A forward holds groups of rows that share every layer but attention (:meth:`nanotorl.model.Qwen2.forward`): the
+prefill chunks, one row per prefilling slot, in groups of rows of about one length (:func:`prefill_groups`), and the
+decoding tokens, one row per slot of the decoding span. The span runs from the first to the last decoding slot, so attention reads their cache rows as a
 view; the slots in between that do not decode ride along as fillers (:meth:`nanotorl.slots.SlotTable.decode_inputs`).
 The decoding group's layout only changes when a slot starts or stops decoding, so it is built then
 (:class:`DecodeRows`), not every step. The samples of one prompt prefill it once (:func:`twins`).
@@ -27,12 +27,28 @@ class Group:
     last: torch.Tensor
 
 
-def prefill_group(table: SlotTable, prefill: list, chunk: int) -> Group:
-    """The next chunk (at most ``chunk`` tokens) of every prefilling slot, read from the table; the pads run past
-    the slot's tokens (the cache has ``chunk`` spare positions), where nothing reads before a real token
-    overwrites them. Ready: the slots the chunk completes."""
+def prefill_groups(table: SlotTable, prefill: list, chunk: int) -> list[Group]:
+    """The next chunk (at most ``chunk`` tokens) of every prefilling slot, read from the table, in groups of rows of
+    about one length: a row is right-padded to its group's longest, so a prompt of 60 tokens beside an observation of
+    6 would feed 54 pads through every layer. Longest first, a row joins the group before it if padding wastes at
+    most a quarter of the group's length, else it starts the next group; a group's rows stay in slot order (slots
+    that step evenly are read as one view, :func:`nanotorl.model.runs`)."""
+    fed = {s.index: min(s.n_tokens - s.n_cached, chunk) for s in prefill}
+    groups = []  # lists of slots, each group's longest first
+    for s in sorted(prefill, key=lambda s: -fed[s.index]):
+        if groups and 4 * fed[s.index] >= 3 * fed[groups[-1][0].index]:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    groups = [sorted(g, key=lambda s: s.index) for g in groups]
+    return [_prefill_group(table, g, [fed[s.index] for s in g]) for g in groups]
+
+
+def _prefill_group(table: SlotTable, prefill: list, fed: list[int]) -> Group:
+    """Rows ``prefill`` feeding ``fed`` tokens each, right-padded to the longest; the pads run past the slot's tokens
+    (the cache has ``chunk`` spare positions), where nothing reads before a real token overwrites them. Ready: the
+    slots the chunk completes."""
     dev = table.length.device
-    fed = [min(s.n_tokens - s.n_cached, chunk) for s in prefill]
     T = max(fed)
     slots = torch.tensor([s.index for s in prefill], device=dev)
     positions = torch.tensor([s.n_cached for s in prefill], device=dev)[:, None] + torch.arange(T, device=dev)

@@ -4,12 +4,14 @@ import io
 import json
 import shutil
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from conftest import interpreted, save_chat_tokenizer, shared_path
+from nanotorl.batch import prefill_groups
 from nanotorl.checkpoint import load_model, save_model
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
@@ -201,6 +203,68 @@ def test_a_prompt_that_ends_where_another_goes_on_is_not_its_twin(model, tok, lo
     assert [o.response_ids for o in batched] == [o.response_ids for o in alone]
     for b, a in zip(batched, alone):
         assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+
+
+class Counting(torch.nn.Module):
+    """Wraps a model and records the token count of each group of every cached forward, pads included."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.fed = model, model.cfg, []
+
+    def forward(self, ids, positions=None, seq_ids=None, cache=None, slots=None):
+        self.fed.append([i.numel() for i in ids])
+        return self.model(ids, positions, seq_ids, cache, slots)
+
+    def logits(self, h):
+        return self.model.logits(h)
+
+
+def test_prefill_rows_of_different_lengths_feed_no_pads_and_draw_what_they_draw_alone(model, tok):
+    """Prompts of 3 to 40 tokens prefilled in one forward: rows are grouped by length (a row pads to its group's
+    longest only when that wastes at most a quarter of it), so the forward feeds far fewer tokens than every row
+    padded to the longest; every request draws what it draws alone, log-probs included."""
+    base = tok.encode("What is 12 + 30? Think step by step, then write the answer.")
+    lengths = [3, 4, 40, 38, 9, 31, 8, 39]
+    reqs = [Request(base[:n], max_new_tokens=5, seed=i, sampling=SamplingParams(temperature=1.0))
+            for i, n in enumerate(lengths)]
+    counting = Counting(model)
+    batched = Generator(counting, tok, slots=len(reqs), max_len=64).generate(reqs)
+    alone = [Generator(model, tok, slots=1, max_len=64).generate([r])[0] for r in reqs]
+    assert [o.response_ids for o in batched] == [o.response_ids for o in alone]
+    for b, a in zip(batched, alone):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+    first = counting.fed[0]  # groups (40, 39, 38, 31), (9, 8), (4, 3), padded to 40, 9 and 4: 186 tokens, not 320
+    assert sorted(first) == [8, 18, 160]
+
+
+@pytest.mark.parametrize("lengths", [[5], [7, 7, 7], [6, 17, 6, 17, 6], [32, 9, 24, 25, 10, 1, 2, 3, 4, 8, 12, 16],
+                                     [100, 76, 75, 57, 56]])
+def test_prefill_groups_waste_at_most_a_quarter_and_keep_slot_order(tok, lengths):
+    """Every prefilling slot is fed once, in exactly one group; a group's rows are in slot order and none is
+    padded by more than a quarter of the group's length; a row that fits the group before it joins it."""
+    table = SlotTable(len(lengths), 128, torch.zeros(tok.vocab_size, dtype=torch.bool),
+                      torch.zeros(tok.vocab_size, dtype=torch.bool), device="cpu")
+    slots = []
+    for index, n in enumerate(lengths):
+        s = types.SimpleNamespace(index=index, n_tokens=n, n_cached=0, request=Request(list(range(1, n + 1))))
+        table.tokens[index, :n] = torch.arange(1, n + 1)
+        slots.append(s)
+    groups = prefill_groups(table, slots, chunk=64)
+    seen = [int(i) for g in groups for i in g.slots]
+    assert sorted(seen) == list(range(len(lengths)))
+    widths = []
+    for g in groups:
+        fed = [min(lengths[int(i)], 64) for i in g.slots]
+        assert g.slots.tolist() == sorted(g.slots.tolist())
+        assert g.ids.shape[1] == max(fed) and 4 * min(fed) >= 3 * max(fed)
+        for row, i in enumerate(g.slots.tolist()):
+            assert g.ids[row, :fed[row]].tolist() == list(range(1, fed[row] + 1))
+        assert sorted(g.ready_idx.tolist()) == sorted(i for i in g.slots.tolist() if lengths[i] <= 64)
+        widths.append(max(fed))
+    assert widths == sorted(widths, reverse=True)
+    for longer, shorter in zip(groups, groups[1:]):  # the longest of a group did not fit the group before it
+        assert 4 * shorter.ids.shape[1] < 3 * longer.ids.shape[1]
 
 
 def test_more_requests_than_slots_each_returned_once(model, tok):
