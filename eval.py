@@ -34,7 +34,6 @@ the out dir (one machine, or a shared filesystem).
 """
 import json
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -336,4 +335,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    dist.end_process(cli.run(main))

@@ -378,4 +378,4 @@ def one_step(model, optimizer, gen, fits, heldout, step: int, cfg: TrainConfig, 
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    dist.end_process(cli.run(main))

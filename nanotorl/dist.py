@@ -13,13 +13,18 @@
   :func:`full_state_dict` and :func:`load_optimizer_state` serve tests and checkpoints of the older layout.
 * :func:`shard_of` is a rank's share of a list (problems, samples); :func:`all_sum` and :func:`all_max` add up
   what the ranks measured.
+* :func:`end_process` ends a process that was in a process group without the interpreter's finalisation.
 """
+import atexit
 import os
+import sys
 from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+_joined = False  # this process joined a process group (setup), torn down or not
 
 
 def setup() -> tuple[int, int, torch.device]:
@@ -32,12 +37,19 @@ def setup() -> tuple[int, int, torch.device]:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
+        _joined_group()
         return dist.get_rank(), dist.get_world_size(), device
     if cuda:
         if not dist.is_initialized():
             dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        _joined_group()
         return 0, 1, torch.device("cuda", 0)
     return 0, 1, torch.device("cpu")
+
+
+def _joined_group():
+    global _joined
+    _joined = True
 
 
 def distributed() -> bool:
@@ -49,6 +61,23 @@ def teardown():
     if distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(status: int):
+    """Exit with ``status``; a process that joined a process group runs its atexit hooks, flushes stdout and
+    stderr, then leaves with ``os._exit``, without the interpreter's finalisation.
+
+    Beside a CPU hog, 1 run in 22 of a 2-process gloo script aborted after its work was done, with "terminate
+    called without an active exception"; faulthandler showed the main thread in finalisation, with no Python
+    frame. PyTorch's gloo workers keep the tensors of their last collective until they go idle, and freeing one
+    whose Python object had died needs the GIL: a C++ thread that touches Python while the interpreter finalises is
+    unwound inside a destructor that may not throw. Skipping finalisation skips that phase (0 aborts in 45 runs)."""
+    if not _joined:
+        sys.exit(status)
+    atexit._run_exitfuncs()  # what finalisation would run first (e.g. the reward verifier's workers are closed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def shard(model, param_dtype: torch.dtype | None = None, cpu_offload: bool = False):

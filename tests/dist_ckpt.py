@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import torch
 
-import dist_exit
 from nanotorl import dist
 from nanotorl.checkpoint import load_model
 from nanotorl.training_checkpoint import latest_checkpoint, resume, save_checkpoint
@@ -80,4 +79,5 @@ def main(mode: str, out: Path):
 
 
 if __name__ == "__main__":
-    dist_exit.run(main, sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]))
+    dist.end_process(0)  # no interpreter finalisation: nanotorl.dist.end_process says why

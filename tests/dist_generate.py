@@ -21,7 +21,6 @@ from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-import dist_exit  # noqa: E402
 from host_sync import no_host_sync  # noqa: E402
 from nanotorl import dist  # noqa: E402
 from nanotorl.decode_step import DecodeStep  # noqa: E402
@@ -105,4 +104,5 @@ def main(out, tok_dir):
 
 
 if __name__ == "__main__":
-    dist_exit.run(main, sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2])
+    dist.end_process(0)  # no interpreter finalisation: nanotorl.dist.end_process says why

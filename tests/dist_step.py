@@ -5,7 +5,6 @@ import sys
 
 import torch
 
-import dist_exit
 import train
 from nanotorl import dist
 from nanotorl.config import OptimConfig, TrainConfig
@@ -56,4 +55,5 @@ def main(out, mode: str):
 
 
 if __name__ == "__main__":
-    dist_exit.run(main, sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2])
+    dist.end_process(0)  # no interpreter finalisation: nanotorl.dist.end_process says why

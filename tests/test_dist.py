@@ -1,10 +1,12 @@
 """nanotorl/dist.py around generation, and its sums of counts, on two CPU processes (gloo): see
 tests/dist_generate.py for what runs."""
 import json
+import subprocess
+import sys
 
 import pytest
 
-from test_train import torchrun
+from test_train import ENV, REPO, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +36,45 @@ def test_generation_bypasses_fsdp_hooks_and_matches_the_unsharded_model(seen):
 def test_counts_with_other_keys_on_each_rank_add_up(seen):
     """The error kinds of a step differ from rank to rank: dist.all_counts adds them up whatever each rank holds."""
     assert seen["counts"] == {"only on rank 0": 1, "only on rank 1": 2, "on both": 20}
+
+
+ENDING = """
+import atexit, sys
+from pathlib import Path
+from nanotorl import dist
+
+out = Path(sys.argv[1])
+
+
+class Finalised:
+    def __del__(self):
+        out.with_suffix(".finalised").write_text("yes")
+
+
+kept = Finalised()  # a module global: its __del__ runs only in the interpreter's finalisation
+atexit.register(lambda: out.with_suffix(".atexit").write_text("yes"))
+if sys.argv[2] == "group":
+    dist.setup()
+    dist.teardown()
+sys.stdout.write("x" * 100_000)  # buffered, not flushed yet
+dist.end_process(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["group", "plain"])
+def test_end_process_skips_finalisation_only_after_a_process_group(tmp_path, mode):
+    """A process that joined a process group ends with os._exit: its atexit hooks ran, its output is whole, its
+    status kept, and the interpreter's finalisation (where gloo's threads can abort the process) did not run; a
+    plain process exits as usual."""
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING)
+    out = tmp_path / "out"
+    args = (str(script), str(out), mode)
+    r = torchrun(1, *args) if mode == "group" else subprocess.run([sys.executable, *args], cwd=REPO, env=ENV,
+                                                                     capture_output=True, text=True, timeout=120)
+    assert r.returncode == (1 if mode == "group" else 3), r.stderr[-2000:]  # torchrun reports a failed worker as 1
+    if mode == "group":
+        assert "exitcode  : 3" in r.stderr, r.stderr[-2000:]
+    assert r.stdout.count("x") == 100_000
+    assert out.with_suffix(".atexit").read_text() == "yes"
+    assert out.with_suffix(".finalised").exists() == (mode == "plain")
