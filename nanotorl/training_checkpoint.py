@@ -44,8 +44,9 @@ def save_checkpoint(model, optimizer, tokenizer, out_dir, step: int, config: dic
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
     if bad := faults.nonfinite_state(model, optimizer):
         raise Stop(_nonfinite_line(bad, final) if rank == 0 else "")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:  # any step_*.tmp is a torn save (this step's, or one a killed run left: its space would be lost)
+        for torn in root.glob("step_*.tmp"):  # the out dir is locked (faults.lock_out_dir): no other run writes here
+            shutil.rmtree(torn, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights and AdamW's two moments

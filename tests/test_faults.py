@@ -257,6 +257,21 @@ def test_a_checkpoint_is_never_written_with_a_non_finite_value(tmp_path, tok):
         save(model, opt, tok, tmp_path, 2)
 
 
+def test_a_save_removes_the_torn_saves_a_killed_run_left(tmp_path, tok):
+    """A run killed while saving (kill -9, a node lost) leaves step_N.tmp, as large as a checkpoint; the next save
+    of a resumed run, whatever its step, removes every torn one and keeps the complete checkpoints."""
+    model, opt = trained()
+    save(model, opt, tok, tmp_path, 1)
+    root = tmp_path / "checkpoints"
+    for step in (2, 7):
+        torn = root / f"step_{step:06d}.tmp"
+        (torn / "optimizer").mkdir(parents=True)
+        (torn / "model.safetensors").write_bytes(b"x" * 4096)
+    save(model, opt, tok, tmp_path, 3)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000003"]
+    assert latest_checkpoint(tmp_path) == root / "step_000003"
+
+
 def test_every_checkpoint_file_and_directory_is_flushed_to_disk_around_the_rename(tmp_path, tok, monkeypatch):
     events, fsync, replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
