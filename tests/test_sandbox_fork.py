@@ -1,20 +1,34 @@
-"""sandbox/child.fork, fork(2) without CPython's at-fork work, against os.fork: the child it gives runs Python
-(threads, logging, json) as os.fork's does; single_threaded against threading's own count; the server forks
-its runs with it."""
+"""sandbox/child.fork, fork(2) without CPython's at-fork work, and child.fork_sibling, the template's raw
+clone(CLONE_PARENT), against os.fork: the child each gives (for fork_sibling, a child of its caller's parent)
+runs Python (threads, logging, json) as os.fork's does, and finds its own thread id where glibc keeps it;
+single_threaded against threading's own count; the server forks its runs with them."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-FORK = r"""
-import json, logging, os, sys, threading
 from nanotorl.sandbox import child
-fork = child.fork if sys.argv[1] == "raw" else os.fork
+
+FORK = r"""
+import json, logging, os, sys, threading, time
+from nanotorl.sandbox import child
 logging.basicConfig(stream=sys.stderr)
 r, w = os.pipe()
 parent = os.getpid()
-pid = fork()
+if sys.argv[1] == "sibling":  # a template forks the child as ours, tells us its pid, and leaves
+    pid_r, pid_w = os.pipe()
+    template = child.fork()
+    if template == 0:
+        pid = child.fork_sibling(child.tid_address())
+        if pid:
+            os.write(pid_w, pid.to_bytes(4, "little"))
+            os._exit(0)
+    else:
+        os.waitpid(template, 0)
+        pid = int.from_bytes(os.read(pid_r, 4), "little")
+else:
+    pid = (child.fork if sys.argv[1] == "raw" else os.fork)()
 if pid == 0:
     os.close(r)
     seen = []
@@ -22,8 +36,10 @@ if pid == 0:
     t.start()
     t.join()
     logging.getLogger("x").warning("from the child")
+    clock = time.pthread_getcpuclockid(threading.get_ident())  # glibc names the thread by the id it keeps
     out = {"pid": os.getpid(), "ppid": os.getppid(), "main": threading.current_thread() is threading.main_thread(),
-           "thread_ran": seen, "threads": threading.active_count(), "json": json.dumps({"a": [1, 2.5]})}
+           "thread_ran": seen, "threads": threading.active_count(), "json": json.dumps({"a": [1, 2.5]}),
+           "own_clock": time.clock_gettime(clock) > 0}
     os.write(w, json.dumps(out).encode())
     os._exit(7)
 os.close(w)
@@ -51,12 +67,17 @@ def run(code: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
 
 
-def test_raw_fork_gives_a_child_that_runs_python_like_os_fork():
-    raw, ref = run(FORK, "raw"), run(FORK, "os")
+TID_ADDRESS = pytest.mark.skipif(child.tid_address() is None, reason="the kernel does not say where glibc keeps "
+                                 "a thread's id (PR_GET_TID_ADDRESS): no template, the server forks its runs itself")
+
+
+@pytest.mark.parametrize("how", ["raw", pytest.param("sibling", marks=TID_ADDRESS)])
+def test_raw_fork_and_fork_sibling_give_a_child_that_runs_python_like_os_fork(how):
+    raw, ref = run(FORK, how), run(FORK, "os")
     assert raw.returncode == 0 and ref.returncode == 0, (raw.stderr, ref.stderr)
     assert json.loads(raw.stdout) == json.loads(ref.stdout) == {
         "pid": True, "ppid": True, "main": True, "thread_ran": [True], "threads": 1, "json": '{"a": [1, 2.5]}',
-        "status": 7}
+        "own_clock": True, "status": 7}
     assert raw.stderr == ref.stderr == "WARNING:x:from the child\n"
 
 

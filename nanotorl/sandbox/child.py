@@ -34,6 +34,7 @@ import ctypes
 import gc
 import math
 import os
+import platform
 import random
 import resource
 import signal
@@ -45,11 +46,13 @@ from dataclasses import dataclass
 
 from nanotorl.sandbox.isolation import RUN_UIDS
 from nanotorl.sandbox.landlock import Allowlist, restrict_self
+from nanotorl.sandbox.syscalls import NUMBERS
 
 FILENAME = "<code>"
 STARTED = b"\x02"  # written on the channel once the run's descriptors have arrived, before its code runs
 RIGHTS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for the run's three descriptors and its Landlock ruleset
 PR_SET_PDEATHSIG = 1
+PR_GET_TID_ADDRESS = 40
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 OPEN_FILES = 64
 MAX_FD = os.sysconf("SC_OPEN_MAX") if os.sysconf("SC_OPEN_MAX") > 0 else 1 << 20
@@ -86,6 +89,12 @@ ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.U
 _libc = ctypes.CDLL(None, use_errno=True)
 prctl, capset, sigprocmask = _libc.prctl, _libc.capset, _libc.sigprocmask  # resolved once, in the server
 _fork = ctypes.PyDLL(None, use_errno=True).fork  # PyDLL: called with the GIL held, so the child holds it too
+_clone = ctypes.PyDLL(None, use_errno=True).syscall  # the raw syscall, as a PyDLL too
+_clone.argtypes, _clone.restype = [ctypes.c_long] * 6, ctypes.c_long
+_MACHINE = platform.machine()
+# clone(2) as a sibling: the child's parent is the caller's parent; its tid is written where glibc keeps it
+CLONE_PARENT, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x8000, 0x200000, 0x1000000
+SIBLING = CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | signal.SIGCHLD
 prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 _CAP_HEADER = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)  # {version, pid 0 = self}
 _CAP_DATA = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
@@ -126,6 +135,46 @@ def fork() -> int:
     if pid < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"fork failed: {os.strerror(e)}")
+    return pid
+
+
+def tid_address() -> int | None:
+    """Where glibc keeps the main thread's tid (its ``struct pthread``'s ``tid``), from the main thread; None
+    where the kernel cannot say (PR_GET_TID_ADDRESS needs CONFIG_CHECKPOINT_RESTORE), ``fork_sibling`` does
+    not know the machine, or the address does not hold our tid, the pid (a C library other than glibc).
+    glibc hands that address to the kernel as the thread's clear_child_tid, at start-up and in every fork,
+    which is what the kernel returns here."""
+    address = ctypes.c_ulong()
+    if _MACHINE not in ("x86_64", "aarch64") or prctl(PR_GET_TID_ADDRESS, ctypes.addressof(address), 0, 0, 0) != 0:
+        return None
+    if not address.value or ctypes.c_int.from_address(address.value).value != os.getpid():
+        return None
+    return address.value
+
+
+def fork_sibling(tid_at: int) -> int:
+    """Like ``fork``, but the child is a child of this process's parent (CLONE_PARENT): 0 in the child, its pid
+    here. For the server's template (server.py), whose runs must be the server's own children; ``tid_at`` is
+    ``tid_address()``, taken in this process.
+
+    A raw clone skips what glibc's fork does around its own clone; none of it is needed by a process with one
+    thread that is not inside the C library when it forks (the template, which calls this from Python):
+    the pthread_atfork handlers and glibc's lock resets make locks and thread pools that other threads held
+    consistent in the child, and there are no other threads (as for ``fork``, the caller holds only the GIL,
+    which the child inherits held). What glibc's fork does that a run can see is done here as it does it:
+    the child's tid is written into its ``struct pthread`` (CLONE_CHILD_SETTID; without it glibc would keep
+    the template's tid there, and ``pthread_getcpuclockid``, ``pthread_kill`` and mutex owners would name
+    a thread of another process) and cleared at exit (CLONE_CHILD_CLEARTID). Left out: re-registering the
+    main thread's robust-mutex list (set_robust_list; the kernel forgets it at fork), which only matters to
+    robust mutexes, which Python does not use. The exit signal is SIGCHLD either way: with CLONE_PARENT the
+    kernel gives the child this process's own, which the server's fork made SIGCHLD."""
+    if _MACHINE == "x86_64":  # clone(flags, stack (0: a copy of ours), parent_tid, child_tid, tls)
+        pid = _clone(NUMBERS["clone"][0], SIBLING, 0, 0, tid_at, 0)
+    else:  # aarch64: clone(flags, stack, parent_tid, tls, child_tid)
+        pid = _clone(NUMBERS["clone"][1], SIBLING, 0, 0, 0, tid_at)
+    if pid < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"clone failed: {os.strerror(e)}")
     return pid
 
 
