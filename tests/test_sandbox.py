@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from nanotorl.sandbox import SandboxPool, protocol
+from nanotorl.sandbox import SandboxPool, child, protocol
 from nanotorl.sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When,
                                      combine, compile_policy)
 SANDBOX_MODES = ["namespaces", "no-namespaces"]  # see sandbox_pool in tests/conftest.py
@@ -321,6 +321,7 @@ def test_raw_syscalls_through_ctypes_are_denied(pool):
     nr = {"x86_64": {"socket": 41, "clone": 56, "unshare": 272, "ptrace": 101, "seccomp": 317},
           "aarch64": {"socket": 198, "clone": 220, "unshare": 97, "ptrace": 117, "seccomp": 277}}[ARCH]
     calls = {"socket": (nr["socket"], 2, 1, 0), "fork via clone(SIGCHLD)": (nr["clone"], 17, 0, 0, 0, 0),
+             "clone as the template does": (nr["clone"], child.SIBLING, 0, 0, 0, 0),
              "unshare(NEWNET)": (nr["unshare"], 0x40000000), "ptrace(TRACEME)": (nr["ptrace"], 0, 0, 0, 0),
              "seccomp(STRICT)": (nr["seccomp"], 0, 0, 0)}
     code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nout = {}\n"
@@ -467,6 +468,9 @@ def test_the_policy_refuses_each_way_to_make_the_kernel_signal_or_lock_for_a_run
     assert verdict("clone", 0x3D0F00) == ALLOW_RET  # glibc's pthread_create flags
     for flags in (17, 0x3D0F00 | 0x8000, 0x3D0F00 | 0x2000, 0x3D0F00 | 0x10000000, 0x100 | 0x800 | 17):
         assert verdict("clone", flags) == EPERM, hex(flags)  # fork, CLONE_PARENT, CLONE_PTRACE, NEWUSER, no THREAD
+    # the server's template forks runs as the server's children: its clone passes the SERVER program alone
+    assert bpf(server, AUDIT[arch], nr["clone"], child.SIBLING) == ALLOW_RET
+    assert verdict("clone", child.SIBLING) == EPERM  # and a run's does not
     assert verdict("clone3") == verdict("openat2") == ENOSYS
 
 

@@ -50,7 +50,8 @@ def host():
 
 
 def zygote_and_children(pool) -> tuple[int, list[int]]:
-    """The server process that forks runs, and its live children (all spares when the pool is idle)."""
+    """The server process that forks runs, and its live children (its template, and spares when the pool is
+    idle)."""
     outer = pool.server_pid
     kids = children(outer)
     zygote = kids[0] if "pid" in pool.info["namespaces"] else outer
@@ -166,7 +167,7 @@ def test_signals_from_outside_do_not_stop_the_server(pool, host):
 def test_a_stopped_or_dead_spare_is_noticed_and_replaced(pool, host, sig):
     server = pool.server_pid
     pool.run("print('settle')")
-    _, spares = zygote_and_children(pool)
+    _, spares = zygote_and_children(pool)  # and the template: it is replaced as well
     assert spares, "no spare children to attack"
     for pid in spares:
         os.kill(pid, sig)
@@ -176,6 +177,36 @@ def test_a_stopped_or_dead_spare_is_noticed_and_replaced(pool, host, sig):
     while any(alive(p) for p in spares) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in spares), "the bad spares were not reaped"
+    innocent_and_outside_intact(pool, host, server)
+
+
+def started(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
+def test_runs_come_from_the_template_which_is_replaced_when_stopped_or_dead(pool, host, sig):
+    """The template (server.py) forks runs as the server's own children; one that is stopped or dies (no run can
+    signal it: the server's uid, and the filter) is killed, reaped and replaced, and runs go on meanwhile."""
+    if not pool.info["template"]:
+        pytest.skip("no template on this machine: the server forks every run itself")
+    server = pool.server_pid
+    pool.run("print('settle')")
+    zygote, kids = zygote_and_children(pool)
+    template = min(kids, key=started)  # the spares come and go; it stays
+    with open(f"/proc/{template}/status") as f:  # the server's own uid, not a run's
+        assert f"\nUid:\t{os.getuid()}\t" in f.read()
+    assert pool.run("import os\nprint(os.getppid())").stdout == f"{pool.info['pid']}\n"  # the server's child
+    os.kill(template, sig)
+    results = [pool.submit(f"print({i})") for i in range(6)]
+    assert [(r.result().status, r.result().stdout) for r in results] == [("ok", f"{i}\n") for i in range(6)]
+    deadline = time.monotonic() + 10
+    while alive(template) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(template), "the stopped or dead template was not reaped"
+    assert template not in zygote_and_children(pool)[1]
+    assert pool.run("import os\nprint(os.getppid())").stdout == f"{pool.info['pid']}\n"  # from the new one
     innocent_and_outside_intact(pool, host, server)
 
 

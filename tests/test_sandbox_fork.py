@@ -90,7 +90,7 @@ def test_single_threaded_agrees_with_threading():
 @pytest.mark.parametrize("mode", ["namespaces", "no-namespaces"])
 def test_server_forks_runs_with_raw_fork(sandbox_pool_factory, mode):
     pool = sandbox_pool_factory(mode, workers=2, preload=("math", "numpy", "sympy"))
-    assert pool.info["raw_fork"] is True
+    assert pool.info["raw_fork"] is True and pool.info["template"] is (child.tid_address() is not None)
     pids = {pool.run("import os\nprint(os.getpid())").stdout for _ in range(4)}
     assert len(pids) == 4, pids  # a fresh process per run
 

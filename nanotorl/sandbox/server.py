@@ -13,6 +13,10 @@ own session, with a minimal environment and an empty working directory. Start-up
         gc.freeze(), huge pages, not dumpable (no run can read the server's or another run's memory
         through /proc), a minimal os.environ, a pids cgroup where available
     install the SERVER seccomp program (sandbox/policy.py); every run inherits it
+    fork the template (with the first child): a copy of the server as it is now, which from then on forks
+           every child on the server's request, as the server's own child (clone with CLONE_PARENT), and
+           does nothing else, so that the huge pages it was forked with stay whole (the server's loop
+           writes all over its heap, which splits them; see "the template" below)
     probe: one real run checks that both seccomp programs, the run's identity and (with Landlock) the
            read allowlist hold; refuse to serve if they do not, unless the pool was explicitly allowed to
            run unconfined
@@ -33,6 +37,7 @@ a non-blocking outbox: the server never blocks on a write. EOF on the control so
 closed, or its process died) kills every child and ends the server: no orphans, no zombies.
 """
 import collections
+import errno
 import gc
 import importlib
 import json
@@ -51,6 +56,8 @@ PR_SET_DUMPABLE = 4
 PROBE_ID = -1
 OWN_PACKAGES = ("nanotorl",)  # never readable by runs: where it is installed editable, that is the repository
 RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
+TEMPLATE_WAIT = 1.0  # seconds the server waits for the template's answer (it takes well under 1 ms), then replaces it
+RIGHTS_ONE = socket.CMSG_SPACE(4)  # room for the channel descriptor the template receives with each request
 
 
 @dataclass(eq=False)
@@ -91,6 +98,9 @@ class Zygote:
         self.jail: child.Confinement | None = None
         self.null = -1  # /dev/null: a spare's stdin and stdout, and every run's stdin
         self.fork = os.fork  # child.fork where start-up finds one thread and no at-fork hook of the preloads
+        self.pid = os.getpid()  # every child's parent, whoever forks it
+        self.tid_at: int | None = None  # where the template's children find their tid; None: no template
+        self.template: tuple[int, socket.socket] | None = None  # its pid and our end of its socket, once started
         self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -109,6 +119,7 @@ class Zygote:
             return {"error": problem}
         if child.single_threaded() and not hooks:  # else os.fork: its repairs, and the hooks, are needed
             self.fork = child.fork
+            self.tid_at = child.tid_address()  # the template's clone is a raw one too: only here
         workdir = os.getcwd()
         self.null = os.open(os.devnull, os.O_RDWR)
         switch_uid = os.geteuid() == 0
@@ -131,12 +142,13 @@ class Zygote:
                 return {"error": f"sandbox: cannot confine runs on this machine ({problem}). Refusing to run "
                                  "untrusted code unconfined; pass allow_unconfined=True to do it anyway."}
             self.jail.seccomp = None
+            self.end_template()  # its image holds the RUN program: the next one is forked without it
         self.spares_wanted = self.cfg["workers"]
         return {"ready": {"pid": os.getpid(), "namespaces": self.namespaces, "seccomp": self.jail.seccomp is not None,
                           "problem": problem, "base_vm_mb": base >> 20, "arch": os.uname().machine,
                           "run_uids": switch_uid, "pids_cgroup": cgroup or no_cgroup, "cgroup": cgroup,
                           "import_roots": len(roots), "landlock": self.jail.allowlist.version,
-                          "raw_fork": self.fork is child.fork}}
+                          "raw_fork": self.fork is child.fork, "template": self.tid_at is not None}}
 
     def preload(self) -> str | None:
         """Import the preload modules and run the warm-up code; what went wrong, if anything."""
@@ -181,29 +193,18 @@ class Zygote:
         Forking and confining ahead of time keeps both out of a run's latency."""
         if not self.free_slots:
             raise OSError("no free slot (every uid of this server is held by a child)")
-        slot, server, ours = self.free_slots.pop(), os.getpid(), None
+        slot, ours = self.free_slots.pop(), None
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = self.fork()
+            pid = self.new_child(theirs, slot)
         except OSError:
             if ours is not None:
                 ours.close()
                 theirs.close()
             self.free_slots.append(slot)
             raise
-        if pid == 0:  # the child: never returns into this loop
-            status = 125
-            try:
-                uid = isolation.run_uid(slot)
-                child.confine((self.null, self.null, 2), theirs.fileno(), server, self.jail, uid, slot)
-                status = child.execute(child.receive(theirs, self.jail))
-            except BaseException as e:  # confinement failed: say so, never run the code
-                try:
-                    os.write(2, f"sandbox: could not confine the run: {e!r}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(status)
+        if pid == 0:  # a child forked here
+            self.become_run(theirs, slot)
         theirs.close()
         ours.setblocking(False)
         run = Run(pid, os.pidfd_open(pid), ours, slot)
@@ -215,6 +216,122 @@ class Zygote:
         self.owner[run.pidfd] = run
         self.children.add(run)
         return run
+
+    def become_run(self, channel: socket.socket, slot: int) -> None:
+        """In a new child: confine, wait for the run on ``channel``, run it and exit; never returns."""
+        status = 125
+        try:
+            uid = isolation.run_uid(slot)
+            child.confine((self.null, self.null, 2), channel.fileno(), self.pid, self.jail, uid, slot)
+            status = child.execute(child.receive(channel, self.jail))
+        except BaseException as e:  # confinement failed: say so, never run the code
+            try:
+                os.write(2, f"sandbox: could not confine the run: {e!r}\n".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(status)
+
+    # -- the template --------------------------------------------------------------------------------
+    # Every fork copies the forking process's page tables, and every write after it, in either process,
+    # copies a page. The server writes all over its heap between forks (its loop, its Run objects, pymalloc
+    # reusing freed blocks anywhere), which splits the huge pages use_huge_pages() made back into 4 KiB ones:
+    # forking the server itself costs ~12k page-table entries per run. So the server forks, once, a template:
+    # a copy of itself with the preloads, the confinement and the RUN program ready, that does nothing but
+    # fork children on request, in a loop that writes few pages, so that its huge pages stay whole. It forks
+    # them with CLONE_PARENT (child.fork_sibling): they are the server's children, which it watches, reaps and
+    # kills as it does the ones it forks itself. What the template's image cannot know per child, it is sent:
+    # the slot and the child's channel; the child's Landlock ruleset goes to the child on its channel, as
+    # ever. The template holds nothing of the runs (no code, no output), dies with the server (parent-death
+    # signal; in a pid namespace, with its init as well), and one that dies or stops answering is killed and
+    # replaced, the server forking that one child itself meanwhile.
+    def new_child(self, theirs: socket.socket, slot: int) -> int:
+        """A child for ``slot`` that will wait on ``theirs``, forked by the template where there is one: its
+        pid; 0 in a child forked here (which must then become the run)."""
+        if self.tid_at is not None:
+            try:
+                if self.template is None:
+                    self.start_template()
+                return self.from_template(theirs, slot)
+            except (ConnectionError, TimeoutError):  # it died or hangs: a new one next time
+                self.end_template()
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.ENOMEM):  # out of processes or memory: so would we be
+                    raise
+                self.end_template()  # its clone is refused here (EPERM, EINVAL): we fork every child from now on
+                self.tid_at = None
+        return self.fork()
+
+    def start_template(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = self.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            try:
+                self.serve_as_template(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        ours.settimeout(TEMPLATE_WAIT)
+        self.template = (pid, ours)
+
+    def from_template(self, theirs: socket.socket, slot: int) -> int:
+        """Ask the template for a child: send the slot and the child's channel, get its pid back."""
+        sock = self.template[1]
+        socket.send_fds(sock, [slot.to_bytes(4, "little")], [theirs.fileno()])
+        answer = sock.recv(4)
+        if len(answer) != 4:
+            raise ConnectionError("the template closed its socket")
+        pid = int.from_bytes(answer, "little", signed=True)
+        if pid < 0:  # it could not fork
+            raise OSError(-pid, f"the template's clone failed: {os.strerror(-pid)}")
+        return pid
+
+    def end_template(self) -> None:
+        """Kill and reap the template; kill and reap too the child it forked but did not tell us of, if any."""
+        if self.template is None:
+            return
+        pid, sock = self.template
+        self.template = None
+        os.kill(pid, signal.SIGKILL)  # our child, not reaped yet: the pid is still its
+        os.waitpid(pid, 0)
+        try:  # an answer it sent before it died: that child is ours, and nobody else knows it
+            answer = sock.recv(4, socket.MSG_DONTWAIT)
+        except OSError:
+            answer = b""
+        sock.close()
+        if len(answer) == 4 and int.from_bytes(answer, "little", signed=True) > 0:
+            lost = int.from_bytes(answer, "little", signed=True)
+            os.kill(lost, signal.SIGKILL)
+            os.waitpid(lost, 0)
+
+    def serve_as_template(self, sock: socket.socket) -> None:
+        """In the template: fork a child for every request until the server is gone."""
+        child.prctl(child.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != self.pid:  # the server died before the prctl
+            return
+        keep = sorted({sock.fileno(), self.null, *self.jail.allowlist.fds})  # and stdio: the runs' stderr, until
+        for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [child.MAX_FD]):  # their own arrives
+            os.closerange(lo, hi)
+        isolation.use_huge_pages()  # again: its first writes split pages it shared with the server (here ~8 of 38 MB)
+        while True:
+            request, ancillary, _, _ = sock.recvmsg(4, RIGHTS_ONE)
+            if not ancillary:  # the server closed its end
+                return
+            channel = int.from_bytes(ancillary[0][2][:4], sys.byteorder, signed=True)
+            try:
+                pid = child.fork_sibling(self.tid_at)
+            except OSError as e:
+                pid = -e.errno
+            if pid == 0:
+                channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=channel)
+                self.become_run(channel, int.from_bytes(request, "little"))
+            os.close(channel)
+            sock.send(pid.to_bytes(4, "little", signed=True))
 
     def healthy_spare(self) -> Run | None:
         """A spare that is neither dead nor stopped; the others are killed (and reaped when they exit)."""
@@ -355,7 +472,8 @@ class Zygote:
                 self.kill(run, "timeout")
 
     def shutdown(self) -> None:
-        """Kill and reap every child, running or spare."""
+        """Kill and reap every child, running or spare, and the template."""
+        self.end_template()
         for run in list(self.children):
             self.kill(run, "killed")
             os.waitpid(run.pid, 0)
