@@ -28,6 +28,7 @@ seccomp program is installed last, and only then does the untrusted code start:
 The code and the output go from the pool to the child and back without passing through the server,
 so no later run, forked from the server, can find them in its memory.
 """
+import _random
 import builtins
 import contextlib
 import ctypes
@@ -240,7 +241,10 @@ def generators() -> list:
 def reseed(gens: list) -> None:
     """Give every generator fresh state from os.urandom, so no two runs share a random sequence."""
     for g in gens:
-        if isinstance(g, random.Random):
+        if type(g) is random.Random:  # the C seed(): all 624 words of state from the OS, as Random() does; half
+            _random.Random.seed(g)  # the pages and time of random.Random.seed(bytes) (its sha512), in every run
+            g.gauss_next = None  # as random.Random.seed does
+        elif isinstance(g, random.Random):  # a subclass: its own seed(), which may keep more state
             g.seed(os.urandom(32))
         elif hasattr(g, "bit_generator"):  # numpy Generator: a new bit generator of the same kind
             g.bit_generator.state = type(g.bit_generator)(int.from_bytes(os.urandom(16), "little")).state
