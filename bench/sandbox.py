@@ -1,6 +1,7 @@
 """Sandbox throughput and latency: SandboxPool vs `python -c` per run vs Qwen-Agent's PythonExecutor.
 
     python -m bench.sandbox                      # trivial and sympy code at 1, 2, 4, 8 workers
+    python -m bench.sandbox --codes trivial --workers 2 --runs 2000   # the trivial code at 2 workers only
     python -m bench.sandbox --qwen-path DIR      # also Qwen-Agent, installed with
                                                  #   pip install --target DIR "qwen-agent[python_executor]"
 
@@ -27,13 +28,6 @@ from nanotorl.sandbox import SandboxPool
 CODES = {"trivial": "print(1 + 1)",
          "sympy": "import sympy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**6 - 1))"}
 EXPECTED = {"trivial": "2", "sympy": "(x - 1)*(x + 1)*(x**2 - x + 1)*(x**2 + x + 1)"}
-
-
-def process_cpu(pid: int) -> float:
-    """utime + stime of ``pid`` and of the children it has reaped, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu() -> float:
@@ -72,18 +66,28 @@ def closed_loop(call, workers: int, runs: int, extra_cpu=lambda: 0.0) -> dict:
 def bench_sandbox(code: str, workers: int, runs: int) -> dict:
     with SandboxPool(workers=workers) as pool:
         server = pool.server_pid
-        zygote = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == server] or [server]
+        zygote = next(pid for pid, ppid, _ in _processes() if ppid == server) if "pid" in pool.info["namespaces"] \
+            else server
         pool.run(code)  # warm
-        return closed_loop(lambda: pool.run(code).stdout, workers, runs,
-                           extra_cpu=lambda: process_cpu(zygote[0]))
+        return closed_loop(lambda: pool.run(code).stdout, workers, runs, extra_cpu=lambda: tree_cpu(zygote))
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
+def _processes():
+    """(pid, ppid, utime + stime + reaped children's, in seconds) of every live process."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):  # not a process, or it just ended
+            continue
+        if entry.isdigit() and fields[0] not in "ZX":
+            yield int(entry), int(fields[1]), sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of ``pid`` and the children it reaped, and of its live children: a server's template and spares,
+    whose CPU enters their parent's only when they are reaped."""
+    return sum(cpu for p, ppid, cpu in _processes() if pid in (p, ppid))
 
 
 def bench_naive(code: str, workers: int, runs: int) -> dict:
@@ -111,6 +115,7 @@ def bench_qwen(executor, code: str, workers: int, runs: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", default="1,2,4,8")
+    p.add_argument("--codes", default=",".join(CODES), help=f"which of {', '.join(CODES)} to run")
     p.add_argument("--runs", type=int, default=400, help="sandbox runs per row (the baselines run fewer)")
     p.add_argument("--qwen-path", help="directory where qwen-agent[python_executor] was pip-installed --target")
     args = p.parse_args()
@@ -118,7 +123,8 @@ def main():
     if why_not:
         print(f"Qwen-Agent PythonExecutor: {why_not}")
     rows = []
-    for kind, code in CODES.items():
+    for kind in args.codes.split(","):
+        code = CODES[kind]
         for w in (int(x) for x in args.workers.split(",")):
             naive_runs = max(2 * w, args.runs // (10 if kind == "trivial" else 50))
             cases = [("sandbox", bench_sandbox, args.runs), ("python -c", bench_naive, naive_runs)]
