@@ -21,9 +21,10 @@ own session, with a minimal environment and an empty working directory. Start-up
            read allowlist hold; refuse to serve if they do not, unless the pool was explicitly allowed to
            run unconfined
 
-Then one single-threaded event loop (epoll) over the control socket and the children's pidfds. The
-pool sends each run as descriptors only (sandbox/protocol.py): a memfd holding its code and the write
-ends of the two pipes the pool reads its output from. The server never reads the code or the output:
+Then one single-threaded event loop (epoll) over the control socket, the children's pidfds and the
+template's socket (its answers: the pids of the spares it forked on request). The pool sends each
+run as descriptors only (sandbox/protocol.py): a memfd holding its code and the write ends of the two
+pipes the pool reads its output from. The server never reads the code or the output:
 they never enter the memory that later runs are forked from. It keeps ``workers`` spare children,
 forked and confined ahead of time and blocked on a channel (a socketpair) of their own, so a run
 starts with one message that passes its descriptors on (fork and confinement stay off its latency).
@@ -56,7 +57,7 @@ PR_SET_DUMPABLE = 4
 PROBE_ID = -1
 OWN_PACKAGES = ("nanotorl",)  # never readable by runs: where it is installed editable, that is the repository
 RETRIES = 2  # children, after the first, that get a run's code when the one before died without running it
-TEMPLATE_WAIT = 1.0  # seconds the server waits for the template's answer (it takes well under 1 ms), then replaces it
+TEMPLATE_WAIT = 1.0  # seconds the template may take to answer (its clone takes under 1 CPU-ms), then it is replaced
 RIGHTS_ONE = socket.CMSG_SPACE(4)  # room for the channel descriptor the template receives with each request
 
 
@@ -101,6 +102,7 @@ class Zygote:
         self.pid = os.getpid()  # every child's parent, whoever forks it
         self.tid_at: int | None = None  # where the template's children find their tid; None: no template
         self.template: tuple[int, socket.socket] | None = None  # its pid and our end of its socket, once started
+        self.asked: collections.deque[tuple] = collections.deque()  # (slot, our channel end, when) it has to answer
         self.own_proc = "proc" in namespaces or "pid" not in namespaces  # our /proc shows our children
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -188,24 +190,57 @@ class Zygote:
         return None
 
     # -- children ----------------------------------------------------------------------------------
-    def spawn(self) -> Run:
-        """Fork a child that confines itself, then blocks on its channel until a run's descriptors arrive.
-        Forking and confining ahead of time keeps both out of a run's latency."""
+    def new_channel(self) -> tuple[int, socket.socket, socket.socket]:
+        """A free slot and a new child's channel: (slot, our end, its end)."""
         if not self.free_slots:
             raise OSError("no free slot (every uid of this server is held by a child)")
-        slot, ours = self.free_slots.pop(), None
+        slot = self.free_slots.pop()
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = self.new_child(theirs, slot)
         except OSError:
-            if ours is not None:
-                ours.close()
-                theirs.close()
             self.free_slots.append(slot)
             raise
-        if pid == 0:  # a child forked here
+        return slot, ours, theirs
+
+    def spawn(self) -> Run:
+        """A child now, that confines itself, then blocks on its channel until a run's descriptors arrive:
+        the template's next one where there is a template, else forked here."""
+        if self.tid_at is not None:
+            try:
+                if not self.asked:
+                    self.ask()
+                return self.answer(TEMPLATE_WAIT)
+            except (ConnectionError, TimeoutError):  # it died or hangs: a new one next time
+                self.end_template()
+            except OSError:
+                if self.tid_at is not None:  # out of slots, processes or memory: so would we be
+                    raise
+        slot, ours, theirs = self.new_channel()
+        try:
+            pid = self.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            self.free_slots.append(slot)
+            raise
+        if pid == 0:  # the child
             self.become_run(theirs, slot)
         theirs.close()
+        return self.watch(pid, ours, slot)
+
+    def add_spare(self) -> None:
+        """Ask the template for a spare (step() takes it when the answer comes), or fork one here."""
+        if self.tid_at is None:
+            self.spare.append(self.spawn())
+            return
+        try:
+            self.ask()
+        except (ConnectionError, TimeoutError):
+            self.end_template()
+            raise
+
+    def watch(self, pid: int, ours: socket.socket, slot: int) -> Run:
+        """Start watching a new child (``ours``: our end of its channel)."""
         ours.setblocking(False)
         run = Run(pid, os.pidfd_open(pid), ours, slot)
         try:  # the child's own /proc/<pid>, where our /proc shows our pid namespace
@@ -242,25 +277,56 @@ class Zygote:
     # them with CLONE_PARENT (child.fork_sibling): they are the server's children, which it watches, reaps and
     # kills as it does the ones it forks itself. What the template's image cannot know per child, it is sent:
     # the slot and the child's channel; the child's Landlock ruleset goes to the child on its channel, as
-    # ever. The template holds nothing of the runs (no code, no output), dies with the server (parent-death
-    # signal; in a pid namespace, with its init as well), and one that dies or stops answering is killed and
-    # replaced, the server forking that one child itself meanwhile.
-    def new_child(self, theirs: socket.socket, slot: int) -> int:
-        """A child for ``slot`` that will wait on ``theirs``, forked by the template where there is one: its
-        pid; 0 in a child forked here (which must then become the run)."""
-        if self.tid_at is not None:
-            try:
-                if self.template is None:
-                    self.start_template()
-                return self.from_template(theirs, slot)
-            except (ConnectionError, TimeoutError):  # it died or hangs: a new one next time
+    # ever. The server asks for spares without waiting (the template's answer, the child's pid, is an event of
+    # its loop), and waits only when a run finds no spare. The template holds nothing of the runs (no code, no
+    # output), dies with the server (parent-death signal; in a pid namespace, with its init as well), and one
+    # that dies or leaves a request unanswered for TEMPLATE_WAIT is killed and replaced, the server forking a
+    # child itself meanwhile where a run waits for one.
+    def ask(self) -> None:
+        """Ask the template (started if need be) for a child: send the slot and the child's channel."""
+        if self.template is None:
+            self.start_template()
+        slot, ours, theirs = self.new_channel()
+        try:
+            socket.send_fds(self.template[1], [slot.to_bytes(4, "little")], [theirs.fileno()])
+        except OSError:
+            ours.close()
+            self.free_slots.append(slot)
+            raise
+        finally:
+            theirs.close()  # the template holds it now
+        self.asked.append((slot, ours, time.monotonic()))
+
+    def answer(self, wait: float) -> Run:
+        """The child of the oldest request the template has not answered yet, within ``wait`` seconds (0: it
+        has answered). Raises what its clone raised, and drops the template when its clone is refused for
+        good (EPERM, EINVAL: we fork every child from then on)."""
+        sock = self.template[1]
+        sock.settimeout(wait)
+        got = sock.recv(4)
+        if len(got) != 4:
+            raise ConnectionError("the template closed its socket")
+        slot, ours, _ = self.asked.popleft()
+        pid = int.from_bytes(got, "little", signed=True)
+        if pid < 0:  # it could not fork
+            ours.close()
+            self.free_slots.append(slot)
+            if -pid not in (errno.EAGAIN, errno.ENOMEM):
                 self.end_template()
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.ENOMEM):  # out of processes or memory: so would we be
-                    raise
-                self.end_template()  # its clone is refused here (EPERM, EINVAL): we fork every child from now on
                 self.tid_at = None
-        return self.fork()
+            raise OSError(-pid, f"the template's clone failed: {os.strerror(-pid)}")
+        return self.watch(pid, ours, slot)
+
+    def on_template(self) -> None:
+        """The template answered (a new spare), or died."""
+        try:
+            if not self.asked:
+                raise ConnectionError("the template spoke unasked")
+            self.spare.append(self.answer(0.0))
+        except (ConnectionError, TimeoutError):
+            self.end_template()
+        except OSError:  # no spare now; step() asks again
+            pass
 
     def start_template(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -276,38 +342,33 @@ class Zygote:
             finally:
                 os._exit(0)
         theirs.close()
-        ours.settimeout(TEMPLATE_WAIT)
         self.template = (pid, ours)
-
-    def from_template(self, theirs: socket.socket, slot: int) -> int:
-        """Ask the template for a child: send the slot and the child's channel, get its pid back."""
-        sock = self.template[1]
-        socket.send_fds(sock, [slot.to_bytes(4, "little")], [theirs.fileno()])
-        answer = sock.recv(4)
-        if len(answer) != 4:
-            raise ConnectionError("the template closed its socket")
-        pid = int.from_bytes(answer, "little", signed=True)
-        if pid < 0:  # it could not fork
-            raise OSError(-pid, f"the template's clone failed: {os.strerror(-pid)}")
-        return pid
+        self.epoll.register(ours.fileno(), select.EPOLLIN)
 
     def end_template(self) -> None:
-        """Kill and reap the template; kill and reap too the child it forked but did not tell us of, if any."""
+        """Kill and reap the template; kill and reap the children it forked but we did not take yet, and
+        release what its unanswered requests held."""
         if self.template is None:
             return
         pid, sock = self.template
         self.template = None
+        self.epoll.unregister(sock.fileno())
         os.kill(pid, signal.SIGKILL)  # our child, not reaped yet: the pid is still its
         os.waitpid(pid, 0)
-        try:  # an answer it sent before it died: that child is ours, and nobody else knows it
-            answer = sock.recv(4, socket.MSG_DONTWAIT)
-        except OSError:
-            answer = b""
+        sock.setblocking(False)
+        for slot, ours, _ in self.asked:
+            try:  # an answer it sent before it died: that child is ours, and nobody else knows it
+                got = sock.recv(4)
+            except OSError:
+                got = b""
+            if len(got) == 4 and int.from_bytes(got, "little", signed=True) > 0:
+                lost = int.from_bytes(got, "little", signed=True)
+                os.kill(lost, signal.SIGKILL)
+                os.waitpid(lost, 0)
+            ours.close()
+            self.free_slots.append(slot)
+        self.asked.clear()
         sock.close()
-        if len(answer) == 4 and int.from_bytes(answer, "little", signed=True) > 0:
-            lost = int.from_bytes(answer, "little", signed=True)
-            os.kill(lost, signal.SIGKILL)
-            os.waitpid(lost, 0)
 
     def serve_as_template(self, sock: socket.socket) -> None:
         """In the template: fork a child for every request until the server is gone."""
@@ -452,21 +513,27 @@ class Zygote:
         then kill, reap and report."""
         while self.queue and len(self.running) < self.cfg["workers"]:
             self.dispatch(*self.queue.popleft())
-        while len(self.spare) < self.spares_wanted:
+        while len(self.spare) + len(self.asked) < self.spares_wanted:
             try:
-                self.spare.append(self.spawn())
+                self.add_spare()
             except OSError:  # no spare now; dispatch() will try again and report the error
                 break
         deadlines = [r.deadline for r in self.running.values() if r.reason is None]
+        if self.asked:  # the template's answer is due too
+            deadlines.append(self.asked[0][2] + TEMPLATE_WAIT)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for fd, events in self.epoll.poll(-1 if timeout is None else timeout):
             if fd in self.owner:
                 self.on_exit(self.owner[fd])
+            elif self.template is not None and fd == self.template[1].fileno():
+                self.on_template()
             elif events & select.EPOLLOUT:
                 self.flush()
             if fd == self.ctrl.fileno() and events & ~select.EPOLLOUT:
                 self.on_control()
         now = time.monotonic()
+        if self.asked and now >= self.asked[0][2] + TEMPLATE_WAIT:  # stopped, or too slow to be of use
+            self.end_template()
         for run in self.running.values():
             if run.reason is None and now >= run.deadline:
                 self.kill(run, "timeout")
