@@ -383,15 +383,17 @@ class Zygote:
             request, ancillary, _, _ = sock.recvmsg(4, RIGHTS_ONE)
             if not ancillary:  # the server closed its end
                 return
-            channel = int.from_bytes(ancillary[0][2][:4], sys.byteorder, signed=True)
+            slot = int.from_bytes(request, "little")
+            fd = int.from_bytes(ancillary[0][2][:4], sys.byteorder, signed=True)
+            # made here, not in the child: there it would write ~50 pages (copies), here it writes the same few
+            channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
             try:
                 pid = child.fork_sibling(self.tid_at)
             except OSError as e:
                 pid = -e.errno
             if pid == 0:
-                channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=channel)
-                self.become_run(channel, int.from_bytes(request, "little"))
-            os.close(channel)
+                self.become_run(channel, slot)
+            channel.close()
             sock.send(pid.to_bytes(4, "little", signed=True))
 
     def healthy_spare(self) -> Run | None:
