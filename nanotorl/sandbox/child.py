@@ -155,7 +155,7 @@ def tid_address() -> int | None:
 
 def fork_sibling(tid_at: int) -> int:
     """Like ``fork``, but the child is a child of this process's parent (CLONE_PARENT): 0 in the child, its pid
-    here. For the server's template (server.py), whose runs must be the server's own children; ``tid_at`` is
+    here. For the server's template (spawn.py), whose runs must be the server's own children; ``tid_at`` is
     ``tid_address()``, taken in this process.
 
     A raw clone skips what glibc's fork does around its own clone; none of it is needed by a process with one

@@ -69,7 +69,7 @@ def use_huge_pages() -> None:
     fork() copies, and each child's exit tears down, one page-table entry per 4 KiB page the server
     maps: ~14k entries with sympy loaded. Huge pages cut that 512-fold for the regions the forking
     process does not write to later (its own writes after a fork split a huge page back), which still
-    saves ~0.5 of ~3 CPU-ms per run here (~20% throughput); the server's template (server.py), which
+    saves ~0.5 of ~3 CPU-ms per run here (~20% throughput); the server's template (spawn.py), which
     writes little, keeps more of them whole. Where the kernel says no, nothing changes."""
     with open("/proc/self/maps") as f:
         for line in f:
