@@ -2,8 +2,9 @@
 
 A forward holds groups of rows that share every layer but attention (:meth:`nanotorl.model.Qwen2.forward`): the
 prefill chunks, one row per prefilling slot, in groups of rows of about one length (:func:`prefill_groups`), and the
-decoding tokens, one row per slot of the decoding span. The span runs from the first to the last decoding slot, so attention reads their cache rows as a
-view; the slots in between that do not decode ride along as fillers (:meth:`nanotorl.slots.SlotTable.decode_inputs`).
+decoding tokens, one row per slot of the decoding span. The span runs from the first to the last decoding slot, so
+attention reads their cache rows as a view; the slots in between that do not decode ride along as fillers
+(:meth:`nanotorl.slots.SlotTable.decode_inputs`).
 The decoding group's layout only changes when a slot starts or stops decoding, so it is built then
 (:class:`DecodeRows`), not every step. The samples of one prompt prefill it once (:func:`twins`).
 """
@@ -46,8 +47,8 @@ def prefill_groups(table: SlotTable, prefill: list, chunk: int) -> list[Group]:
 
 def _prefill_group(table: SlotTable, prefill: list, fed: list[int]) -> Group:
     """Rows ``prefill`` feeding ``fed`` tokens each, right-padded to the longest; the pads run past the slot's tokens
-    (the cache has ``chunk`` spare positions), where nothing reads before a real token overwrites them. Ready: the
-    slots the chunk completes."""
+    (the cache has a prefill chunk of spare positions), where nothing reads before a real token overwrites them.
+    Ready: the slots the chunk completes."""
     dev = table.length.device
     T = max(fed)
     slots = torch.tensor([s.index for s in prefill], device=dev)

@@ -29,6 +29,7 @@ _joined = False  # this process joined a process group (setup), torn down or not
 
 def setup() -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process, joining the process group if there is one."""
+    global _joined
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" in os.environ:
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -37,19 +38,14 @@ def setup() -> tuple[int, int, torch.device]:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo")
-        _joined_group()
+        _joined = True
         return dist.get_rank(), dist.get_world_size(), device
     if cuda:
         if not dist.is_initialized():
             dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-        _joined_group()
+        _joined = True
         return 0, 1, torch.device("cuda", 0)
     return 0, 1, torch.device("cpu")
-
-
-def _joined_group():
-    global _joined
-    _joined = True
 
 
 def distributed() -> bool:
