@@ -224,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--slots", type=int, default=64, help="concurrent sequences per rank")
     p.add_argument("--cuda-graph", choices=CUDA_GRAPH, default="auto", help="decode step as a CUDA graph: auto = on "
                    "CUDA (a failed capture decodes eagerly, with a warning that says why), eagerly elsewhere")
+    p.add_argument("--compile", action="store_true", help="CPU: decode through the compiled forward (torch.compile; "
+                   "the first forward compiles, ~10-30 s; faster for a few rows, nanotorl/compiled_decode.py)")
     p.add_argument("--chunk", type=int, help="problems per chunk between saves (default: 4 x slots x ranks "
                                              "samples' worth)")
     p.add_argument("--seed", type=int, default=0)
@@ -319,7 +321,8 @@ def main(argv=None) -> dict | None:
     with SandboxPool(workers=args.sandbox_workers, wall_time=args.sandbox_timeout,
                      cpu_time=args.sandbox_timeout) as box, torch.no_grad():
         gen = Generator(model, tok, box, slots=args.slots, max_len=longest + args.max_new_tokens,
-                        trigger=args.trigger, cuda_graph=use_cuda_graph(args.cuda_graph, device), compat=args.compat)
+                        trigger=args.trigger, cuda_graph=use_cuda_graph(args.cuda_graph, device), compat=args.compat,
+                        compile=args.compile)
         for name, problems in sets.items():
             t0 = time.perf_counter()
             run_dataset(gen, name, problems, done, args, rank, world, out)

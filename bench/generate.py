@@ -1,6 +1,7 @@
 """Generator throughput against Hugging Face ``generate``, and the wall time that tool calls add.
 
     python -m bench.generate --quick          # CPU: demo model (random init), batch 1/16/64, 32 new tokens
+    python -m bench.generate --quick --compile   # also ours with its CPU decoding forward compiled
     python -m bench.generate                  # CPU: batch 1/16/64/256, 64 new tokens
     python -m bench.generate --device cuda    # random Qwen2.5-1.5B-shaped model in bf16, 256 new tokens
     python -m bench.generate --device cuda --quick --batches 64,256   # the batches of the targets, 128 tokens
@@ -96,7 +97,7 @@ def roofline_s(model, B: int, P: int, new: int, bandwidth: float) -> float:
     return new * (weights + kv) / bandwidth
 
 
-def throughput(name, model, hf, tok, B, new, device, iters, bandwidth) -> list[dict]:
+def throughput(name, model, hf, tok, B, new, device, iters, bandwidth, compiled=False) -> list[dict]:
     prompts = equal_length_prompts(tok, B)
     P = len(prompts[0])
     requests = [Request(p, max_new_tokens=new, sampling=GREEDY) for p in prompts]
@@ -105,6 +106,8 @@ def throughput(name, model, hf, tok, B, new, device, iters, bandwidth) -> list[d
     gens = {"ours": Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[])}
     if device == "cuda":
         gens["ours+graph"] = Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[], cuda_graph=True)
+    elif compiled:
+        gens["ours+compile"] = Generator(model, tok, None, slots=B, max_len=P + new, stop_ids=[], compile=True)
     impls = {impl: gen.generate for impl, gen in gens.items()}
     impls["hf"] = lambda _: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                         do_sample=False, pad_token_id=tok.pad_id, eos_token_id=tok.eos_ids)
@@ -229,6 +232,8 @@ def main():
     parser.add_argument("--new", type=int, default=None, help="new tokens per sequence")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (0: torch's default); "
                         "1 by default because on a busy machine idle-spinning OpenMP threads make timings erratic")
+    parser.add_argument("--compile", action="store_true", help="CPU: also our generator with its decoding forward "
+                        "compiled (Generator(compile=True), 'ours+compile'; its warm-up call compiles)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch; run on a GPU machine or use --device cpu")
@@ -248,8 +253,8 @@ def main():
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     rows, tag = [], "_quick" if args.quick else ""
     for B in batches:
-        rows += throughput(name, model, hf, tok, B, new, args.device, iters, bandwidth)
-        print_table(rows[-3 if cuda else -2:], COLUMNS)
+        rows += throughput(name, model, hf, tok, B, new, args.device, iters, bandwidth, args.compile)
+        print_table(rows[-3 if cuda or args.compile else -2:], COLUMNS)
         save_result("generate", rows, tag)  # after every batch: a run stopped at its time limit keeps them
     print()
     print_table(rows, COLUMNS)

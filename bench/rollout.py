@@ -3,6 +3,7 @@
     python -m bench.rollout                                   # committed demo base, 16 problems x 8 samples
     python -m bench.rollout --model runs/demo/checkpoints/step_000060     # a trained demo checkpoint
     python -m bench.rollout --trigger output --calls 0,1,2
+    python -m bench.rollout --compile                         # ours with the compiled CPU decoding forward
 
 The workload is the rollout of one demo GRPO step: N held-out arithmetic problems x G samples, temperature 1, the
 tokenizer's end ids, ``--max-new-tokens`` per response (tool output included) and at most C tool calls, code run in
@@ -65,7 +66,7 @@ def workload(args, model, tok, box, calls: int) -> tuple[list, list, Generator]:
     batch = requests(tok, draws, max_new_tokens=args.max_new_tokens, max_tool_calls=calls, seed=args.seed)
     width = max(len(r.prompt_ids) for r in batch)
     gen = Generator(model, tok, box, slots=min(args.slots, len(batch)), max_len=width + args.max_new_tokens,
-                    trigger=args.trigger)
+                    trigger=args.trigger, compile=args.compile)
     return draws, batch, gen
 
 
@@ -73,7 +74,8 @@ def compare(args, model, hf, tok, box, calls: int, may_fire: torch.Tensor) -> li
     """Both sides on one workload (C = ``calls``): a row each, ours with the speedup over HF."""
     draws, batch, gen = workload(args, model, tok, box, calls)
     ours_s, completions = timed(lambda: gen.generate(batch), args.runs)
-    ours = summary("ours", calls, ours_s, draws, completions, sum(c.prefill_tokens for c in completions), tok)
+    impl = "ours+compile" if args.compile else "ours"
+    ours = summary(impl, calls, ours_s, draws, completions, sum(c.prefill_tokens for c in completions), tok)
     gen.close()
     hf_s, (hf_completions, prefilled) = timed(lambda: torl_loop(
         hf, tok, box, [r.prompt_ids for r in batch], max_new_tokens=args.max_new_tokens, max_tool_calls=calls,
@@ -96,6 +98,8 @@ def workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sandbox-workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="our decoding forward compiled (Generator(compile=True); "
+                        "the warm-up run compiles it)")
 
 
 def main():

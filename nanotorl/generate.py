@@ -37,10 +37,11 @@ import torch
 
 from nanotorl.kernels.sampling import sample
 from nanotorl.batch import DecodeRows, prefill_groups, twins
+from nanotorl.compiled_decode import CompiledDecode
 from nanotorl.decode_step import DecodeStep
 from nanotorl.dist import hooks_bypassed
 from nanotorl.fences import Scanner, line_ends
-from nanotorl.model import KVCache
+from nanotorl.model import KVCache, Qwen2
 from nanotorl.slots import SlotTable
 from nanotorl.tool import COMPAT, ToolCall, finished_call, observation_block, submit
 
@@ -103,11 +104,12 @@ class Generator:
     graph on GPU; if the capture fails, eagerly, with a warning that names why). An FSDP2 model generates inside
     ``dist.gathered``: its calls skip FSDP2's hooks (``dist.hooks_bypassed``). ``compat``: 'torl' follows ToRL's own
     code (trigger 'output' only): its observation text (:func:`nanotorl.tool.torl_observation`) and its budget rule
-    (a spent budget makes further calls text)."""
+    (a spent budget makes further calls text). ``compile``: on a CPU, decode through
+    :class:`nanotorl.compiled_decode.CompiledDecode` (``torch.compile``; the first call compiles)."""
 
     def __init__(self, model, tokenizer, sandbox=None, slots: int = 64, max_len: int = 4096,
                  prefill_chunk: int = 512, trigger: str = "fence", stop_ids=None, cuda_graph: bool = False,
-                 compat: str = "none"):
+                 compat: str = "none", compile: bool = False):
         if trigger not in ("fence", "output"):
             raise ValueError(f"trigger must be 'fence' or 'output', got {trigger!r}")
         if compat not in COMPAT:
@@ -121,6 +123,10 @@ class Generator:
         self.stop_ids = set(stop_ids if stop_ids is not None else tokenizer.eos_ids)
         self.cache = self.table = None
         self.cuda_graph, self.decode_step = cuda_graph, None
+        if compile and not (hasattr(model, "decode") or isinstance(model, Qwen2)):
+            raise TypeError(f"compile=True compiles nanotorl's Qwen2 decoding forward; {type(model).__name__} is not a "
+                            f"Qwen2 and has no decode() of its own (nanotorl.compiled_decode)")
+        self.compiled = CompiledDecode(model) if compile else None
         self.closed = False
         self.stats = {"tool_wait_s": 0.0}
 
@@ -152,6 +158,9 @@ class Generator:
         for r in requests:
             self._check(r)
         p = next(self.model.parameters())
+        if self.compiled is not None and p.device.type != "cpu":
+            raise ValueError(f"compile=True compiles the CPU decoding forward; the model is on {p.device}, where "
+                             f"the decode step is a CUDA graph (cuda_graph=True, --cuda-graph)")
         if self.cache is None:
             self.cache = KVCache(self.model.cfg, self.slots, self.max_len + self.prefill_chunk,
                                  device=p.device, dtype=p.dtype)
@@ -257,8 +266,13 @@ class Generator:
                  ([rows.group(self.table)] if rows is not None else [])
         if not groups:
             return [], None, None
-        hidden = self.model([g.ids for g in groups], positions=[g.positions for g in groups], cache=self.cache,
-                            slots=[g.slots for g in groups])  # [B_i, T_i, D] per group
+        compiled = rows is not None and self.compiled is not None
+        eager = groups[:-1] if compiled else groups
+        hidden = self.model([g.ids for g in eager], positions=[g.positions for g in eager], cache=self.cache,
+                            slots=[g.slots for g in eager]) if eager else []  # [B_i, T_i, D] per group
+        if compiled:  # the decoding group, through the compiled forward
+            g = groups[-1]
+            hidden.append(self.compiled(self.cache, g.ids[:, 0], g.positions[:, 0], g.slots)[:, None])
         for s in prefill:
             fed = min(s.n_tokens - s.n_cached, self.prefill_chunk)
             s.prefill_tokens += fed

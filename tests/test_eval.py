@@ -14,12 +14,14 @@ import torch
 import eval as ev
 from conftest import REPO, ScriptedPolicy, make_chat_checkpoint, shared_path
 from nanotorl.checkpoint import save_model
+from nanotorl.compiled_decode import CompiledDecode
 from nanotorl.config import TrainConfig
 from nanotorl.data import Problem, arithmetic_problems, load_problems, torl_prompt
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Completion, Generator, ToolCall
 from nanotorl.model import Qwen2, Qwen2Config
 from nanotorl.rollout import score_completion
+from nanotorl.samples import read_records
 from nanotorl.tokenizer import Tokenizer
 
 
@@ -421,3 +423,20 @@ def test_chat_template_prompts_and_is_part_of_the_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(argv[:-1] + ["enable_thinking=false"])
     assert "--template-vars must be a JSON object" in capsys.readouterr().err
+
+
+def test_compile_flag_decodes_through_the_compiled_forward_and_samples_the_same(tmp_path, ckpt, monkeypatch):
+    """--compile: the decoding rows go through nanotorl.compiled_decode; the samples (greedy and sampled) are the
+    ones the eager forward gives."""
+    calls = []
+    compiled_call = CompiledDecode.__call__
+    monkeypatch.setattr(CompiledDecode, "__call__", lambda self, *a: calls.append(1) or compiled_call(self, *a))
+    argv = ["--model", str(ckpt), "--data", str(small_set(tmp_path)), "--k", "2", "--temperature", "1.0", *FAST]
+    ev.main(argv + ["--out", str(tmp_path / "eager")])
+    assert not calls
+    ev.main(argv + ["--out", str(tmp_path / "compiled"), "--compile"])
+    assert calls
+    kept = ("id", "mode", "index", "response", "finish_reason", "tool_calls")
+    samples = [[{k: r.get(k) for k in kept} for r in read_records(tmp_path / out / "samples.jsonl")]
+               for out in ("eager", "compiled")]
+    assert len(samples[0]) == 6 * 3 and samples[0] == samples[1]  # per problem: greedy and k = 2 sampled

@@ -13,6 +13,7 @@ import torch
 from conftest import interpreted, save_chat_tokenizer, shared_path
 from nanotorl.batch import prefill_groups
 from nanotorl.checkpoint import load_model, save_model
+from nanotorl.compiled_decode import decode_forward
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
@@ -30,6 +31,9 @@ def tok(tmp_path_factory):
 
 
 QWEN3 = dict(head_dim=12, qkv_bias=False, qk_norm=True)  # Qwen3's switches, head_dim apart from hidden/heads
+# how the decoding rows run: the eager forward over a span of slots, the fixed-shape decode step (a CUDA graph on
+# GPU), the compiled CPU forward (nanotorl/compiled_decode.py)
+DECODING = {"span": {}, "decode-step": {"cuda_graph": True}, "compiled": {"compile": True}}
 
 
 def tiny_model(vocab, seed=0, **arch):
@@ -80,6 +84,11 @@ class Forced(torch.nn.Module):
     def logits(self, x):
         return self.model.logits(x[..., :self.cfg.hidden_size]) + x[..., self.cfg.hidden_size:]
 
+    def decode(self, ids, positions, keys, values):
+        """The compiled decoding forward's contract (nanotorl.compiled_decode): the wrapped model's, biased."""
+        h, k, v = decode_forward(self.model, ids, positions, keys, values)
+        return self._biased(h[:, None], ids[:, None], positions[:, None])[:, 0], k, v
+
 
 class FakeSandbox:
     """Runs code with exec in a thread after ``delay`` seconds; ``fail`` makes every run raise."""
@@ -121,12 +130,12 @@ def prompts(tok, n):
     return [tok.encode(f"What is {i * 37 % 101} + {i}?") for i in range(n)]
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["span", "decode-step"])
+@pytest.mark.parametrize("decoding", list(DECODING))
 @pytest.mark.parametrize("arch", [{}, QWEN3], ids=["qwen2", "qwen3"])
-def test_greedy_equals_naive_full_recompute(tok, arch, cuda_graph):
+def test_greedy_equals_naive_full_recompute(tok, arch, decoding):
     model = tiny_model(tok.vocab_size, **arch)
     reqs = [Request(p, max_new_tokens=12, sampling=SamplingParams(temperature=0.0)) for p in prompts(tok, 5)]
-    outs = Generator(model, tok, slots=3, max_len=64, prefill_chunk=4, cuda_graph=cuda_graph).generate(reqs)
+    outs = Generator(model, tok, slots=3, max_len=64, prefill_chunk=4, **DECODING[decoding]).generate(reqs)
     for r, o in zip(reqs, outs):
         assert o.response_ids == naive_greedy(model, r.prompt_ids, 12, tok.eos_ids)
         assert o.prompt_ids == r.prompt_ids and o.loss_mask == [1] * len(o.response_ids)
@@ -145,8 +154,8 @@ def chat_tok(tmp_path_factory):
     return tok
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["span", "decode-step"])
-def test_stops_at_each_end_id(chat_tok, cuda_graph):
+@pytest.mark.parametrize("decoding", list(DECODING))
+def test_stops_at_each_end_id(chat_tok, decoding):
     """One batch, each response scripted to write a different end id (then more text): each stops right there."""
     tok, prompt = chat_tok, chat_tok.encode("Q: 6 * 7?")
     text = tok.encode("The answer is 42")
@@ -154,7 +163,7 @@ def test_stops_at_each_end_id(chat_tok, cuda_graph):
     scripts.append(prompt + text + tok.encode(" and more text, no end"))
     for script in scripts:
         new = len(script) - len(prompt)  # the whole scripted response fits
-        out = Generator(Forced(script, tok.vocab_size), tok, slots=2, max_len=64, cuda_graph=cuda_graph).generate(
+        out = Generator(Forced(script, tok.vocab_size), tok, slots=2, max_len=64, **DECODING[decoding]).generate(
             [Request(prompt, max_new_tokens=new, sampling=SamplingParams(temperature=0.0))] * 2)
         ends = script[len(prompt) + len(text)] in tok.eos_ids
         for o in out:
@@ -452,11 +461,11 @@ def test_each_position_draws_fresh_randomness(tok):
     torch.testing.assert_close(torch.tensor(out.logprobs), expected.expand(60), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["span", "decode-step"])
-def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, cuda_graph, monkeypatch):
+@pytest.mark.parametrize("decoding", list(DECODING))
+def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, decoding, monkeypatch):
     """Requests that start at different times pause for the tool at different steps; the decoding forward then
-    carries paused, prefilling and free slots as filler rows (the span of consecutive slots, or every slot in
-    the fixed-shape decode step). Every sequence must come out as when it runs alone."""
+    carries paused, prefilling and free slots as filler rows (the span of consecutive slots, eager or compiled,
+    or every slot in the fixed-shape decode step). Every sequence must come out as when it runs alone."""
     before, after = "Let me compute.\n```python\nprint(6 * 7)\n```\n", "The answer is \\boxed{42}"
     prompt, script, _, _, _ = scripted(tok, before, after, "42")
     model = Forced(script, tok.vocab_size, bias=12.0, model=tiny_model(tok.vocab_size, seed=3))
@@ -465,13 +474,13 @@ def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, cuda_gra
     fillers = []
     inputs = SlotTable.decode_inputs
 
-    def spy(table, slots, decoding):
-        fillers.append(len(slots) - int(decoding.sum()))
-        return inputs(table, slots, decoding)
+    def spy(table, slots, mask):
+        fillers.append(len(slots) - int(mask.sum()))
+        return inputs(table, slots, mask)
 
     monkeypatch.setattr(SlotTable, "decode_inputs", spy)
     batched = Generator(model, tok, FakeSandbox(delay=0.03), slots=4, max_len=128,
-                        cuda_graph=cuda_graph).generate(reqs)
+                        **DECODING[decoding]).generate(reqs)
     assert max(fillers) > 0  # the scenario did put other slots among the decoding ones
     alone = [Generator(model, tok, FakeSandbox(), slots=1, max_len=128).generate([r])[0] for r in reqs]
     assert sum(len(o.tool_calls) for o in batched) >= 3
