@@ -13,7 +13,6 @@ own cost; floor_ms = gpt-fast's decode loop with the same model (a forward and a
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 

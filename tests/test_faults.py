@@ -247,7 +247,7 @@ def test_a_checkpoint_is_never_written_with_a_non_finite_value(tmp_path, tok):
         model.layers[1].mlp.down_proj.weight[0, :2] = float("inf")
     with pytest.raises(Stop, match=r"^step_000002: 3 non-finite values in 2 tensors \(e\.g\. layers\.1\.mlp\.down_proj"
                                    r"\.weight \(2\), norm\.weight \(1\)\), so it was not written; the last checkpoint, "
-                                   f".*step_000001, is intact"):
+                                   ".*step_000001, is intact"):
         save(model, opt, tok, tmp_path, 2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]
     model, opt = trained()
