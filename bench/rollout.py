@@ -98,8 +98,8 @@ def workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sandbox-workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
-    parser.add_argument("--compile", action="store_true", help="our decoding forward compiled (Generator(compile=True); "
-                        "the warm-up run compiles it)")
+    parser.add_argument("--compile", action="store_true",
+                        help="our decoding forward compiled (Generator(compile=True); the warm-up run compiles it)")
 
 
 def main():
