@@ -22,7 +22,7 @@ import time
 import pytest
 
 from nanotorl.sandbox import SandboxPool, child, protocol
-from nanotorl.sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NEVER, NOSYS, NUMBERS, POLICY, RUN, SELF, SERVER, When,
+from nanotorl.sandbox.policy import (ALLOW, ERRNO, NEG_SELF, NUMBERS, POLICY, RUN, SELF, SERVER, When,
                                      combine, compile_policy)
 SANDBOX_MODES = ["namespaces", "no-namespaces"]  # see sandbox_pool in tests/conftest.py
 

@@ -17,7 +17,6 @@ import tempfile
 
 import pytest
 
-from nanotorl.sandbox import SandboxPool
 from nanotorl.sandbox.policy import NOSYS, POLICY, run_allows
 
 CORPUS = {
