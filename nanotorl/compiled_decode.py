@@ -23,8 +23,10 @@ excluded); ``eval.py`` on the demo's held-out set, compiling included: 2.6 s eag
 inductor's cache warm (README, "Rollout speed", round 4).
 """
 import math
+import shutil
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.fx.experimental._config as shape_config
 
 from nanotorl.model import KVCache, rope, rope_tables
@@ -73,6 +75,17 @@ def decode_forward(model, ids, positions, keys, values):
     return model.norm(x), torch.stack(new_k, 1), torch.stack(new_v, 1)
 
 
+def cxx_choices() -> list[str]:
+    """The C++ compilers inductor would build the compiled forward with (its ``cpp.cxx`` setting), in its order."""
+    cxx = inductor_config.cpp.cxx
+    return [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c]
+
+
+def cxx_compiler() -> str | None:
+    """The first of :func:`cxx_choices` on PATH, if any."""
+    return next((shutil.which(c) for c in cxx_choices() if shutil.which(c)), None)
+
+
 class CompiledDecode:
     """The decoding forward of ``model``, compiled on first use (``torch.compile``; rows and prefix length dynamic).
 
@@ -81,6 +94,10 @@ class CompiledDecode:
     the hidden states the generator's ``model.logits`` reads, say)."""
 
     def __init__(self, model):
+        if cxx_compiler() is None:
+            raise RuntimeError(f"compile=True: torch.compile builds the CPU forward with a C++ compiler, and none of "
+                               f"{cxx_choices()} is on PATH; install one (apt-get install "
+                               f"g++) or decode without compiling")
         decode = getattr(model, "decode", None) or (lambda *args: decode_forward(model, *args))
         self.forward = torch.compile(decode, dynamic=False)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from nanotorl.compiled_decode import CompiledDecode
+from nanotorl import compiled_decode
+from nanotorl.compiled_decode import CompiledDecode, cxx_compiler
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request
 from nanotorl.model import KVCache
@@ -14,6 +15,8 @@ from nanotorl.tokenizer import Tokenizer
 from test_generate import QWEN3, tiny_model
 
 VOCAB = 50
+needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler on PATH (g++): torch.compile's CPU "
+                               "code is built with one")
 
 
 def junk_cache(model, slots=10, length=40, seed=0):
@@ -24,6 +27,7 @@ def junk_cache(model, slots=10, length=40, seed=0):
     return cache
 
 
+@needs_cxx
 @pytest.mark.parametrize("arch", [{}, QWEN3], ids=["qwen2", "qwen3"])
 def test_compiled_decoding_forward_equals_the_eager_one(arch):
     """Rows of consecutive slots (a view of the cache), scattered slots (a gathered window) and a single row, at
@@ -50,6 +54,7 @@ def test_compiled_decoding_forward_equals_the_eager_one(arch):
     assert counters["stats"]["unique_graphs"] > graphs  # it did compile (no silent fallback to eager)
 
 
+@needs_cxx
 def test_compiled_forward_reads_the_weights_as_they_are_now():
     """A trainer updates the weights in place between rollouts: the compiled forward must read them anew, not
     keep the values it was compiled with."""
@@ -66,11 +71,21 @@ def test_compiled_forward_reads_the_weights_as_they_are_now():
     torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)
 
 
-def test_compile_is_refused_where_it_cannot_run(tmp_path):
+def test_compile_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+    """A model that is not a Qwen2 (and has no decode of its own), a model off the CPU: refused, saying why."""
     save_demo_tokenizer(tmp_path)
     tok = Tokenizer(tmp_path)
+    monkeypatch.setattr(compiled_decode, "cxx_compiler", lambda: "/usr/bin/g++")  # whatever this machine has
     with pytest.raises(TypeError, match="no decode"):
         Generator(torch.nn.Linear(2, 2), tok, compile=True)
     model = tiny_model(tok.vocab_size).to("meta")
     with pytest.raises(ValueError, match="CPU decoding forward; the model is on meta"):
         Generator(model, tok, compile=True).generate([Request(tok.encode("Q"), max_new_tokens=2)])
+
+
+def test_compile_without_a_cxx_compiler_says_so_at_once(tmp_path, monkeypatch):
+    save_demo_tokenizer(tmp_path)
+    tok = Tokenizer(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    with pytest.raises(RuntimeError, match=r"compile=True: .* C\+\+ compiler, and none of \['g\+\+'\] is on PATH"):
+        Generator(tiny_model(tok.vocab_size), tok, compile=True)

@@ -13,7 +13,7 @@ import torch
 from conftest import interpreted, save_chat_tokenizer, shared_path
 from nanotorl.batch import prefill_groups
 from nanotorl.checkpoint import load_model, save_model
-from nanotorl.compiled_decode import decode_forward
+from nanotorl.compiled_decode import cxx_compiler, decode_forward
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
@@ -34,6 +34,8 @@ QWEN3 = dict(head_dim=12, qkv_bias=False, qk_norm=True)  # Qwen3's switches, hea
 # how the decoding rows run: the eager forward over a span of slots, the fixed-shape decode step (a CUDA graph on
 # GPU), the compiled CPU forward (nanotorl/compiled_decode.py)
 DECODING = {"span": {}, "decode-step": {"cuda_graph": True}, "compiled": {"compile": True}}
+DECODINGS = ["span", "decode-step", pytest.param("compiled", marks=pytest.mark.skipif(
+    cxx_compiler() is None, reason="no C++ compiler on PATH (g++): torch.compile's CPU code is built with one"))]
 
 
 def tiny_model(vocab, seed=0, **arch):
@@ -130,7 +132,7 @@ def prompts(tok, n):
     return [tok.encode(f"What is {i * 37 % 101} + {i}?") for i in range(n)]
 
 
-@pytest.mark.parametrize("decoding", list(DECODING))
+@pytest.mark.parametrize("decoding", DECODINGS)
 @pytest.mark.parametrize("arch", [{}, QWEN3], ids=["qwen2", "qwen3"])
 def test_greedy_equals_naive_full_recompute(tok, arch, decoding):
     model = tiny_model(tok.vocab_size, **arch)
@@ -154,7 +156,7 @@ def chat_tok(tmp_path_factory):
     return tok
 
 
-@pytest.mark.parametrize("decoding", list(DECODING))
+@pytest.mark.parametrize("decoding", DECODINGS)
 def test_stops_at_each_end_id(chat_tok, decoding):
     """One batch, each response scripted to write a different end id (then more text): each stops right there."""
     tok, prompt = chat_tok, chat_tok.encode("Q: 6 * 7?")
@@ -461,7 +463,7 @@ def test_each_position_draws_fresh_randomness(tok):
     torch.testing.assert_close(torch.tensor(out.logprobs), expected.expand(60), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("decoding", list(DECODING))
+@pytest.mark.parametrize("decoding", DECODINGS)
 def test_paused_and_free_slots_beside_decoding_ones_change_nothing(tok, decoding, monkeypatch):
     """Requests that start at different times pause for the tool at different steps; the decoding forward then
     carries paused, prefilling and free slots as filler rows (the span of consecutive slots, eager or compiled,
