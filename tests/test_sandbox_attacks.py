@@ -187,7 +187,7 @@ def started(pid: int) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
 def test_runs_come_from_the_template_which_is_replaced_when_stopped_or_dead(pool, host, sig):
-    """The template (server.py) forks runs as the server's own children; one that is stopped or dies (no run can
+    """The template (sandbox/spawn.py) forks runs as the server's own children; one that is stopped or dies (no run can
     signal it: the server's uid, and the filter) is killed, reaped and replaced, and runs go on meanwhile."""
     if not pool.info["template"]:
         pytest.skip("no template on this machine: the server forks every run itself")

@@ -264,6 +264,13 @@ class Confinement:
     generators: tuple = ()
 
 
+def close_all_but(keep) -> None:
+    """Close every descriptor above stdio (fds 0-2) but those in ``keep``."""
+    keep = sorted({fd for fd in keep if fd > 2})
+    for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
+        os.closerange(lo, hi)
+
+
 def confine(stdio: tuple[int, int, int], channel: int, server_pid: int, cfg: Confinement, uid: int,
             slot: int) -> None:
     """Confine this just-forked child but for the RUN seccomp program (``receive`` installs it); raise if any
@@ -281,9 +288,7 @@ def confine(stdio: tuple[int, int, int], channel: int, server_pid: int, cfg: Con
     _check(sigprocmask(signal.SIG_SETMASK, _NO_SIGNALS, None), "sigprocmask")
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
-    keep = sorted(fd for fd in (*cfg.allowlist.fds, channel) if fd > 2)
-    for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [MAX_FD]):
-        os.closerange(lo, hi)
+    close_all_but((*cfg.allowlist.fds, channel))
     os.chdir(cfg.workdir)
     if cfg.cgroup:  # os.open, not open(): no io objects to build in a fresh child (~0.2 CPU-ms per run)
         procs = os.open(os.path.join(cfg.cgroup, str(slot), "cgroup.procs"), os.O_WRONLY)

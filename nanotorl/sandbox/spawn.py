@@ -227,9 +227,8 @@ class Spawning:
         child.prctl(child.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != self.pid:  # the server died before the prctl
             return
-        keep = sorted({sock.fileno(), self.null, *self.jail.allowlist.fds})  # and stdio: the runs' stderr, until
-        for lo, hi in zip([3] + [fd + 1 for fd in keep], keep + [child.MAX_FD]):  # their own arrives
-            os.closerange(lo, hi)
+        # stdio stays open: fd 2 is the runs' stderr until their own arrives
+        child.close_all_but((sock.fileno(), self.null, *self.jail.allowlist.fds))
         isolation.use_huge_pages()  # again: its first writes split pages it shared with the server (here ~8 of 38 MB)
         while True:
             request, ancillary, _, _ = sock.recvmsg(4, RIGHTS_ONE)
