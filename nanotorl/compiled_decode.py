@@ -83,7 +83,7 @@ def cxx_choices() -> list[str]:
 
 def cxx_compiler() -> str | None:
     """The first of :func:`cxx_choices` on PATH, if any."""
-    return next((shutil.which(c) for c in cxx_choices() if shutil.which(c)), None)
+    return next(filter(None, map(shutil.which, cxx_choices())), None)
 
 
 class CompiledDecode:
@@ -96,17 +96,15 @@ class CompiledDecode:
     def __init__(self, model):
         if cxx_compiler() is None:
             raise RuntimeError(f"compile=True: torch.compile builds the CPU forward with a C++ compiler, and none of "
-                               f"{cxx_choices()} is on PATH; install one (apt-get install "
-                               f"g++) or decode without compiling")
+                               f"{cxx_choices()} is on PATH; install one (apt-get install g++) or decode without "
+                               f"compiling")
         decode = getattr(model, "decode", None) or (lambda *args: decode_forward(model, *args))
         self.forward = torch.compile(decode, dynamic=False)
 
     def __call__(self, cache: KVCache, ids, positions, slots):
         """ids, positions, slots [B] (slots ascending, each once): write each row's new key and value into ``cache``
         at its slot and position, as the eager forward does; return the final hidden states [B, D]."""
-        B, S, lo = len(ids), int(positions.max()), int(slots[0])
-        if S >= cache.max_len:
-            raise ValueError(f"position {S} does not fit a cache of length {cache.max_len}")
+        B, S, lo = len(ids), cache.last_position(positions), int(slots[0])
         rows = slice(lo, lo + B) if int(slots[-1]) - lo + 1 == B else slots  # consecutive: a view, not a copy
         keys, values = cache.k[:, rows, :, :max(S, 1)], cache.v[:, rows, :, :max(S, 1)]
         for t, dims in ((ids, (0,)), (positions, (0,)), (keys, (1, 3)), (values, (1, 3))):

@@ -95,6 +95,13 @@ class KVCache(nn.Module):
         for cache, new in ((self.k[layer], k), (self.v[layer], v)):
             cache.view(-1, new.shape[-1]).index_copy_(0, rows, new.flatten(0, 1).to(cache.dtype))
 
+    def last_position(self, positions) -> int:
+        """The largest of ``positions``, read on the host; a ValueError if the cache cannot hold it."""
+        last = int(positions.max())
+        if last >= self.max_len:
+            raise ValueError(f"position {last} does not fit a cache of length {self.max_len}")
+        return last
+
     def copy_positions(self, src: int, dst: int, start: int, end: int):
         """Positions start..end-1 of slot ``src`` copied into slot ``dst``, in every layer."""
         self.k[:, dst, :, start:end] = self.k[:, src, :, start:end]
@@ -112,9 +119,7 @@ class KVCache(nn.Module):
         flat = flat.flatten()  # where the new keys and values go
         if positions.shape[1] == 1 and use_triton(positions):
             return CacheWindow(self, slots, positions, flat, None, 0, None)
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} does not fit a cache of length {self.max_len}")
-        S = int(positions.max()) + 1
+        S = self.last_position(positions) + 1
         mask = torch.arange(S, device=positions.device) <= positions[:, None, :, None]  # [B, 1, T, S]
         bias = torch.zeros(mask.shape, device=positions.device, dtype=self.k.dtype).masked_fill_(~mask, -math.inf)
         if positions.shape[1] > 1:  # SDPA takes the additive bias as it is (a boolean mask it converts every call)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from conftest import needs_cxx
 from nanotorl import compiled_decode
-from nanotorl.compiled_decode import CompiledDecode, cxx_compiler
+from nanotorl.compiled_decode import CompiledDecode
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request
 from nanotorl.model import KVCache
@@ -15,8 +16,6 @@ from nanotorl.tokenizer import Tokenizer
 from test_generate import QWEN3, tiny_model
 
 VOCAB = 50
-needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler on PATH (g++): torch.compile's CPU "
-                               "code is built with one")
 
 
 def junk_cache(model, slots=10, length=40, seed=0):
@@ -89,3 +88,18 @@ def test_compile_without_a_cxx_compiler_says_so_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     with pytest.raises(RuntimeError, match=r"compile=True: .* C\+\+ compiler, and none of \['g\+\+'\] is on PATH"):
         Generator(tiny_model(tok.vocab_size), tok, compile=True)
+
+
+def test_a_position_past_the_cache_is_refused_by_both_forwards(monkeypatch):
+    """KVCache.last_position: the eager and the compiled forward refuse a position the cache cannot hold, before
+    anything runs."""
+    monkeypatch.setattr(compiled_decode, "cxx_compiler", lambda: "/usr/bin/g++")  # refused before compiling
+    model = tiny_model(VOCAB)
+    cache, compiled = KVCache(model.cfg, 4, 8), CompiledDecode(model)
+    ids, slots, past = torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([3, 8])
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="position 8 does not fit a cache of length 8"):
+            model(ids[:, None], positions=past[:, None], cache=cache, slots=slots)
+        with pytest.raises(ValueError, match="position 8 does not fit a cache of length 8"):
+            compiled(cache, ids, past, slots)
+        assert cache.last_position(torch.tensor([3, 7])) == 7
