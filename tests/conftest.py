@@ -28,6 +28,12 @@ if DEV == "cpu":
     import triton.language  # noqa: E402,F401
     del os.environ["TRITON_INTERPRET"]
 
+from nanotorl.compiled_decode import cxx_compiler  # noqa: E402  (after triton: it imports the model and kernels)
+
+# the tests that compile the CPU decoding forward (nanotorl/compiled_decode.py) need a C++ compiler for inductor
+needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler on PATH (g++): torch.compile's CPU "
+                               "code is built with one")
+
 
 def _release(version: str) -> tuple:
     return tuple(int(x) for x in version.split("+")[0].split(".")[:2])

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import eval as ev
-from conftest import REPO, ScriptedPolicy, make_chat_checkpoint, shared_path
+from conftest import REPO, ScriptedPolicy, make_chat_checkpoint, needs_cxx, shared_path
 from nanotorl.checkpoint import save_model
-from nanotorl.compiled_decode import CompiledDecode, cxx_compiler
+from nanotorl.compiled_decode import CompiledDecode
 from nanotorl.config import TrainConfig
 from nanotorl.data import Problem, arithmetic_problems, load_problems, torl_prompt
 from nanotorl.demo import save_demo_tokenizer
@@ -425,8 +425,7 @@ def test_chat_template_prompts_and_is_part_of_the_settings(tmp_path, capsys):
     assert "--template-vars must be a JSON object" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(cxx_compiler() is None, reason="no C++ compiler on PATH (g++): torch.compile's CPU code is built "
-                    "with one")
+@needs_cxx
 def test_compile_flag_decodes_through_the_compiled_forward_and_samples_the_same(tmp_path, ckpt, monkeypatch):
     """--compile: the decoding rows go through nanotorl.compiled_decode; the samples (greedy and sampled) are the
     ones the eager forward gives."""

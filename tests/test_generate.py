@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import interpreted, save_chat_tokenizer, shared_path
+from conftest import interpreted, needs_cxx, save_chat_tokenizer, shared_path
 from nanotorl.batch import prefill_groups
 from nanotorl.checkpoint import load_model, save_model
-from nanotorl.compiled_decode import cxx_compiler, decode_forward
+from nanotorl.compiled_decode import decode_forward
 from nanotorl.demo import save_demo_tokenizer
 from nanotorl.generate import Generator, Request, SamplingParams
 from nanotorl.model import Qwen2, Qwen2Config
@@ -34,8 +34,7 @@ QWEN3 = dict(head_dim=12, qkv_bias=False, qk_norm=True)  # Qwen3's switches, hea
 # how the decoding rows run: the eager forward over a span of slots, the fixed-shape decode step (a CUDA graph on
 # GPU), the compiled CPU forward (nanotorl/compiled_decode.py)
 DECODING = {"span": {}, "decode-step": {"cuda_graph": True}, "compiled": {"compile": True}}
-DECODINGS = ["span", "decode-step", pytest.param("compiled", marks=pytest.mark.skipif(
-    cxx_compiler() is None, reason="no C++ compiler on PATH (g++): torch.compile's CPU code is built with one"))]
+DECODINGS = ["span", "decode-step", pytest.param("compiled", marks=needs_cxx)]
 
 
 def tiny_model(vocab, seed=0, **arch):
